@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make train` (the main job) and `make test` (the suite).
+# Each sets up what it needs: a .venv in the checkout, the package in editable mode, and the data.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.miniai-installed
+# torch and torchvision are pinned as a pair: on these machines pip takes both from local disk.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+EXTRAS ?= dev
+
+.PHONY: setup data test train bench notebooks clean
+
+$(STAMP): setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+setup: $(STAMP) data
+
+data:
+	@bash scripts/get_data.sh
+
+test: setup
+	$(PY) -m pytest -q tests
+
+train: setup
+	$(PY) -m miniai train $(ARGS)
+
+bench: setup
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

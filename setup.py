@@ -1,0 +1,29 @@
+from pathlib import Path
+from setuptools import setup, find_packages
+
+setup(
+    name="miniai",
+    version="0.1.0",
+    description="A small, fast, callback-driven training library for PyTorch in the style of the fast.ai course",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["miniai", "miniai.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1,<2.15",
+        "torchvision>=0.16,<0.30",
+        "fastcore>=1.5",
+        "torcheval>=0.0.7",
+        "datasets>=2.14",
+        "matplotlib>=3.7",
+        "fastprogress>=1.0.3",
+        "numpy",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "tensorboard>=2.14",
+                "accelerate>=0.30"],
+        "bench": ["fastai>=2.7", "lightning>=2.1", "torchinfo>=1.8", "fvcore>=0.1.5"],
+    },
+    entry_points={"console_scripts": ["miniai=miniai.__main__:main"]},
+)
