@@ -1,0 +1,73 @@
+"""Callbacks and the events they handle: the vocabulary the `Learner` loop is written in."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import wraps
+
+import torch
+
+__all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
+           'run_cbs', 'with_cbs', 'misspelt_events', 'to_cpu']
+
+
+class CancelFitException(Exception): "Raise in a callback to end the fit quietly (`after_fit` is skipped)."
+class CancelBatchException(Exception): "Raise in a callback to end the current batch quietly."
+class CancelEpochException(Exception): "Raise in a callback to end the current epoch quietly."
+
+_CANCEL = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
+#: the steps of a batch, provided by a Learner subclass or by a callback such as `TrainCB`
+STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
+#: every event a callback may handle
+EVENTS = tuple(f'{w}_{s}' for s in ('fit', 'epoch', 'batch') for w in ('before', 'after', 'cleanup')) + tuple(
+    f'after_{s}' for s in STEPS[:-1])
+
+
+class Callback:
+    "Base class of callbacks: define methods named after events (see `EVENTS`); lower `order` runs first."
+    order = 0
+
+
+def sort_cbs(cbs) -> list:
+    "Callbacks sorted by their `order` (stable, so equal orders keep their given order)."
+    return sorted(cbs, key=lambda cb: getattr(cb, 'order', 0))
+
+
+def run_cbs(cbs, method_nm: str, learn=None) -> None:
+    "Call `method_nm(learn)` on each callback in `cbs` that has it, in `order`."
+    for cb in sort_cbs(cbs):
+        method = getattr(cb, method_nm, None)
+        if method is not None: method(learn)
+
+
+def misspelt_events(cb) -> list[str]:
+    "Public methods of `cb` named like an event (`before_`, `after_`, `cleanup_`) that are not one."
+    cls = type(cb)
+    return [n for n in dir(cls) if n.startswith(('before_', 'after_', 'cleanup_')) and n not in EVENTS
+            and callable(getattr(cls, n, None))]
+
+
+class with_cbs:
+    "Decorator: run `before_{nm}`, the function, `after_{nm}`; swallow `Cancel{Nm}Exception`; always `cleanup_{nm}`."
+    def __init__(self, nm: str): self.nm = nm
+
+    def __call__(self, f):
+        before, after, cleanup, cancel = (f'before_{self.nm}', f'after_{self.nm}', f'cleanup_{self.nm}',
+                                          _CANCEL[self.nm])
+        @wraps(f)
+        def _f(o, *args, **kwargs):
+            try:
+                o.callback(before)
+                f(o, *args, **kwargs)
+                o.callback(after)
+            except cancel: pass
+            finally: o.callback(cleanup)
+        return _f
+
+
+def to_cpu(x):
+    "Detach and move tensors (also inside dicts, lists, tuples) to the CPU; float16 becomes float32."
+    if isinstance(x, Mapping): return {k: to_cpu(v) for k, v in x.items()}
+    if isinstance(x, list): return [to_cpu(o) for o in x]
+    if isinstance(x, tuple): return tuple(to_cpu(list(x)))
+    res = x.detach().cpu()
+    return res.float() if res.dtype == torch.float16 else res

@@ -1,0 +1,231 @@
+"""The `Learner`: a training loop in which every step is an event that callbacks handle.
+
+The loop, as it reads (each `cleanup_*` runs however its stage ends):
+
+    before_fit
+      for each epoch: before_epoch
+        for each batch: before_batch
+          predict  -> after_predict
+          get_loss -> after_loss
+          if training: backward -> after_backward, step -> after_step, zero_grad
+        after_batch          (cleanup_batch always runs)
+      after_epoch            (cleanup_epoch always runs)
+    after_fit                (cleanup_fit always runs)
+
+`CancelBatchException` ends the batch, `CancelEpochException` the epoch and `CancelFitException` the fit, each
+quietly; any other exception runs the cleanups and reaches the caller unchanged. `predict`, `get_loss`, `backward`,
+`step` and `zero_grad` are methods of a Learner subclass (`TrainLearner`) or of a callback (`TrainCB`).
+"""
+from __future__ import annotations
+
+import difflib
+import warnings
+from functools import partial
+
+import fastcore.all as fc
+import torch
+import torch.nn.functional as F
+from torch import nn, optim
+
+from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException, CancelFitException,
+                       misspelt_events, run_cbs, sort_cbs, to_cpu, with_cbs)
+from .conv import def_device, to_device
+from .lr_finder import LRFinderCB
+from .progress import MetricsCB, ProgressCB
+from .state import unchanged
+
+__all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
+           'run_cbs', 'with_cbs', 'Learner', 'TrainLearner', 'MomentumLearner', 'TrainCB', 'DeviceCB', 'to_cpu',
+           'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'LRFinderCB', 'lr_find', 'compute_loss']
+
+
+def compute_loss(loss_func, preds, *targets):
+    "`loss_func(preds, *targets)`, with an error naming the loss and both shapes when they do not fit together."
+    try: return loss_func(preds, *targets)
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        name = getattr(loss_func, '__name__', None) or type(loss_func).__name__
+        shapes = ', '.join(str(tuple(t.shape)) if hasattr(t, 'shape') else type(t).__name__ for t in targets)
+        pshape = tuple(preds.shape) if hasattr(preds, 'shape') else type(preds).__name__
+        raise ValueError(f'loss function {name} could not take the model output of shape {pshape} with target '
+                         f'shape {shapes}: {e}') from e
+
+
+class Learner:
+    "Holds a model, data, a loss and an optimizer; `fit` runs the loop of events above through its callbacks."
+    def __init__(self, model: nn.Module, dls=(0,), loss_func=F.mse_loss, lr: float = 0.1, cbs=None,
+                 opt_func=optim.SGD):
+        self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
+        self.cbs = fc.L(cbs)
+        self._dispatch = None
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    @with_cbs('batch')
+    def _one_batch(self):
+        self._step('predict')
+        self.callback('after_predict')
+        self._step('get_loss')
+        self.callback('after_loss')
+        if self.training:
+            self._step('backward')
+            self.callback('after_backward')
+            self._step('step')
+            self.callback('after_step')
+            self._step('zero_grad')
+
+    @with_cbs('epoch')
+    def _one_epoch(self):
+        n = 0
+        for self.iter, self.batch in enumerate(self.dl):
+            self._one_batch()
+            n += 1
+        if n == 0: raise ValueError(f'the {"training" if self.training else "validation"} data loader is empty: '
+                                    f'it yielded no batch in epoch {self.epoch}')
+
+    def one_epoch(self, training: bool) -> None:
+        "Run one epoch over `dls.train` (`training=True`) or `dls.valid` (without gradients)."
+        self.model.train(training)
+        self.dl = self.dls.train if training else self.dls.valid
+        if training: self._one_epoch()
+        else:
+            with torch.no_grad(): self._one_epoch()
+
+    @with_cbs('fit')
+    def _fit(self, train: bool, valid: bool):
+        for self.epoch in self.epochs:
+            if train: self.one_epoch(True)
+            if valid: self.one_epoch(False)
+
+    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr: float | None = None):
+        "Train for `n_epochs` with a fresh optimizer at `lr`; `cbs` are used for this fit only."
+        if not isinstance(n_epochs, int) or n_epochs < 0:
+            raise ValueError(f'fit: n_epochs must be a whole number >= 0, got {n_epochs!r}')
+        self._check_dls(train, valid)
+        cbs = fc.L(cbs)
+        self.cbs += cbs
+        try:
+            self._prepare_dispatch()
+            self.n_epochs = n_epochs
+            self.epochs = range(n_epochs)
+            if lr is None: lr = self.lr
+            if self.opt_func: self.opt = self.opt_func(self.model.parameters(), lr)
+            self._fit(train, valid)
+        finally:
+            for cb in cbs: self.cbs.remove(cb)
+            self._dispatch = None
+
+    def _check_dls(self, train: bool, valid: bool):
+        for need, attr in ((train, 'train'), (valid, 'valid')):
+            if need and not hasattr(self.dls, attr):
+                raise TypeError(f'Learner.dls has no .{attr} (got {type(self.dls).__name__}); pass a '
+                                f'miniai.datasets.DataLoaders(train_dl, valid_dl), or fit(..., {attr}=False)')
+            dl = getattr(self.dls, attr, None) if need else None
+            if dl is not None and hasattr(dl, '__len__') and len(dl) == 0:
+                raise ValueError(f'Learner.dls.{attr} is empty: it has no batch (is the dataset smaller than the '
+                                 f'batch size with drop_last=True?)')
+
+    # -- dispatch ------------------------------------------------------------------------------------------
+    def _prepare_dispatch(self):
+        "Resolve, once per fit, which bound methods handle each event and each step."
+        cbs = sort_cbs(self.cbs)
+        for cb in cbs:
+            for bad in misspelt_events(cb):
+                close = difflib.get_close_matches(bad, EVENTS + STEPS, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ''
+                warnings.warn(f"{type(cb).__name__}.{bad} looks like an event but is not one, so it is never "
+                              f"called{hint}", stacklevel=3)
+        table = {ev: [getattr(cb, ev) for cb in cbs if hasattr(cb, ev)] for ev in EVENTS + STEPS}
+        steps = {}
+        for s in STEPS:
+            own = getattr(type(self), s, None)
+            if own is not None: steps[s] = getattr(self, s)
+            else: steps[s] = partial(self._run_all, table[s])
+        self._dispatch, self._steps = table, steps
+
+    def _run_all(self, methods):
+        for m in methods: m(self)
+
+    def _step(self, name: str): self._steps[name]()
+
+    def callback(self, method_nm: str) -> None:
+        "Run event `method_nm` on every callback that handles it."
+        d = self._dispatch
+        if d is not None and method_nm in d:
+            for m in d[method_nm]: m(self)
+        else: run_cbs(self.cbs, method_nm, self)
+
+    def __getattr__(self, name):
+        if name in STEPS: return partial(self.callback, name)
+        raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
+
+    @property
+    def training(self) -> bool: return self.model.training
+
+
+class TrainLearner(Learner):
+    "A `Learner` with the usual steps: predict from `batch[0]`, loss against `batch[1]`, backward, step, zero."
+    def predict(self): self.preds = self.model(self.batch[0])
+    def get_loss(self): self.loss = compute_loss(self.loss_func, self.preds, self.batch[1])
+    def backward(self): self.loss.backward()
+    def step(self): self.opt.step()
+    def zero_grad(self): self.opt.zero_grad()
+
+
+class MomentumLearner(TrainLearner):
+    "A `TrainLearner` whose `zero_grad` keeps `mom` times the old gradients (momentum without optimizer state)."
+    def __init__(self, model, dls, loss_func, lr=None, cbs=None, opt_func=optim.SGD, mom: float = 0.85):
+        self.mom = mom
+        super().__init__(model, dls, loss_func, lr, cbs, opt_func)
+
+    def zero_grad(self):
+        with torch.no_grad():
+            for p in self.model.parameters():
+                if p.grad is not None: p.grad *= self.mom
+
+
+class TrainCB(Callback):
+    "The training steps as a callback, for a plain `Learner`; the first `n_inp` batch items go to the model."
+    def __init__(self, n_inp: int = 1): self.n_inp = n_inp
+    def predict(self, learn): learn.preds = learn.model(*learn.batch[:self.n_inp])
+    def get_loss(self, learn): learn.loss = compute_loss(learn.loss_func, learn.preds, *learn.batch[self.n_inp:])
+    def backward(self, learn): learn.loss.backward()
+    def step(self, learn): learn.opt.step()
+    def zero_grad(self, learn): learn.opt.zero_grad()
+
+
+class DeviceCB(Callback):
+    "Move the model to `device` when the fit starts, and each batch before it is used."
+    def __init__(self, device=def_device): self.device = device
+    def before_fit(self, learn):
+        if hasattr(learn.model, 'to'): learn.model.to(self.device)
+    def before_batch(self, learn): learn.batch = to_device(learn.batch, device=self.device)
+
+
+class SingleBatchCB(Callback):
+    "End the fit after one batch: a quick check that the whole loop runs."
+    order = 1
+    def after_batch(self, learn): raise CancelFitException()
+
+
+
+
+def lr_find(self: Learner, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10,
+            plot: bool = True) -> float:
+    """Train from `start_lr`, multiplying it by `gamma` each batch, until the loss exceeds `max_mult` times its
+    minimum; plot loss against learning rate and return the suggestion of `suggest_lr` (a tenth of the learning
+    rate at the smoothed loss's minimum). Afterwards the model, the optimizer, the data order and the RNGs are as
+    they were before."""
+    cb = LRFinderCB(gamma=gamma, max_mult=max_mult, plot=plot)
+    had_opt, old_opt = 'opt' in self.__dict__, self.__dict__.get('opt')
+    dls = [getattr(self.dls, a, None) for a in ('train', 'valid')]
+    # metrics and progress would report the probe as if it were training: set them aside while it runs
+    quiet = [c for c in self.cbs if isinstance(c, (MetricsCB, ProgressCB))]
+    for c in quiet: self.cbs.remove(c)
+    try:
+        with unchanged(self.model, old_opt, *dls): self.fit(max_epochs, lr=start_lr, cbs=cb)
+    finally: self.cbs += quiet
+    if had_opt: self.opt = old_opt
+    else: self.__dict__.pop('opt', None)
+    return cb.suggestion
+
+
+Learner.lr_find = lr_find

@@ -1,0 +1,136 @@
+"""Watching a fit: `MetricsCB` (metrics computed on the model's device, read once per epoch) and `ProgressCB`."""
+from __future__ import annotations
+
+import sys
+import time
+from copy import copy
+
+import fastcore.all as fc
+import torch
+import warnings
+
+with warnings.catch_warnings():  # torcheval's import warns about torch.jit.script, which is not ours to fix
+    warnings.simplefilter('ignore', FutureWarning)
+    from torcheval.metrics import Mean
+
+from .callback import Callback
+
+__all__ = ['MetricsCB', 'ProgressCB', 'format_time']
+
+
+def format_time(t: float) -> str:
+    "Seconds as m:ss (or h:mm:ss)."
+    t = int(round(t))
+    h, m, s = t // 3600, t // 60 % 60, t % 60
+    return f'{h}:{m:02d}:{s:02d}' if h else f'{m}:{s:02d}'
+
+
+class MetricsCB(Callback):
+    """Track torcheval metrics and the mean loss over each epoch; log a row per epoch (train and eval).
+
+    Metric state stays on the device of the model's output and is read once per epoch, so the per-batch path
+    never waits for the device. Every epoch's values are kept, as numbers, in `history`."""
+    def __init__(self, *ms, **metrics):
+        for o in ms: metrics[type(o).__name__] = o
+        self.metrics = metrics
+        self.all_metrics = copy(metrics)
+        self.all_metrics['loss'] = self.loss = Mean()
+        self.history, self._device = [], None
+
+    def _log(self, d: dict) -> None: print(d)
+
+    def before_fit(self, learn):
+        learn.metrics = self
+        self.history = []
+
+    def before_epoch(self, learn):
+        for m in self.all_metrics.values(): m.reset()
+        self._n, self._start = 0, time.perf_counter()
+
+    def after_batch(self, learn):
+        preds, loss = learn.preds.detach(), learn.loss.detach()
+        if loss.device != self._device:
+            self._device = loss.device
+            for m in self.all_metrics.values(): m.to(loss.device)
+        y = learn.batch[1]
+        for m in self.metrics.values(): m.update(preds, y)
+        self.loss.update(loss, weight=len(y))
+        self._n += 1
+
+    def after_epoch(self, learn):
+        if self._n == 0: return  # nothing was measured (the epoch was cancelled before its first batch ended)
+        values = {k: m.compute().item() for k, m in self.all_metrics.items()}
+        secs = time.perf_counter() - self._start
+        stage = 'train' if learn.training else 'eval'
+        self.history.append({**values, 'epoch': learn.epoch, 'train': stage, 'time': secs})
+        self._log({**{k: f'{v:.3f}' for k, v in values.items()}, 'epoch': learn.epoch, 'train': stage,
+                   'time': format_time(secs)})
+
+
+def _progress():
+    from fastprogress.fastprogress import master_bar, progress_bar
+    return master_bar, progress_bar
+
+
+class ProgressCB(Callback):
+    """Progress bars and the metrics table: fastprogress bars in Jupyter (with a live loss plot when `plot`),
+    in a terminal a bar per epoch and one line per epoch; in a log file (not a tty) only the lines.
+    The loss shown on the bar is read at most every `refresh` seconds."""
+    order = MetricsCB.order + 1
+
+    def __init__(self, plot: bool = False, refresh: float = 0.3):
+        self.plot, self.refresh = plot, refresh
+        self.losses, self.val_losses = [], []
+
+    def before_fit(self, learn):
+        self.bars = fc.IN_NOTEBOOK or sys.stdout.isatty()
+        self.losses, self.val_losses, self._pending, self._header = [], [], [], None
+        self._last = 0.
+        if self.bars:
+            master_bar, _ = _progress()
+            learn.epochs = self.mbar = master_bar(learn.epochs)
+        if hasattr(learn, 'metrics'): learn.metrics._log = self._log
+
+    def _log(self, d: dict):
+        if self._header is None:
+            self._header = list(d)
+            self._write(self._header)
+        self._write([str(v) for v in d.values()])
+
+    def _write(self, cells):
+        if self.bars: self.mbar.write(cells, table=True)
+        else: print('  '.join(f'{c:<8}' for c in cells).rstrip(), flush=True)
+
+    def before_epoch(self, learn):
+        if self.bars:
+            _, progress_bar = _progress()
+            learn.dl = progress_bar(learn.dl, leave=False, parent=self.mbar)
+
+    def after_batch(self, learn):
+        if self.plot and learn.training: self._pending.append(learn.loss.detach())
+        now = time.perf_counter()
+        if now - self._last < self.refresh: return
+        self._last = now
+        if self.bars: learn.dl.comment = f'{learn.loss.item():.3f}'
+        self._update_graph()
+
+    def _flush(self):
+        if self._pending:
+            self.losses += torch.stack(self._pending).float().tolist()
+            self._pending = []
+
+    def _update_graph(self):
+        if not self.plot: return
+        self._flush()
+        if not (self.bars and fc.IN_NOTEBOOK and self.losses): return
+        graphs = [[list(range(len(self.losses))), self.losses]]
+        if self.val_losses: graphs.append([[x for x, _ in self.val_losses], [v for _, v in self.val_losses]])
+        self.mbar.update_graph(graphs)
+
+    def after_epoch(self, learn):
+        if self.plot and not learn.training and hasattr(learn, 'metrics') and learn.metrics.history:
+            self._flush()
+            self.val_losses.append((len(self.losses), learn.metrics.history[-1]['loss']))
+            self._update_graph()
+
+    def cleanup_fit(self, learn): self._flush()
