@@ -95,12 +95,15 @@ class Learner:
             if train: self.one_epoch(True)
             if valid: self.one_epoch(False)
 
-    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr: float | None = None):
-        "Train for `n_epochs` with a fresh optimizer at `lr`; `cbs` are used for this fit only."
-        if not isinstance(n_epochs, int) or n_epochs < 0:
+    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr: float | None = None,
+            resume=None):
+        """Train for `n_epochs` with a fresh optimizer at `lr`; `cbs` are used for this fit only.
+        `resume`: a checkpoint path (see `miniai.checkpoint`) to continue a run from where it was saved."""
+        if not isinstance(n_epochs, int) or isinstance(n_epochs, bool) or n_epochs < 0:
             raise ValueError(f'fit: n_epochs must be a whole number >= 0, got {n_epochs!r}')
         self._check_dls(train, valid)
         cbs = fc.L(cbs)
+        if resume is not None: cbs.append(self._resume_cb(resume))
         self.cbs += cbs
         try:
             self._prepare_dispatch()
