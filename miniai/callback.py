@@ -18,8 +18,8 @@ _CANCEL = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': Ca
 #: the steps of a batch, provided by a Learner subclass or by a callback such as `TrainCB`
 STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
 #: every event a callback may handle
-EVENTS = tuple(f'{w}_{s}' for s in ('fit', 'epoch', 'batch') for w in ('before', 'after', 'cleanup')) + tuple(
-    f'after_{s}' for s in STEPS[:-1])
+EVENTS = tuple(f'{w}_{s}' for s in ('fit', 'epoch', 'batch') for w in ('before', 'after', 'cleanup')) + (
+    'after_predict', 'after_loss', 'after_backward', 'after_step')
 
 
 class Callback:

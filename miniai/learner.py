@@ -39,6 +39,16 @@ __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException',
            'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'LRFinderCB', 'lr_find', 'compute_loss']
 
 
+def _run_every(methods, learn):
+    "Run every cleanup even if one raises (so hooks are removed and files closed); then raise the first error."
+    first = None
+    for m in methods:
+        try: m(learn)
+        except BaseException as e:
+            if first is None: first = e
+    if first is not None: raise first
+
+
 def compute_loss(loss_func, preds, *targets):
     "`loss_func(preds, *targets)`, with an error naming the loss and both shapes when they do not fit together."
     try: return loss_func(preds, *targets)
@@ -137,6 +147,8 @@ class Learner:
                 warnings.warn(f"{type(cb).__name__}.{bad} looks like an event but is not one, so it is never "
                               f"called{hint}", stacklevel=3)
         table = {ev: [getattr(cb, ev) for cb in cbs if hasattr(cb, ev)] for ev in EVENTS + STEPS}
+        for ev in ('cleanup_batch', 'cleanup_epoch', 'cleanup_fit'):
+            if len(table[ev]) > 1: table[ev] = [partial(_run_every, table[ev])]
         steps = {}
         for s in STEPS:
             own = getattr(type(self), s, None)
