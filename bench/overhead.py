@@ -1,0 +1,120 @@
+"""Framework overhead: the same MLP, data, optimizer and seed through a hand-written loop and through miniai.
+
+    python -m bench.overhead [--rounds 5] [--bs 64] [--peers]
+
+One epoch of training and validation on in-memory Fashion-MNIST (a 784-128-10 MLP, batch 64, SGD), the
+contenders alternated round by round in one process so machine noise hits all alike; median seconds per epoch
+and the ratio to the hand-written loop. Every contender must end with the same validation accuracy: the
+accuracy column is part of the check. With --peers, fastai and Lightning run the same job when installed
+(`pip install -e '.[bench]'`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn, optim
+
+from miniai.fashion import fashion_dls
+from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
+
+with contextlib.redirect_stderr(io.StringIO()):
+    from torcheval.metrics import MulticlassAccuracy
+
+RESULTS = Path(__file__).parent / 'results'
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def hand_loop(model, dls, lr):
+    "What a careful PyTorch user writes: the same work the Learner reports (loss and accuracy, train and valid)."
+    opt = optim.SGD(model.parameters(), lr=lr)
+    res = {}
+    for training, dl in ((True, dls.train), (False, dls.valid)):
+        model.train(training)
+        loss_sum, correct, n = torch.zeros(()), torch.zeros((), dtype=torch.long), 0
+        with torch.set_grad_enabled(training):
+            for xb, yb in dl:
+                preds = model(xb)
+                loss = F.cross_entropy(preds, yb)
+                if training:
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+                loss_sum += loss.detach() * len(yb)
+                correct += (preds.argmax(1) == yb).sum()
+                n += len(yb)
+        res['train' if training else 'valid'] = (correct.item() / n, loss_sum.item() / n)
+    return res['valid'][0]
+
+
+def miniai_loop(model, dls, lr):
+    metrics = MetricsCB(accuracy=MulticlassAccuracy())
+    learn = TrainLearner(model, dls, F.cross_entropy, lr=lr, cbs=[DeviceCB('cpu'), metrics, ProgressCB()])
+    with contextlib.redirect_stdout(io.StringIO()): learn.fit(1)
+    return metrics.history[-1]['accuracy']
+
+
+def peers() -> dict:
+    "fastai and Lightning doing the same job, for those installed."
+    res = {}
+    try: from bench.peers import fastai_loop, lightning_loop
+    except ImportError: return res
+    if fastai_loop is not None: res['fastai'] = fastai_loop
+    if lightning_loop is not None: res['Lightning'] = lightning_loop
+    return res
+
+
+def run(rounds: int = 5, bs: int = 64, lr: float = 0.1, with_peers: bool = False) -> list[dict]:
+    dls = fashion_dls(bs=bs, seed=0)
+    contenders = {'hand-written loop': hand_loop, 'miniai TrainLearner': miniai_loop}
+    if with_peers: contenders.update(peers())
+    times = {k: [] for k in contenders}
+    accs = {}
+    order = dls.train.state_dict()  # every run sees the same shuffled order
+    for r in range(rounds + 1):  # round 0 warms up caches and allocators and is not counted
+        for name, fn in contenders.items():
+            model = make_model()
+            dls.train.load_state_dict(order)
+            start = time.perf_counter()
+            accs[name] = fn(model, dls, lr)
+            if r: times[name].append(time.perf_counter() - start)
+    base = statistics.median(times['hand-written loop'])
+    return [{'contender': k, 'seconds/epoch': statistics.median(v), 'ratio': statistics.median(v) / base,
+             'valid accuracy': accs[k]} for k, v in times.items()]
+
+
+def table(rows, title) -> str:
+    lines = [f'### {title}', '', '| contender | s/epoch (median) | ratio to hand loop | valid accuracy |',
+             '|---|---|---|---|']
+    lines += [f"| {r['contender']} | {r['seconds/epoch']:.3f} | {r['ratio']:.3f}x | {r['valid accuracy']:.4f} |"
+              for r in rows]
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--bs', type=int, default=64)
+    p.add_argument('--peers', action='store_true', help='also run fastai and Lightning when installed')
+    a = p.parse_args(argv)
+    rows = run(a.rounds, a.bs, with_peers=a.peers)
+    md = table(rows, f'784-128-10 MLP, Fashion-MNIST, batch {a.bs}, one epoch train + valid, {a.rounds} rounds, '
+                     f'torch {torch.__version__}, {torch.get_num_threads()} threads')
+    print(md)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / 'overhead.md').write_text(md + '\n')
+    accs = {round(r['valid accuracy'], 4) for r in rows}
+    if len(accs) != 1: print(f'\nWARNING: contenders disagree on accuracy: {accs}')
+
+
+if __name__ == '__main__': main()
