@@ -51,13 +51,14 @@ class MetricsCB(Callback):
         self._start = time.perf_counter()
 
     def after_batch(self, learn):
-        y = learn.batch[1]
-        self._preds.append(learn.preds.detach())
+        y, preds = learn.batch[1], learn.preds
+        if isinstance(preds, torch.Tensor): preds = preds.detach()
+        self._preds.append(preds)
         self._ys.append(y)
         self._losses.append(learn.loss.detach())
         self._ns.append(len(y))
         # flush early when outputs are large (segmentation maps, say), so the buffer never holds much memory
-        if len(self._ns) >= self.flush_every or learn.preds.numel() * len(self._ns) > 1 << 24: self._flush()
+        if len(self._ns) >= self.flush_every or getattr(preds, 'numel', int)() * len(self._ns) > 1 << 24: self._flush()
 
     def _flush(self):
         "Hand the buffered batches to the metrics in one update each."
