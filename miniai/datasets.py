@@ -54,6 +54,7 @@ def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
     if fc.hasattrs(im, ('cpu', 'permute', 'detach')):
         im = im.detach().cpu()
         if len(im.shape) == 3 and im.shape[0] < 5: im = im.permute(1, 2, 0)
+        im = im.float().numpy() if im.dtype in (torch.bfloat16, torch.float16) else im.numpy()
     elif not isinstance(im, np.ndarray): im = np.array(im)
     if im.shape[-1] == 1: im = im[..., 0]
     if ax is None: _, ax = plt.subplots(figsize=figsize)
