@@ -1,0 +1,119 @@
+"""Initialisation and the layers that make it matter: `GeneralRelu`, `init_weights`, `lsuv_init`, `conv`."""
+from __future__ import annotations
+
+import gc
+import sys
+import traceback
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import Hook
+from .callback import Callback
+
+__all__ = ['clean_ipython_hist', 'clean_tb', 'clean_mem', 'BatchTransformCB', 'GeneralRelu', 'plot_func',
+           'init_weights', 'lsuv_init', 'conv']
+
+
+def clean_ipython_hist() -> None:
+    "Drop IPython's references to old outputs, which keep tensors alive."
+    try: ip = get_ipython()  # noqa: F821  (defined only inside IPython)
+    except NameError: return
+    user_ns = ip.user_ns
+    ip.displayhook.flush()
+    pc = ip.displayhook.prompt_count + 1
+    for n in range(1, pc): user_ns.pop('_i' + repr(n), None)
+    user_ns.update(dict(_i='', _ii='', _iii=''))
+    hm = ip.history_manager
+    hm.input_hist_parsed[:] = [''] * pc
+    hm.input_hist_raw[:] = [''] * pc
+    hm._i = hm._ii = hm._iii = hm._i00 = ''
+
+
+def clean_tb() -> None:
+    "Drop the last traceback, whose frames keep tensors alive."
+    for attr in ('last_traceback', 'last_type', 'last_value', 'last_exc'):
+        if hasattr(sys, attr): delattr(sys, attr)
+    traceback.clear_frames(sys.exc_info()[2]) if sys.exc_info()[2] else None
+
+
+def clean_mem() -> None:
+    "Free memory held by old tracebacks and notebook outputs; empty CUDA's cache where there is one."
+    clean_tb()
+    clean_ipython_hist()
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+
+
+class BatchTransformCB(Callback):
+    "Replace each batch by `tfm(batch)` before it is used, in training (`on_train`) and/or validation (`on_val`)."
+    def __init__(self, tfm, on_train: bool = True, on_val: bool = True):
+        self.tfm, self.on_train, self.on_val = tfm, on_train, on_val
+
+    def before_batch(self, learn):
+        if (self.on_train and learn.training) or (self.on_val and not learn.training):
+            learn.batch = self.tfm(learn.batch)
+
+
+class GeneralRelu(nn.Module):
+    "A ReLU with a `leak` slope below zero, shifted down by `sub`, and capped at `maxv`."
+    def __init__(self, leak: float | None = None, sub: float | None = None, maxv: float | None = None):
+        super().__init__()
+        self.leak, self.sub, self.maxv = leak, sub, maxv
+
+    def forward(self, x):
+        x = F.leaky_relu(x, self.leak) if self.leak is not None else F.relu(x)
+        if self.sub is not None: x = x - self.sub
+        if self.maxv is not None: x = x.clamp_max(self.maxv)
+        return x
+
+
+def plot_func(f, start: float = -5., end: float = 5., steps: int = 100):
+    "Plot `f` over [start, end] with axes through the origin; returns the axes."
+    x = torch.linspace(start, end, steps)
+    fig, ax = plt.subplots()
+    ax.plot(x, f(x))
+    ax.grid(True, which='both', ls='--')
+    ax.axhline(y=0, color='k', linewidth=0.7)
+    ax.axvline(x=0, color='k', linewidth=0.7)
+    return ax
+
+
+def init_weights(m: nn.Module, leaky: float = 0.) -> None:
+    "Kaiming-normal weights for conv and linear layers (use with `model.apply`), for a ReLU with slope `leaky`."
+    if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)): nn.init.kaiming_normal_(m.weight, a=leaky)
+
+
+def lsuv_init(model: nn.Module, m: nn.Module, m_in: nn.Module, xb: torch.Tensor, max_iters: int = 20,
+              tol: float = 1e-3) -> None:
+    """Layer-sequential unit-variance init: rescale `m_in`'s weight and shift its bias until the output of `m` on
+    batch `xb` has mean 0 and std 1. Raises if that is not reached in `max_iters` rounds (a constant output, say)."""
+    stats = {}
+    def record(hook, mod, inp, outp): stats['mean'], stats['std'] = outp.mean().item(), outp.std().item()
+    h = Hook(m, record)
+    try:
+        with torch.no_grad():
+            for _ in range(max_iters):
+                model(xb)
+                mean, std = stats['mean'], stats['std']
+                if abs(mean) < tol and abs(std - 1) < tol: return
+                if not std > 1e-8 or not torch.isfinite(torch.tensor(std)):
+                    raise ValueError(f'lsuv_init: the output of {type(m).__name__} has std {std:.3g} on this batch; '
+                                     f'it cannot be scaled to 1 (a constant or dead layer?)')
+                if m_in.bias is not None: m_in.bias -= mean
+                m_in.weight.data /= std
+        raise ValueError(f'lsuv_init: {type(m).__name__} did not reach mean 0 / std 1 in {max_iters} rounds '
+                         f'(last mean {mean:.3g}, std {std:.3g})')
+    finally: h.remove()
+
+
+def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act=nn.ReLU, norm=None, bias=None) -> nn.Sequential:
+    "Convolution, then `norm(nf)` if given, then `act()` if given (`act=None`/`False` for none); bias unless BatchNorm."
+    if bias is None: bias = not isinstance(norm, type) or not issubclass(norm, (nn.BatchNorm1d, nn.BatchNorm2d,
+                                                                               nn.BatchNorm3d))
+    layers = [nn.Conv2d(ni, nf, stride=stride, kernel_size=ks, padding=ks // 2, bias=bias)]
+    if norm: layers.append(norm(nf))
+    if act: layers.append(act())
+    return nn.Sequential(*layers)

@@ -1,0 +1,117 @@
+"""ResNets: the course's `ResBlock` (average-pool shortcut) and models, and a torchvision-sized ResNet family."""
+from __future__ import annotations
+
+from functools import partial
+
+import fastcore.all as fc
+from torch import nn
+
+from .init import GeneralRelu, conv
+
+__all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_resnet', 'BasicBlock', 'Bottleneck',
+           'ResNet', 'resnet18', 'resnet34', 'resnet50']
+
+act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
+
+
+def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3):
+    return nn.Sequential(conv(ni, nf, stride=1, act=act, norm=norm, ks=ks),
+                         conv(nf, nf, stride=stride, act=None, norm=norm, ks=ks))
+
+
+class ResBlock(nn.Module):
+    """Two convolutions plus a shortcut: `act(convs(x) + idconv(pool(x)))`. The shortcut average-pools when the
+    block strides and uses a 1x1 convolution when the channel count changes, so it never drops information."""
+    def __init__(self, ni: int, nf: int, stride: int = 1, ks: int = 3, act=act_gr, norm=None):
+        super().__init__()
+        self.convs = _conv_block(ni, nf, stride, act=act, ks=ks, norm=norm)
+        self.idconv = fc.noop if ni == nf else conv(ni, nf, ks=1, stride=1, act=None)
+        self.pool = fc.noop if stride == 1 else nn.AvgPool2d(2, ceil_mode=True)
+        self.act = act()
+
+    def forward(self, x): return self.act(self.convs(x) + self.idconv(self.pool(x)))
+
+
+class GlobalAvgPool(nn.Module):
+    "Average over the last two (spatial) dimensions: (N, C, H, W) -> (N, C), for inputs of any size."
+    def forward(self, x): return x.mean((-2, -1))
+
+
+def fashion_resnet(nfs=(16, 32, 64, 128, 256, 512), act=act_gr, norm=nn.BatchNorm2d, drop: float = 0.,
+                   in_channels: int = 1, n_classes: int = 10) -> nn.Sequential:
+    """The course's Fashion-MNIST ResNet: a 5x5 `ResBlock` stem, a stride-2 `ResBlock` per further entry of `nfs`,
+    global average pooling, dropout, and a bias-free linear head followed by BatchNorm."""
+    layers = [ResBlock(in_channels, nfs[0], ks=5, stride=1, act=act, norm=norm)]
+    layers += [ResBlock(nfs[i], nfs[i + 1], act=act, norm=norm, stride=2) for i in range(len(nfs) - 1)]
+    layers += [GlobalAvgPool(), nn.Dropout(drop), nn.Linear(nfs[-1], n_classes, bias=False), nn.BatchNorm1d(n_classes)]
+    return nn.Sequential(*layers)
+
+
+def seed002_resnet(act=nn.ReLU, nfs=(8, 16, 32, 64, 128, 256), norm=None, pool: bool = False) -> nn.Sequential:
+    """The two models of the ResNet walk-through (seed 002): `pool=False` ends with a 1x1-output conv and Flatten
+    (1,247,362 parameters), `pool=True` with `GlobalAvgPool`, Flatten and Linear (1,226,882)."""
+    layers = [ResBlock(1, nfs[0], stride=1, act=act, norm=norm)]
+    layers += [ResBlock(nfs[i], nfs[i + 1], stride=2, act=act, norm=norm) for i in range(len(nfs) - 1)]
+    head = ([GlobalAvgPool(), nn.Flatten(), nn.Linear(nfs[-1], 10)] if pool else
+            [conv(nfs[-1], 10, act=None, norm=False, bias=True), nn.Flatten()])
+    return nn.Sequential(*layers, *head)
+
+
+def _cbn(ni, nf, ks, stride, act=True):
+    "conv-BatchNorm(-ReLU) in torchvision's layout: no conv bias, padding ks//2."
+    return conv(ni, nf, ks=ks, stride=stride, act=nn.ReLU if act else None, norm=nn.BatchNorm2d, bias=False)
+
+
+class BasicBlock(nn.Module):
+    "Two 3x3 conv-BN layers with a shortcut (a strided 1x1 conv-BN when the shape changes), as in ResNet-18/34."
+    expansion = 1
+    def __init__(self, ni: int, nf: int, stride: int = 1):
+        super().__init__()
+        self.convs = nn.Sequential(_cbn(ni, nf, 3, stride), _cbn(nf, nf, 3, 1, act=False))
+        self.shortcut = (nn.Identity() if stride == 1 and ni == nf else _cbn(ni, nf, 1, stride, act=False))
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x): return self.act(self.convs(x) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    "1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a projection shortcut where needed, as in ResNet-50."
+    expansion = 4
+    def __init__(self, ni: int, nf: int, stride: int = 1):
+        super().__init__()
+        out = nf * self.expansion
+        self.convs = nn.Sequential(_cbn(ni, nf, 1, 1), _cbn(nf, nf, 3, stride), _cbn(nf, out, 1, 1, act=False))
+        self.shortcut = nn.Identity() if stride == 1 and ni == out else _cbn(ni, out, 1, stride, act=False)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x): return self.act(self.convs(x) + self.shortcut(x))
+
+
+class ResNet(nn.Sequential):
+    """Stem (7x7 stride-2 conv-BN-ReLU, 3x3 max-pool), four stages of `block`s with `layers[i]` blocks each
+    (64, 128, 256, 512 channels times the block's expansion), global average pooling and a linear classifier."""
+    def __init__(self, block, layers, in_channels: int = 3, n_classes: int = 1000):
+        stem = nn.Sequential(_cbn(in_channels, 64, 7, 2), nn.MaxPool2d(3, stride=2, padding=1))
+        stages, ni = [], 64
+        for i, (n, nf) in enumerate(zip(layers, (64, 128, 256, 512))):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(ni, nf, stride=2 if j == 0 and i > 0 else 1))
+                ni = nf * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        super().__init__(stem, *stages, GlobalAvgPool(), nn.Linear(ni, n_classes))
+
+
+def resnet18(in_channels: int = 3, n_classes: int = 1000) -> ResNet:
+    "ResNet-18: basic blocks (2, 2, 2, 2); 11,689,512 parameters at 3 channels and 1000 classes, like torchvision's."
+    return ResNet(BasicBlock, (2, 2, 2, 2), in_channels, n_classes)
+
+
+def resnet34(in_channels: int = 3, n_classes: int = 1000) -> ResNet:
+    "ResNet-34: basic blocks (3, 4, 6, 3); 21,797,672 parameters at 3 channels and 1000 classes."
+    return ResNet(BasicBlock, (3, 4, 6, 3), in_channels, n_classes)
+
+
+def resnet50(in_channels: int = 3, n_classes: int = 1000) -> ResNet:
+    "ResNet-50: bottleneck blocks (3, 4, 6, 3); 25,557,032 parameters at 3 channels and 1000 classes."
+    return ResNet(Bottleneck, (3, 4, 6, 3), in_channels, n_classes)
