@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "tensorboard>=2.14",
-                "accelerate>=0.30"],
+                "accelerate>=0.30", "fvcore>=0.1.5"],
         "bench": ["fastai>=2.7", "lightning>=2.1", "torchinfo>=1.8", "fvcore>=0.1.5"],
     },
     entry_points={"console_scripts": ["miniai=miniai.__main__:main"]},

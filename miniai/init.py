@@ -86,7 +86,7 @@ def init_weights(m: nn.Module, leaky: float = 0.) -> None:
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)): nn.init.kaiming_normal_(m.weight, a=leaky)
 
 
-def lsuv_init(model: nn.Module, m: nn.Module, m_in: nn.Module, xb: torch.Tensor, max_iters: int = 20,
+def lsuv_init(model: nn.Module, m: nn.Module, m_in: nn.Module, xb: torch.Tensor, max_iters: int = 100,
               tol: float = 1e-3) -> None:
     """Layer-sequential unit-variance init: rescale `m_in`'s weight and shift its bias until the output of `m` on
     batch `xb` has mean 0 and std 1. Raises if that is not reached in `max_iters` rounds (a constant output, say)."""
