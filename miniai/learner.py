@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import warnings
+from contextlib import contextmanager
 from functools import partial
 
 import fastcore.all as fc
@@ -36,7 +37,7 @@ from .state import unchanged
 
 __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
            'run_cbs', 'with_cbs', 'Learner', 'TrainLearner', 'MomentumLearner', 'TrainCB', 'DeviceCB', 'to_cpu',
-           'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'LRFinderCB', 'lr_find', 'compute_loss']
+           'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'LRFinderCB', 'lr_find', 'compute_loss', 'looking']
 
 
 def _run_every(methods, learn):
@@ -153,7 +154,12 @@ class Learner:
         for s in STEPS:
             own = getattr(type(self), s, None)
             if own is not None: steps[s] = getattr(self, s)
-            else: steps[s] = partial(self._run_all, table[s])
+            else:
+                if len(table[s]) > 1:
+                    names = ', '.join(type(m.__self__).__name__ for m in table[s])
+                    warnings.warn(f'several callbacks do the {s!r} step ({names}), so it runs {len(table[s])} times '
+                                  f'a batch; keep one (e.g. MixedPrecision replaces TrainCB)', stacklevel=3)
+                steps[s] = partial(self._run_all, table[s])
         self._dispatch, self._steps = table, steps
 
     def _run_all(self, methods):
@@ -223,6 +229,23 @@ class SingleBatchCB(Callback):
 
 
 
+@contextmanager
+def looking(learn: Learner, quiet: bool = True):
+    """Inside, run probes (`lr_find`, `capture_preds`, ...) through `fit`; afterwards the model, its optimizer (the
+    same object, same state), the data order and the RNGs are as they were. `quiet` sets `MetricsCB` and
+    `ProgressCB` aside meanwhile, since they would report the probe as if it were training."""
+    had_opt, old_opt = 'opt' in learn.__dict__, learn.__dict__.get('opt')
+    dls = [getattr(learn.dls, a, None) for a in ('train', 'valid')]
+    hidden = [c for c in learn.cbs if isinstance(c, (MetricsCB, ProgressCB))] if quiet else []
+    for c in hidden: learn.cbs.remove(c)
+    try:
+        with unchanged(learn.model, old_opt, *dls): yield learn
+    finally:
+        learn.cbs += hidden
+        if had_opt: learn.opt = old_opt
+        else: learn.__dict__.pop('opt', None)
+
+
 def lr_find(self: Learner, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10,
             plot: bool = True) -> float:
     """Train from `start_lr`, multiplying it by `gamma` each batch, until the loss exceeds `max_mult` times its
@@ -230,16 +253,7 @@ def lr_find(self: Learner, gamma: float = 1.3, max_mult: float = 3, start_lr: fl
     rate at the smoothed loss's minimum). Afterwards the model, the optimizer, the data order and the RNGs are as
     they were before."""
     cb = LRFinderCB(gamma=gamma, max_mult=max_mult, plot=plot)
-    had_opt, old_opt = 'opt' in self.__dict__, self.__dict__.get('opt')
-    dls = [getattr(self.dls, a, None) for a in ('train', 'valid')]
-    # metrics and progress would report the probe as if it were training: set them aside while it runs
-    quiet = [c for c in self.cbs if isinstance(c, (MetricsCB, ProgressCB))]
-    for c in quiet: self.cbs.remove(c)
-    try:
-        with unchanged(self.model, old_opt, *dls): self.fit(max_epochs, lr=start_lr, cbs=cb)
-    finally: self.cbs += quiet
-    if had_opt: self.opt = old_opt
-    else: self.__dict__.pop('opt', None)
+    with looking(self): self.fit(max_epochs, lr=start_lr, cbs=cb)
     return cb.suggestion
 
 

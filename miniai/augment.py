@@ -1,0 +1,169 @@
+"""Batch augmentation (per image, vectorised), capturing predictions, showing batches, and test-time augmentation.
+
+Every transform here draws its random choices per image but works on the whole batch at once with masks and
+indexing, so its cost does not grow with a Python loop over images. (torchvision's `transforms.v2` also runs on
+whole batches, through `BatchTransformCB`, but draws one choice for the whole batch.)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .callback import Callback, CancelFitException
+from .datasets import show_images
+from .init import BatchTransformCB
+from .learner import Learner, looking
+
+__all__ = ['RandFlip', 'RandCropPad', 'rand_erase', 'RandErase', 'rand_copy', 'RandCopy', 'augment_cb',
+           'CapturePreds', 'capture_preds', 'show_image_batch', 'tta']
+
+
+def _rand(n, device, gen=None): return torch.rand(n, device=device, generator=gen)
+
+
+class RandFlip(nn.Module):
+    "Flip each image left-right with probability `p`."
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        flip = (_rand(len(x), x.device) < self.p).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(flip, x.flip(-1), x)
+
+
+class RandCropPad(nn.Module):
+    "Pad each image by `pad` pixels (zeros) and crop back to its size at a random offset per image."
+    def __init__(self, pad: int = 1):
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        p, dev = self.pad, x.device
+        xp = nn.functional.pad(x, (p, p, p, p))
+        rows = torch.arange(h, device=dev) + torch.randint(0, 2 * p + 1, (n, 1), device=dev)  # (N, H)
+        cols = torch.arange(w, device=dev) + torch.randint(0, 2 * p + 1, (n, 1), device=dev)  # (N, W)
+        bi = torch.arange(n, device=dev)[:, None, None, None]
+        ci = torch.arange(c, device=dev)[None, :, None, None]
+        return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _boxes(x, pct: float, max_num: int):
+    """For up to `max_num` boxes per image (a random count each), boxes of `pct` of each side at random places:
+    masks (slots, N, 1, H, W) of where each box is, and the boxes' top-left corners."""
+    n, _, h, w = x.shape
+    bh, bw = max(1, int(pct * h)), max(1, int(pct * w))
+    count = torch.randint(0, max_num + 1, (n,), device=x.device)
+    ys = torch.randint(0, h - bh + 1, (max_num, n), device=x.device)
+    xs = torch.randint(0, w - bw + 1, (max_num, n), device=x.device)
+    r, c = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_r = (r >= ys[..., None]) & (r < ys[..., None] + bh)          # (slots, N, H)
+    in_c = (c >= xs[..., None]) & (c < xs[..., None] + bw)          # (slots, N, W)
+    active = torch.arange(max_num, device=x.device)[:, None] < count  # (slots, N)
+    masks = (in_r[..., :, None] & in_c[..., None, :] & active[..., None, None]).unsqueeze(2)
+    return masks, ys, xs, (bh, bw)
+
+
+def rand_erase(x: torch.Tensor, pct: float = 0.2, max_num: int = 4) -> torch.Tensor:
+    """Replace up to `max_num` boxes (each `pct` of the image's height and width) per image with noise of the batch's
+    mean and std, clamped to the batch's range."""
+    masks, *_ = _boxes(x, pct, max_num)
+    mask = masks.any(0)
+    noise = torch.randn_like(x) * x.std() + x.mean()
+    return torch.where(mask, noise.clamp(x.min(), x.max()), x)
+
+
+def rand_copy(x: torch.Tensor, pct: float = 0.2, max_num: int = 4) -> torch.Tensor:
+    "Copy up to `max_num` boxes (each `pct` of each side) per image from a random place to another in the same image."
+    n, c, h, w = x.shape
+    masks, ys, xs, (bh, bw) = _boxes(x, pct, max_num)
+    sy = torch.randint(0, h - bh + 1, ys.shape, device=x.device)
+    sx = torch.randint(0, w - bw + 1, xs.shape, device=x.device)
+    r, cc = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    bi = torch.arange(n, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    for k in range(max_num):  # a loop over box slots (at most max_num), never over images
+        src_r = (r[None, :] - ys[k][:, None] + sy[k][:, None])[:, None, :, None].clamp(0, h - 1)
+        src_c = (cc[None, :] - xs[k][:, None] + sx[k][:, None])[:, None, None, :].clamp(0, w - 1)
+        x = torch.where(masks[k], x[bi, ci, src_r.expand(n, c, h, w), src_c.expand(n, c, h, w)], x)
+    return x
+
+
+class RandErase(nn.Module):
+    "`rand_erase` as a module."
+    def __init__(self, pct: float = 0.2, max_num: int = 4):
+        super().__init__()
+        self.pct, self.max_num = pct, max_num
+
+    def forward(self, x): return rand_erase(x, self.pct, self.max_num)
+
+
+class RandCopy(nn.Module):
+    "`rand_copy` as a module."
+    def __init__(self, pct: float = 0.2, max_num: int = 4):
+        super().__init__()
+        self.pct, self.max_num = pct, max_num
+
+    def forward(self, x): return rand_copy(x, self.pct, self.max_num)
+
+
+def augment_cb(*tfms: nn.Module, on_val: bool = False) -> BatchTransformCB:
+    "A `BatchTransformCB` applying `tfms` in turn to the inputs (`batch[0]`) of training batches."
+    seq = nn.Sequential(*tfms)
+    return BatchTransformCB(lambda b: (seq(b[0]), *b[1:]), on_train=True, on_val=on_val)
+
+
+class CapturePreds(Callback):
+    "Collect every batch's predictions and targets (and inputs, if `inps`); concatenated on the CPU when the fit ends."
+    def __init__(self, inps: bool = False): self.inps = inps
+
+    def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []
+
+    def after_batch(self, learn):
+        self.all_preds.append(learn.preds.detach())
+        self.all_targs.append(learn.batch[1])
+        if self.inps: self.all_inps.append(learn.batch[0])
+
+    def after_fit(self, learn):
+        cat = lambda ts: torch.cat(ts).cpu() if ts else None
+        self.all_preds, self.all_targs, self.all_inps = cat(self.all_preds), cat(self.all_targs), cat(self.all_inps)
+        if self.all_preds is not None and self.all_preds.dtype in (torch.float16, torch.bfloat16):
+            self.all_preds = self.all_preds.float()
+
+
+def capture_preds(self: Learner, cbs=None, inps: bool = False):
+    """Predictions and targets (and inputs, if `inps`) over the validation set, through the Learner's callbacks plus
+    `cbs`. A look, not a change: the model, optimizer, data order and RNGs are left as they were."""
+    cp = CapturePreds(inps)
+    with looking(self): self.fit(1, train=False, cbs=[cp] + list(cbs or []))
+    return (cp.all_preds, cp.all_targs) + ((cp.all_inps,) if inps else ())
+
+
+class _GrabBatch(Callback):
+    order = 100  # after every transform of the batch
+    def before_batch(self, learn):
+        self.batch = learn.batch
+        raise CancelFitException()
+
+
+def show_image_batch(self: Learner, max_n: int = 9, cbs=None, **kwargs):
+    "Show up to `max_n` images of a training batch as the model would get it (after `cbs`, e.g. augmentation)."
+    grab = _GrabBatch()
+    with looking(self): self.fit(1, valid=False, cbs=[grab] + list(cbs or []))
+    return show_images(grab.batch[0][:max_n].float().cpu(), **kwargs)
+
+
+def tta(learn: Learner, tfm=lambda x: x.flip(-1)) -> dict:
+    """Test-time augmentation: average the predicted probabilities over the validation set as it is and with `tfm`
+    applied (default: a left-right flip). Returns both accuracies and the averaged probabilities."""
+    preds, targs = learn.capture_preds()
+    aug = BatchTransformCB(lambda b: (tfm(b[0]), *b[1:]), on_train=False, on_val=True)
+    preds2, _ = learn.capture_preds(cbs=[aug])
+    avg = (preds.softmax(-1) + preds2.softmax(-1)) / 2
+    acc = lambda p: (p.argmax(-1) == targs).float().mean().item()
+    return {'accuracy': acc(preds), 'tta_accuracy': acc(avg), 'probs': avg, 'targets': targs}
+
+
+Learner.capture_preds = capture_preds
+Learner.show_image_batch = show_image_batch

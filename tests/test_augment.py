@@ -1,0 +1,124 @@
+"""Per-image batch augmentation, capture_preds, show_image_batch and TTA."""
+import copy
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn, optim
+from torchvision.transforms import v2
+
+from miniai.augment import (CapturePreds, RandCopy, RandCropPad, RandErase, RandFlip, augment_cb, rand_copy,
+                            rand_erase, tta)
+from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.init import BatchTransformCB
+from miniai.learner import DeviceCB, MetricsCB, TrainLearner
+from miniai.resnet import fashion_resnet
+
+needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
+
+
+def batch(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 28, 28, generator=g)
+
+
+def test_flip_flips_whole_images_only():
+    torch.manual_seed(0)
+    x = batch()
+    y = RandFlip()(x)
+    flipped = [torch.equal(a, b.flip(-1)) for a, b in zip(y, x)]
+    same = [torch.equal(a, b) for a, b in zip(y, x)]
+    assert all(f or s for f, s in zip(flipped, same)) and 10 < sum(flipped) < 54
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_crop_pad_shifts_by_at_most_pad():
+    torch.manual_seed(0)
+    x = batch(32)
+    y = RandCropPad(pad=2)(x)
+    assert y.shape == x.shape
+    for a, b in zip(y, x):
+        ok = False
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                pad = F.pad(b, (2, 2, 2, 2))[:, 2 + dy:30 + dy, 2 + dx:30 + dx]
+                ok |= torch.equal(a, pad)
+        assert ok
+
+
+@pytest.mark.parametrize('fn', [rand_erase, rand_copy])
+def test_boxes_change_only_bounded_areas(fn):
+    torch.manual_seed(1)
+    x = batch(256)
+    y = fn(x, pct=0.2, max_num=4)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    changed = (y != x).flatten(1).sum(1)
+    box = int(0.2 * 28) ** 2
+    assert (changed <= 4 * box).all(), 'never more than max_num boxes of pct x pct'
+    assert (changed == 0).any() and (changed > box).any(), 'counts vary per image, from none to several boxes'
+    if fn is rand_erase: assert y.min() >= x.min() and y.max() <= x.max()
+
+
+def test_copy_moves_pixels_from_the_same_image():
+    torch.manual_seed(2)
+    x = torch.arange(28 * 28, dtype=torch.float32).view(1, 1, 28, 28).repeat(16, 1, 1, 1)
+    x = x + torch.arange(16).view(16, 1, 1, 1) * 1e4  # each image's values are its own
+    y = rand_copy(x, pct=0.25, max_num=2)
+    for i in range(16): assert set(y[i].unique().tolist()) <= set(x[i].unique().tolist())
+
+
+def test_seeded_augmentation_repeats():
+    torch.manual_seed(5)
+    a = RandErase()(batch())
+    torch.manual_seed(5)
+    assert torch.equal(a, RandErase()(batch()))
+
+
+def test_torchvision_v2_runs_on_whole_batches():
+    tfm = v2.Compose([v2.RandomCrop(28, padding=1), v2.RandomHorizontalFlip()])
+    cb = BatchTransformCB(lambda b: (tfm(b[0]), b[1]), on_val=False)
+    x, y = batch(32), torch.zeros(32, dtype=torch.long)
+    learn = TrainLearner(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), type('D', (), {
+        'train': [(x, y)], 'valid': [(x, y)]})(), F.cross_entropy, cbs=[cb])
+    learn.fit(1)
+    assert learn.batch[0].shape == (32, 1, 28, 28)
+
+
+@needs_data
+def test_capture_preds_and_tta_on_fashion_mnist():
+    torch.manual_seed(0)
+    dls = fashion_dls(bs=128, n_train=4096, n_valid=1024, seed=0)
+    model = fashion_resnet(nfs=(8, 16, 32, 64))
+    learn = TrainLearner(model, dls, F.cross_entropy, lr=3e-3, opt_func=optim.AdamW,
+                         cbs=[DeviceCB(), MetricsCB(), augment_cb(RandCropPad(1), RandFlip())])
+    learn.fit(2)
+    state = copy.deepcopy(model.state_dict())
+    opt_state = copy.deepcopy(learn.opt.state_dict())
+    mode, rng, order = model.training, torch.get_rng_state(), dls.train.state_dict()['gen'].clone()
+    preds, targs, inps = learn.capture_preds(inps=True)
+    assert preds.shape == (1024, 10) and targs.shape == (1024,) and inps.shape == (1024, 1, 28, 28)
+    assert torch.equal(targs, torch.cat([y for _, y in dls.valid]))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert model.training == mode and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(a['exp_avg'], b['exp_avg']) for a, b in
+               zip(opt_state['state'].values(), learn.opt.state_dict()['state'].values()))
+    res = tta(learn)
+    # TTA averages the probabilities of the plain and the flipped images
+    flipped, _ = learn.capture_preds(cbs=[BatchTransformCB(lambda b: (b[0].flip(-1), b[1]), on_train=False)])
+    assert torch.allclose(res['probs'], (preds.softmax(-1) + flipped.softmax(-1)) / 2)
+    assert res['accuracy'] == pytest.approx((preds.argmax(1) == targs).float().mean().item())
+    assert res['accuracy'] > 0.6 and res['tta_accuracy'] > 0.6
+
+
+@needs_data
+def test_show_image_batch_shows_augmented_training_inputs():
+    dls = fashion_dls(bs=64, n_train=256, n_valid=64, seed=0)
+    learn = TrainLearner(fashion_resnet(nfs=(8, 16)), dls, F.cross_entropy)
+    before = copy.deepcopy(learn.model.state_dict())
+    fig = learn.show_image_batch(max_n=6, cbs=[augment_cb(RandErase(pct=0.3, max_num=2))])
+    assert len([ax for ax in fig.axes if ax.images]) == 6
+    assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
+    plt.close('all')
