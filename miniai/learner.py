@@ -118,7 +118,7 @@ class Learner:
         self.cbs += cbs
         try:
             self._prepare_dispatch()
-            self.n_epochs = n_epochs
+            self.n_epochs, self.phases = n_epochs, (train, valid)
             self.epochs = range(n_epochs)
             if lr is None: lr = self.lr
             if self.opt_func: self.opt = self.opt_func(self.model.parameters(), lr)

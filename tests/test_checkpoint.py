@@ -1,0 +1,173 @@
+"""Checkpoints: exact resume after SIGKILL, safe loading of bad files, atomic writes, SaveModelCB."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn, optim
+
+from miniai.checkpoint import CheckpointError, SaveModelCB, read_checkpoint, save_checkpoint
+from miniai.datasets import DataLoaders
+from miniai.fashion import find_fashion_mnist, fashion_dls
+from miniai.learner import MetricsCB, TrainLearner
+from miniai.sgd import BatchSchedCB
+
+JOB = Path(__file__).parent / 'resume_job.py'
+needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
+
+
+def run_job(*args):
+    return subprocess.run([sys.executable, str(JOB), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@needs_data
+def test_run_killed_and_resumed_ends_bitwise_identical(tmp_path):
+    full, crashed = tmp_path / 'full', tmp_path / 'crashed'
+    r = run_job(full, 4)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_job(crashed, 4, '--kill-after', 1)
+    assert r.returncode == -9, (r.returncode, r.stderr[-2000:])
+    assert 'killing myself after epoch 1' in r.stdout and not (crashed / 'final.safetensors').exists()
+    assert read_checkpoint(crashed / 'last.ckpt')['epoch'] == 1
+    r = run_job(crashed, 4, '--resume', crashed / 'last.ckpt')
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_file(full / 'final.safetensors'), load_file(crashed / 'final.safetensors')
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), 'resumed weights differ from the uninterrupted run'
+    print('\nresume equality: all', len(a), 'tensors bitwise equal after SIGKILL at epoch 1 and resume')
+
+
+def small_learner(n_out=3, seed=0):
+    torch.manual_seed(seed)
+    x, y = torch.randn(64, 5), torch.randint(0, n_out, (64,))
+    dl = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, n_out))
+    return TrainLearner(model, DataLoaders(dl, dl), F.cross_entropy, lr=0.1, opt_func=optim.AdamW,
+                        cbs=[MetricsCB()])
+
+
+def test_save_and_load_round_trip(tmp_path, capsys):
+    learn = small_learner()
+    learn.fit(1)
+    path = learn.save(tmp_path / 'a.ckpt')
+    ck = read_checkpoint(path)
+    assert all(torch.equal(ck['model'][k], v) for k, v in learn.model.state_dict().items())
+    assert ck['epoch'] == 0 and ck['opt']['state'][0]['exp_avg'].shape == (8, 5)
+    other = small_learner(seed=1)
+    other.fit(1)
+    other.load(path)
+    assert all(torch.equal(learn.model.state_dict()[k], v) for k, v in other.model.state_dict().items())
+    assert torch.equal(other.opt.state_dict()['state'][0]['exp_avg'], learn.opt.state_dict()['state'][0]['exp_avg'])
+
+
+def test_wrong_architecture_lists_keys_and_shapes(tmp_path):
+    learn = small_learner(n_out=3)
+    learn.save(tmp_path / 'a.ckpt')
+    other = small_learner(n_out=4)
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r'another model: different shapes: 3.weight: checkpoint \(3, 8\) vs '
+                                              r'model \(4, 8\)'):
+        other.load(tmp_path / 'a.ckpt')
+    assert all(torch.equal(before[k], v) for k, v in other.model.state_dict().items()), 'half-loaded'
+    deeper = small_learner()
+    deeper.model.append(nn.Linear(3, 3))
+    with pytest.raises(CheckpointError, match=r"missing keys \['4.bias', '4.weight'\]"):
+        deeper.load(tmp_path / 'a.ckpt')
+
+
+BAD_FILES = {}
+
+
+def test_truncated_file(tmp_path):
+    learn = small_learner()
+    p = learn.save(tmp_path / 'a.ckpt')
+    p.write_bytes(p.read_bytes()[:-50])
+    with pytest.raises(CheckpointError, match='not a readable miniai checkpoint') as e:
+        learn.load(p)
+    BAD_FILES['truncated'] = str(e.value)
+
+
+def test_tampered_header(tmp_path):
+    learn = small_learner()
+    p = learn.save(tmp_path / 'a.ckpt')
+    data = bytearray(p.read_bytes())
+    i = data.index(b'__tensor__')
+    data[i:i + 10] = b'__tensoR__'
+    p.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as e:
+        learn.load(p)
+    BAD_FILES['tampered header'] = str(e.value)
+
+
+def test_tampered_format_tag(tmp_path):
+    learn = small_learner()
+    p = learn.save(tmp_path / 'a.ckpt')
+    data = p.read_bytes().replace(b'miniai-checkpoint-1', b'miniai-checkpoint-9')
+    p.write_bytes(data)
+    with pytest.raises(CheckpointError, match="format is 'miniai-checkpoint-9'") as e:
+        learn.load(p)
+    BAD_FILES['other format version'] = str(e.value)
+
+
+class _Exploit:
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (os.system, (f'touch {self.marker}',))
+
+
+def test_crafted_pickle_never_runs(tmp_path):
+    marker = tmp_path / 'pwned'
+    p = tmp_path / 'evil.ckpt'
+    p.write_bytes(pickle.dumps(_Exploit(marker)))
+    torch.save({'model': _Exploit(marker)}, tmp_path / 'evil.pt')
+    learn = small_learner()
+    for f in (p, tmp_path / 'evil.pt'):
+        with pytest.raises(CheckpointError, match='pickles are never loaded') as e:
+            learn.load(f)
+        BAD_FILES[f'crafted pickle ({f.suffix})'] = str(e.value)
+    assert not marker.exists(), 'loading ran code from the file'
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match='no checkpoint at'):
+        small_learner().load(tmp_path / 'nope.ckpt')
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import miniai.checkpoint as ck
+    learn = small_learner()
+    learn.fit(1)
+    p = learn.save(tmp_path / 'last.ckpt')
+    good = p.read_bytes()
+    def half_write(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b'partial')
+        raise OSError('disk full')
+    monkeypatch.setattr(ck, 'save_file', half_write)
+    learn.fit(1)
+    with pytest.raises(OSError, match='disk full'):
+        learn.save(p)
+    assert p.read_bytes() == good and read_checkpoint(p)['epoch'] == 0
+    assert [f.name for f in tmp_path.iterdir()] == ['last.ckpt'], 'no temporary file left behind'
+
+
+def test_save_model_cb_keeps_best_and_last(tmp_path):
+    learn = small_learner()
+    cb = SaveModelCB(tmp_path, monitor='valid loss', every_epoch=True)
+    learn.fit(3, cbs=[cb])
+    best = read_checkpoint(tmp_path / 'best.ckpt')
+    losses = [r['loss'] for r in learn.metrics.history if r['train'] == 'eval']
+    assert best['best']['value'] == min(losses) and best['epoch'] == losses.index(min(losses))
+    assert read_checkpoint(tmp_path / 'last.ckpt')['epoch'] == 2
+    assert SaveModelCB(tmp_path, monitor='accuracy').mode == 'max'
+    with pytest.raises(ValueError, match="no metric 'accuracy'"):
+        learn.fit(1, cbs=[SaveModelCB(tmp_path / 'x', monitor='accuracy')])
+
+
+def test_report_bad_files():
+    "Not a check: prints the errors the bad files got, for the record."
+    for k, v in BAD_FILES.items(): print(f'{k}: {v}')
