@@ -1,0 +1,68 @@
+"""Precision and memory format: training steps per second of the course ResNet at batch 1024, side by side.
+
+    python -m bench.precision [--steps 3] [--bs 1024]
+
+fp32, bf16 autocast, channels-last, and both, each through a TrainLearner with the miniai callbacks that switch
+them on, on the same real Fashion-MNIST batches; rounds alternate between the settings so noise hits all alike;
+the median step time after a warm-up step is reported with the speed-up over fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import optim
+
+from miniai.accel import cpu_has_bf16, precision_cbs
+from miniai.callback import Callback
+from miniai.fashion import fashion_dls
+from miniai.learner import TrainLearner
+from miniai.resnet import fashion_resnet
+
+RESULTS = Path(__file__).parent / 'results'
+SETTINGS = {'fp32': 'fp32', 'bf16 autocast': 'bf16', 'channels-last': 'channels-last', 'bf16 + channels-last': 'bf16-cl'}
+
+
+class StepTimer(Callback):
+    "Seconds of each training batch (forward, backward, step), measured between before_batch and after_batch."
+    order = 100
+    def __init__(self): self.times = []
+    def before_batch(self, learn): self._t = time.perf_counter()
+    def after_batch(self, learn):
+        if learn.training: self.times.append(time.perf_counter() - self._t)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--steps', type=int, default=3, help='timed steps per setting and round')
+    p.add_argument('--rounds', type=int, default=2)
+    p.add_argument('--bs', type=int, default=1024)
+    a = p.parse_args(argv)
+    dls = fashion_dls(bs=a.bs, n_train=a.bs * (a.steps + 1), n_valid=a.bs, seed=0)
+    times = {k: [] for k in SETTINGS}
+    for _ in range(a.rounds):
+        for name, setting in SETTINGS.items():
+            torch.manual_seed(0)
+            timer = StepTimer()
+            learn = TrainLearner(fashion_resnet(), dls, F.cross_entropy, lr=1e-3, opt_func=optim.AdamW,
+                                 cbs=precision_cbs(setting) + [timer])
+            learn.fit(1, valid=False)
+            times[name] += timer.times[1:]  # the first step warms up kernels and allocators
+    base = statistics.median(times['fp32'])
+    lines = [f'### Course ResNet (fashion_resnet, {sum(p.numel() for p in fashion_resnet().parameters()):,} params), '
+             f'batch {a.bs}, {torch.get_num_threads()} threads, CPU bf16: {cpu_has_bf16()}', '',
+             '| setting | s/step (median) | steps/s | speed-up vs fp32 |', '|---|---|---|---|']
+    for k, v in times.items():
+        m = statistics.median(v)
+        lines.append(f'| {k} | {m:.3f} | {1 / m:.2f} | {base / m:.2f}x |')
+    md = '\n'.join(lines)
+    print(md)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / 'precision.md').write_text(md + '\n')
+
+
+if __name__ == '__main__': main()
