@@ -1,0 +1,75 @@
+"""Logging a fit to files: a CSV row per epoch, and TensorBoard scalars."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from .callback import Callback
+from .distributed import is_main_process
+
+__all__ = ['CSVLoggerCB', 'TensorBoardCB']
+
+
+class CSVLoggerCB(Callback):
+    """Append a row per epoch (train and eval) with every metric from `MetricsCB` to `path`; the header is written
+    once, so a resumed run goes on in the same file. Only the main process writes."""
+    order = 20
+
+    def __init__(self, path='metrics.csv'): self.path = Path(path)
+
+    def after_epoch(self, learn):
+        history = getattr(getattr(learn, 'metrics', None), 'history', None)
+        if not history or not is_main_process(): return
+        row = history[-1]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            with open(self.path, newline='') as f: header = next(csv.reader(f), [])
+            if header != list(row):
+                raise ValueError(f'{self.path} has columns {header}, but this fit logs {list(row)}: '
+                                 f'log to another file')
+        with open(self.path, 'a', newline='') as f:
+            w = csv.writer(f)
+            if new: w.writerow(list(row))
+            w.writerow([f'{v:.6g}' if isinstance(v, float) else v for v in row.values()])
+            f.flush()
+
+
+class TensorBoardCB(Callback):
+    """Write per-epoch metrics (`train/loss`, `valid/accuracy`, ...) and every training batch's loss
+    (`batch/loss`) as TensorBoard scalars under `log_dir`. Batch losses are kept on the device and written once
+    per epoch, so logging adds no per-batch synchronisation."""
+    order = 20
+
+    def __init__(self, log_dir='runs/tb'): self.log_dir, self.step = Path(log_dir), 0
+
+    def before_fit(self, learn):
+        try: from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError('TensorBoardCB needs the tensorboard package: pip install tensorboard') from e
+        self.writer = SummaryWriter(str(self.log_dir)) if is_main_process() else None
+        self._losses = []
+
+    def after_batch(self, learn):
+        if learn.training and self.writer is not None: self._losses.append(learn.loss.detach())
+
+    def after_epoch(self, learn):
+        if self.writer is None: return
+        if learn.training and self._losses:
+            for v in torch.stack(self._losses).float().tolist():
+                self.writer.add_scalar('batch/loss', v, self.step)
+                self.step += 1
+            self._losses = []
+        history = getattr(getattr(learn, 'metrics', None), 'history', None)
+        if history:
+            row = history[-1]
+            stage = 'train' if row['train'] == 'train' else 'valid'
+            for k, v in row.items():
+                if k not in ('epoch', 'train') and isinstance(v, (int, float)):
+                    self.writer.add_scalar(f'{stage}/{k}', v, row['epoch'])
+        self.writer.flush()
+
+    def cleanup_fit(self, learn):
+        if self.writer is not None: self.writer.close()
