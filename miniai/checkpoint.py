@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .callback import Callback
-from .distributed import is_main_process
+from .ranks import is_main_process
 from .learner import Learner
 from .sgd import BaseSchedCB
 from .state import set_rng_state

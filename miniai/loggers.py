@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .callback import Callback
-from .distributed import is_main_process
+from .ranks import is_main_process
 
 __all__ = ['CSVLoggerCB', 'TensorBoardCB']
 

@@ -14,6 +14,7 @@ with warnings.catch_warnings():  # torcheval's import warns about torch.jit.scri
     from torcheval.metrics import Mean
 
 from .callback import Callback
+from .ranks import is_main_process
 
 __all__ = ['MetricsCB', 'ProgressCB', 'format_time']
 
@@ -39,7 +40,11 @@ class MetricsCB(Callback):
         self.all_metrics['loss'] = self.loss = Mean()
         self.history, self._device = [], None
 
-    def _log(self, d: dict) -> None: print(d)
+    def _log(self, d: dict) -> None:
+        if is_main_process(): print(d)
+
+    #: how a metric's value is read at the end of an epoch; `DDPCB` swaps in one that merges all ranks' states
+    compute = staticmethod(lambda m: m.compute())
 
     def before_fit(self, learn):
         learn.metrics = self
@@ -81,7 +86,7 @@ class MetricsCB(Callback):
     def after_epoch(self, learn):
         self._flush()
         if float(self.loss.weights) == 0: return  # nothing was measured (cancelled before a batch ended)
-        values = {k: m.compute().item() for k, m in self.all_metrics.items()}
+        values = {k: self.compute(m).item() for k, m in self.all_metrics.items()}
         secs = time.perf_counter() - self._start
         stage = 'train' if learn.training else 'eval'
         self.history.append({**values, 'epoch': learn.epoch, 'train': stage, 'time': secs})
@@ -105,7 +110,8 @@ class ProgressCB(Callback):
         self.losses, self.val_losses = [], []
 
     def before_fit(self, learn):
-        self.bars = fc.IN_NOTEBOOK or sys.stdout.isatty()
+        self.silent = not is_main_process()  # with several processes, only rank 0 reports
+        self.bars = (fc.IN_NOTEBOOK or sys.stdout.isatty()) and not self.silent
         self.losses, self.val_losses, self._pending, self._header = [], [], [], None
         self._last = 0.
         if self.bars:
@@ -120,6 +126,7 @@ class ProgressCB(Callback):
         self._write([str(v) for v in d.values()])
 
     def _write(self, cells):
+        if self.silent: return
         if self.bars: self.mbar.write(cells, table=True)
         else: print('  '.join(f'{c:<8}' for c in cells).rstrip(), flush=True)
 

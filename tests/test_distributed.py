@@ -1,0 +1,73 @@
+"""DDP on CPU (gloo), two processes under torchrun: same weights as one process, global metrics, rank 0 writes."""
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from miniai.fashion import find_fashion_mnist
+
+JOB = Path(__file__).parent / 'ddp_job.py'
+pytestmark = pytest.mark.skipif(find_fashion_mnist() is None or not torch.distributed.is_available(),
+                                reason='needs Fashion-MNIST and torch.distributed')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, n=2, timeout=120):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={n}', '--master_addr=127.0.0.1',
+           f'--master_port={free_port()}', str(JOB), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp('ddp')
+    single = subprocess.run([sys.executable, str(JOB), out / 'single'], capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(out / 'double')
+    assert double.returncode == 0, double.stderr[-3000:]
+    return out, single, double
+
+
+def test_two_processes_match_one(runs):
+    out, _, _ = runs
+    w0, w1 = load_file(out / 'double/rank0/weights.safetensors'), load_file(out / 'double/rank1/weights.safetensors')
+    ws = load_file(out / 'single/rank0/weights.safetensors')
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), 'the ranks disagree'
+    diff = max((w0[k] - ws[k]).abs().max().item() for k in ws)
+    print(f'\nmax |weight(2 procs) - weight(1 proc)| after one epoch of 16 steps: {diff:.2e}')
+    assert diff < 1e-6
+
+
+def test_reported_metrics_are_global(runs):
+    out, _, _ = runs
+    h1 = json.load(open(out / 'single/rank0/history.json'))
+    h2 = json.load(open(out / 'double/rank0/history.json'))
+    v1, v2 = h1[-1], h2[-1]
+    assert v1['train'] == v2['train'] == 'eval'
+    print(f"valid accuracy: 1 process {v1['accuracy']:.4f}, 2 processes {v2['accuracy']:.4f}")
+    assert v2['accuracy'] == pytest.approx(v1['accuracy'], abs=1e-6)
+    assert v2['loss'] == pytest.approx(v1['loss'], rel=1e-5)
+    assert json.load(open(out / 'double/rank1/history.json'))[-1]['accuracy'] == pytest.approx(v2['accuracy'])
+
+
+def test_only_rank0_prints_and_writes(runs):
+    out, single, double = runs
+    assert double.stdout.count('accuracy') == 1, double.stdout
+    assert len([l for l in double.stdout.splitlines() if l.split()[2:4] in (['0', 'train'], ['0', 'eval'])]) == 2
+    assert (out / 'double/rank0/last.ckpt').exists() and not (out / 'double/rank1/last.ckpt').exists()
+
+
+def test_a_failing_rank_stops_the_run(tmp_path):
+    r = torchrun(tmp_path, '--raise-at-batch', 3, timeout=150)
+    assert r.returncode != 0
+    assert 'rank 1 fails at batch 3' in r.stderr + r.stdout
