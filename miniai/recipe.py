@@ -1,0 +1,89 @@
+"""The main job's recipe: a ResNet on Fashion-MNIST with one-cycle AdamW, augmentation, the fastest safe precision,
+checkpoints, a metrics CSV, plots, and test-time augmentation. `python -m miniai train` runs it."""
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch.nn.functional as F
+from torch import nn, optim
+
+from .accel import fastest_settings, precision_cbs
+from .activations import set_seed
+from .augment import RandCropPad, RandErase, RandFlip, augment_cb, tta
+from .checkpoint import SaveModelCB
+from .fashion import fashion_dls
+from .learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
+from .loggers import CSVLoggerCB
+from .resnet import fashion_resnet, seed002_resnet
+from .sgd import BatchSchedCB, RecorderCB
+
+__all__ = ['MODELS', 'build_model', 'make_learner', 'run_recipe', 'plot_run']
+
+MODELS = {'fashion_resnet': partial(fashion_resnet, drop=0.1),
+          'fashion_resnet_wide': partial(fashion_resnet, nfs=(32, 64, 128, 256, 512, 512), drop=0.1),
+          'seed002_resnet': partial(seed002_resnet, act=nn.ReLU, norm=nn.BatchNorm2d, pool=True)}
+
+
+def build_model(name: str) -> nn.Module:
+    "A fresh model by name (see `MODELS`)."
+    if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name]()
+
+
+def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: bool = True,
+                 out: Path | None = None, wd: float = 0.05) -> tuple[TrainLearner, str]:
+    "The recipe's Learner: AdamW with a one-cycle schedule and the chosen callbacks; returns it and the precision."
+    from torcheval.metrics import MulticlassAccuracy
+    if precision == 'auto': precision, why = fastest_settings()
+    else: why = 'chosen on the command line'
+    sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
+    cbs = [DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB(plot=True), BatchSchedCB(sched),
+           RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]
+    if augment: cbs.append(augment_cb(RandCropPad(2), RandFlip(), RandErase(pct=0.2, max_num=2)))
+    if out is not None: cbs += [SaveModelCB(out, monitor='accuracy', every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
+    opt = partial(optim.AdamW, eps=1e-5, weight_decay=wd)
+    return TrainLearner(model, dls, F.cross_entropy, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
+
+
+def plot_run(learn: TrainLearner, out: Path) -> list[Path]:
+    "Save the loss curves and the learning-rate schedule of the last fit as PNGs in `out`."
+    prog = next(cb for cb in learn.cbs if isinstance(cb, ProgressCB))
+    rec = next(cb for cb in learn.cbs if isinstance(cb, RecorderCB))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(prog.losses, label='train (per batch)', alpha=0.7)
+    if prog.val_losses: ax.plot(*zip(*prog.val_losses), 'o-', label='valid (per epoch)')
+    ax.set_xlabel('batch')
+    ax.set_ylabel('loss')
+    ax.legend()
+    paths = [out / 'loss.png', out / 'lr.png']
+    fig.savefig(paths[0], dpi=80, bbox_inches='tight')
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.plot(rec.recs['lr'])
+    ax.set_xlabel('batch')
+    ax.set_ylabel('learning rate')
+    fig.savefig(paths[1], dpi=80, bbox_inches='tight')
+    plt.close('all')
+    return paths
+
+
+def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'fashion_resnet',
+               precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
+               augment: bool = True, use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True) -> dict:
+    "Train, evaluate (with TTA) and save under `out`; returns the final metrics."
+    out = Path(out)
+    set_seed(seed)
+    dls = fashion_dls(bs=bs, n_train=n_train, n_valid=n_valid, seed=seed)
+    learn, chosen = make_learner(build_model(model), dls, epochs, lr, precision, augment, out)
+    print(f'Model: {model}; precision: {chosen}; batch {bs}, {epochs} epochs, one-cycle AdamW at lr {lr}; '
+          f'augmentation: {"crop, flip, erase" if augment else "none"}; seed {seed}')
+    if summary: print(learn.summary(), '\n', sep='')
+    learn.fit(epochs, resume=resume)
+    last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
+    res = {'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
+           'augment': augment, 'accuracy': last['accuracy'], 'loss': last['loss']}
+    if use_tta: res['tta_accuracy'] = tta(learn)['tta_accuracy']
+    learn.save(out / 'final.ckpt')
+    plot_run(learn, out)
+    return res
