@@ -24,6 +24,9 @@ class MixedPrecision(TrainCB):
 
     def __init__(self, dtype: torch.dtype | None = None, n_inp: int = 1):
         super().__init__(n_inp)
+        if dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f'MixedPrecision: dtype must be torch.bfloat16, torch.float16 or None (choose for the '
+                             f'device); got {dtype!r}')
         self.dtype, self.scaler, self._ctx = dtype, None, None
 
     def before_fit(self, learn):

@@ -60,6 +60,7 @@ class Hooks(list):
 class HooksCallback(Callback):
     """Hook `hookfunc` onto the modules of `learn.model` that pass `mod_filter` (or onto `mods`) while fitting, in
     training (`on_train`) and/or validation (`on_valid`); the hooks are removed when the fit ends, however it ends."""
+    skip_in_probes = True
     def __init__(self, hookfunc, mod_filter=fc.noop, on_train: bool = True, on_valid: bool = False, mods=None):
         fc.store_attr()
         self.hooks = []

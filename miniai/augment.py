@@ -21,6 +21,12 @@ __all__ = ['RandFlip', 'RandCropPad', 'rand_erase', 'RandErase', 'rand_copy', 'R
 def _rand(n, device, gen=None): return torch.rand(n, device=device, generator=gen)
 
 
+def _check_images(x, where: str):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = f'shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f'{where} takes a batch of images [N, C, H, W]; got {got}')
+
+
 class RandFlip(nn.Module):
     "Flip each image left-right with probability `p`."
     def __init__(self, p: float = 0.5):
@@ -39,6 +45,7 @@ class RandCropPad(nn.Module):
         self.pad = pad
 
     def forward(self, x):
+        _check_images(x, 'RandCropPad')
         n, c, h, w = x.shape
         p, dev = self.pad, x.device
         xp = nn.functional.pad(x, (p, p, p, p))
@@ -49,9 +56,12 @@ class RandCropPad(nn.Module):
         return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def _boxes(x, pct: float, max_num: int):
+def _boxes(x, pct: float, max_num: int, where: str):
     """For up to `max_num` boxes per image (a random count each), boxes of `pct` of each side at random places:
     masks (slots, N, 1, H, W) of where each box is, and the boxes' top-left corners."""
+    _check_images(x, where)
+    if not 0 < pct <= 1: raise ValueError(f'{where}: pct is a fraction of each side in (0, 1]; got {pct}')
+    if max_num < 0: raise ValueError(f'{where}: max_num is a count of boxes, at least 0; got {max_num}')
     n, _, h, w = x.shape
     bh, bw = max(1, int(pct * h)), max(1, int(pct * w))
     count = torch.randint(0, max_num + 1, (n,), device=x.device)
@@ -68,7 +78,7 @@ def _boxes(x, pct: float, max_num: int):
 def rand_erase(x: torch.Tensor, pct: float = 0.2, max_num: int = 4) -> torch.Tensor:
     """Replace up to `max_num` boxes (each `pct` of the image's height and width) per image with noise of the batch's
     mean and std, clamped to the batch's range."""
-    masks, *_ = _boxes(x, pct, max_num)
+    masks, *_ = _boxes(x, pct, max_num, 'rand_erase')
     mask = masks.any(0)
     noise = torch.randn_like(x) * x.std() + x.mean()
     return torch.where(mask, noise.clamp(x.min(), x.max()), x)
@@ -76,8 +86,8 @@ def rand_erase(x: torch.Tensor, pct: float = 0.2, max_num: int = 4) -> torch.Ten
 
 def rand_copy(x: torch.Tensor, pct: float = 0.2, max_num: int = 4) -> torch.Tensor:
     "Copy up to `max_num` boxes (each `pct` of each side) per image from a random place to another in the same image."
+    masks, ys, xs, (bh, bw) = _boxes(x, pct, max_num, 'rand_copy')
     n, c, h, w = x.shape
-    masks, ys, xs, (bh, bw) = _boxes(x, pct, max_num)
     sy = torch.randint(0, h - bh + 1, ys.shape, device=x.device)
     sx = torch.randint(0, w - bw + 1, xs.shape, device=x.device)
     r, cc = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
@@ -115,7 +125,7 @@ def augment_cb(*tfms: nn.Module, on_val: bool = False) -> BatchTransformCB:
 
 
 class CapturePreds(Callback):
-    "Collect every batch's predictions and targets (and inputs, if `inps`); concatenated on the CPU when the fit ends."
+    "Collect every batch's predictions and targets (and inputs, if `inps`), concatenated on the CPU when the fit ends."
     def __init__(self, inps: bool = False): self.inps = inps
 
     def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []
@@ -125,7 +135,7 @@ class CapturePreds(Callback):
         self.all_targs.append(learn.batch[1])
         if self.inps: self.all_inps.append(learn.batch[0])
 
-    def after_fit(self, learn):
+    def cleanup_fit(self, learn):  # not after_fit: a cancelled fit (e.g. `SingleBatchCB`) keeps what it saw
         cat = lambda ts: torch.cat(ts).cpu() if ts else None
         self.all_preds, self.all_targs, self.all_inps = cat(self.all_preds), cat(self.all_targs), cat(self.all_inps)
         if self.all_preds is not None and self.all_preds.dtype in (torch.float16, torch.bfloat16):

@@ -25,6 +25,9 @@ EVENTS = tuple(f'{w}_{s}' for s in ('fit', 'epoch', 'batch') for w in ('before',
 class Callback:
     "Base class of callbacks: define methods named after events (see `EVENTS`); lower `order` runs first."
     order = 0
+    #: set aside while the Learner is probed (`lr_find`, `capture_preds`, `summary`...): True for callbacks that
+    #: report, record, save or schedule, which would otherwise treat the probe as training
+    skip_in_probes = False
 
 
 def sort_cbs(cbs) -> list:

@@ -175,7 +175,12 @@ class ResumeCB(Callback):
         if len(scheds) != len(self._scheds):
             raise CheckpointError(f'{self.path} holds {len(self._scheds)} scheduler states, this fit has '
                                   f'{len(scheds)} schedulers')
-        for cb, st in zip(scheds, self._scheds): cb.schedo.load_state_dict(st)
+        for cb, st in zip(scheds, self._scheds):
+            now, then = cb.schedo.state_dict().get('total_steps'), st.get('total_steps')
+            if now != then:
+                raise CheckpointError(f'{self.path} was saved by a run scheduled for {then} steps, this fit is '
+                                      f'scheduled for {now}: resume with the same epochs and batch size')
+            cb.schedo.load_state_dict(st)
         # building a scheduler resets the optimizer's learning rate and momentum: put the saved ones back
         if scheds and self._opt is not None: learn.opt.load_state_dict(self._opt)
 
@@ -196,6 +201,7 @@ def monitor_value(learn: Learner, monitor: str):
 class SaveModelCB(Callback):
     """After each epoch, write `dir/last.ckpt` (with `every_epoch`) and `dir/best.ckpt` when `monitor` improves
     (lower for names with 'loss' in them, higher otherwise, unless `mode` says). Only the main process writes."""
+    skip_in_probes = True
     order = 20  # after MetricsCB has logged the epoch
 
     def __init__(self, dir='checkpoints', monitor: str = 'valid loss', mode: str | None = None,

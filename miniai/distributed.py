@@ -57,6 +57,7 @@ def _shard(dl, shuffle: bool):
 class DDPCB(Callback):
     """Data-parallel training over the processes `torchrun` started; a no-op in a single process, so the same
     script runs either way. `timeout` (seconds) bounds waits for a failed rank."""
+    skip_in_probes = True
     order = 10  # after DeviceCB and ChannelsLastCB have placed the model
 
     def __init__(self, timeout: float = 300., find_unused_parameters: bool = False):

@@ -232,11 +232,12 @@ class SingleBatchCB(Callback):
 @contextmanager
 def looking(learn: Learner, quiet: bool = True):
     """Inside, run probes (`lr_find`, `capture_preds`, ...) through `fit`; afterwards the model, its optimizer (the
-    same object, same state), the data order and the RNGs are as they were. `quiet` sets `MetricsCB` and
-    `ProgressCB` aside meanwhile, since they would report the probe as if it were training."""
+    same object, same state), the data order and the RNGs are as they were. `quiet` sets aside meanwhile the
+    callbacks marked `skip_in_probes` (metrics, progress, schedulers, checkpoints, loggers), which would treat the
+    probe as training."""
     had_opt, old_opt = 'opt' in learn.__dict__, learn.__dict__.get('opt')
     dls = [getattr(learn.dls, a, None) for a in ('train', 'valid')]
-    hidden = [c for c in learn.cbs if isinstance(c, (MetricsCB, ProgressCB))] if quiet else []
+    hidden = [c for c in learn.cbs if getattr(c, 'skip_in_probes', False)] if quiet else []
     for c in hidden: learn.cbs.remove(c)
     try:
         with unchanged(learn.model, old_opt, *dls): yield learn

@@ -15,6 +15,7 @@ __all__ = ['CSVLoggerCB', 'TensorBoardCB']
 class CSVLoggerCB(Callback):
     """Append a row per epoch (train and eval) with every metric from `MetricsCB` to `path`; the header is written
     once, so a resumed run goes on in the same file. Only the main process writes."""
+    skip_in_probes = True
     order = 20
 
     def __init__(self, path='metrics.csv'): self.path = Path(path)
@@ -41,6 +42,7 @@ class TensorBoardCB(Callback):
     """Write per-epoch metrics (`train/loss`, `valid/accuracy`, ...) and every training batch's loss
     (`batch/loss`) as TensorBoard scalars under `log_dir`. Batch losses are kept on the device and written once
     per epoch, so logging adds no per-batch synchronisation."""
+    skip_in_probes = True
     order = 20
 
     def __init__(self, log_dir='runs/tb'): self.log_dir, self.step = Path(log_dir), 0

@@ -15,6 +15,7 @@ __all__ = ['EarlyStoppingCB', 'TerminateOnNaNCB', 'GradClipCB', 'GradAccumCB']
 class EarlyStoppingCB(Callback):
     """End the fit when `monitor` (e.g. 'valid loss', 'accuracy') has not improved by more than `min_delta` for
     `patience` epochs; `stopped_epoch` says when."""
+    skip_in_probes = True
     order = 25  # after MetricsCB logged the epoch and SaveModelCB saved it
 
     def __init__(self, monitor: str = 'valid loss', patience: int = 3, min_delta: float = 0., mode: str | None = None):

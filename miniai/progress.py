@@ -33,6 +33,7 @@ class MetricsCB(Callback):
     never waits for the device. Batches are handed to the metrics `flush_every` at a time (concatenated), which
     gives the same result as one update per batch at a fraction of the cost. Every epoch's values are kept, as
     numbers, in `history`."""
+    skip_in_probes = True
     def __init__(self, *ms, flush_every: int = 32, **metrics):
         for o in ms: metrics[type(o).__name__] = o
         self.metrics, self.flush_every = metrics, flush_every
@@ -103,6 +104,7 @@ class ProgressCB(Callback):
     """Progress bars and the metrics table: fastprogress bars in Jupyter (with a live loss plot when `plot`),
     in a terminal a bar per epoch and one line per epoch; in a log file (not a tty) only the lines.
     The loss shown on the bar is read at most every `refresh` seconds."""
+    skip_in_probes = True
     order = MetricsCB.order + 1
 
     def __init__(self, plot: bool = False, refresh: float = 0.3):

@@ -10,6 +10,7 @@ __all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'HasLearnCB', 'Recorde
 
 class BaseSchedCB(Callback):
     "Build `sched(learn.opt)` (a `torch.optim.lr_scheduler` factory) when the fit starts; step it in training."
+    skip_in_probes = True
     def __init__(self, sched): self.sched = sched
     def before_fit(self, learn): self.schedo = self.sched(learn.opt)
     def _step(self, learn):
@@ -34,6 +35,7 @@ class HasLearnCB(Callback):
 
 class RecorderCB(Callback):
     "Record `fn(self)` for each keyword `fn` after every training batch (`self.pg` is the first param group)."
+    skip_in_probes = True
     def __init__(self, **d): self.d, self.recs = d, {k: [] for k in d}
     def before_fit(self, learn):
         self.recs = {k: [] for k in self.d}
