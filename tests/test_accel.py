@@ -7,6 +7,7 @@ from torcheval.metrics import MulticlassAccuracy
 
 from miniai.accel import ChannelsLastCB, MixedPrecision, cpu_has_bf16, fastest_settings, precision_cbs
 from miniai.callback import Callback
+from miniai.conv import def_device
 from miniai.datasets import DataLoaders
 from miniai.fashion import fashion_dls, find_fashion_mnist
 from miniai.init import conv
@@ -99,6 +100,25 @@ def test_settings_choice_and_bad_names():
     assert precision_cbs('fp32') == []
     with pytest.raises(ValueError, match="precision must be one of .*'fp64'"):
         precision_cbs('fp64')
+
+
+def test_cuda_choice_follows_bf16_support(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    assert fastest_settings('cuda')[0] == 'bf16-cl'
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
+    setting, why = fastest_settings('cuda')
+    assert setting == 'fp16' and 'scaling' in why
+
+
+def test_default_dtype_follows_the_models_device():
+    mp = MixedPrecision()
+    learn = TrainLearner(cnn(), tiny_dls(), F.cross_entropy, cbs=[DeviceCB(def_device), mp])
+    learn.fit(1, valid=False)
+    want = torch.bfloat16 if def_device != 'cuda' or torch.cuda.is_bf16_supported() else torch.float16
+    assert mp.dtype == want and mp.device_type == torch.device(def_device).type
+    assert (mp.scaler is not None) == (want == torch.float16)
+    with pytest.raises(ValueError, match='MixedPrecision: dtype must be .*float32'):
+        MixedPrecision(torch.float32)
 
 
 @needs_cuda

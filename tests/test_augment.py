@@ -14,7 +14,8 @@ from miniai.augment import (CapturePreds, RandCopy, RandCropPad, RandErase, Rand
                             rand_erase, tta)
 from miniai.fashion import fashion_dls, find_fashion_mnist
 from miniai.init import BatchTransformCB
-from miniai.learner import DeviceCB, MetricsCB, TrainLearner
+from miniai.datasets import DataLoaders
+from miniai.learner import DeviceCB, MetricsCB, SingleBatchCB, TrainLearner
 from miniai.resnet import fashion_resnet
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
@@ -70,6 +71,15 @@ def test_copy_moves_pixels_from_the_same_image():
     for i in range(16): assert set(y[i].unique().tolist()) <= set(x[i].unique().tolist())
 
 
+@pytest.mark.parametrize('call, msg', [
+    (lambda: rand_erase(torch.zeros(28, 28)), r'rand_erase takes a batch of images \[N, C, H, W\]; got shape \(28, 28\)'),
+    (lambda: rand_copy(batch(), pct=0), r'rand_copy: pct is a fraction .*got 0'),
+    (lambda: RandErase(max_num=-1)(batch()), r'rand_erase: max_num .*got -1'),
+    (lambda: RandCropPad()(torch.zeros(1, 28, 28)), r'RandCropPad takes a batch .*got shape \(1, 28, 28\)')])
+def test_bad_input_is_named(call, msg):
+    with pytest.raises(ValueError, match=msg): call()
+
+
 def test_seeded_augmentation_repeats():
     torch.manual_seed(5)
     a = RandErase()(batch())
@@ -85,6 +95,17 @@ def test_torchvision_v2_runs_on_whole_batches():
         'train': [(x, y)], 'valid': [(x, y)]})(), F.cross_entropy, cbs=[cb])
     learn.fit(1)
     assert learn.batch[0].shape == (32, 1, 28, 28)
+
+
+def test_capture_preds_keeps_what_a_cancelled_fit_saw():
+    x, y = batch(48), torch.arange(48) % 10
+    dls = DataLoaders([(x[:16], y[:16])], [(x[i:i + 16], y[i:i + 16]) for i in range(0, 48, 16)])
+    learn = TrainLearner(nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), dls, F.cross_entropy)
+    preds, targs = learn.capture_preds()
+    assert preds.shape == (48, 10) and torch.equal(targs, y) and preds.device.type == 'cpu'
+    assert torch.allclose(preds, learn.model(x), atol=1e-6)
+    preds, targs = learn.capture_preds(cbs=[SingleBatchCB()])
+    assert preds.shape == (16, 10) and torch.equal(targs, y[:16])
 
 
 @needs_data
