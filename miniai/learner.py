@@ -66,7 +66,7 @@ class Learner:
     def __init__(self, model: nn.Module, dls=(0,), loss_func=F.mse_loss, lr: float = 0.1, cbs=None,
                  opt_func=optim.SGD):
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
-        self.cbs = fc.L(cbs)
+        self.cbs = fc.L(list(fc.L(cbs)))  # a copy: fit and probes add and remove callbacks on it
         self._dispatch = None
 
     # -- the loop -------------------------------------------------------------------------------------------

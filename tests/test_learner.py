@@ -244,3 +244,12 @@ def test_fit_lr_and_opt_func_are_used():
     learn = TrainLearner(small_model(), synth_dls(), F.cross_entropy, lr=0.3, opt_func=optim.AdamW)
     learn.fit(1, lr=0.01, cbs=[SingleBatchCB()])
     assert isinstance(learn.opt, optim.AdamW) and learn.opt.param_groups[0]['lr'] == 0.01
+
+
+def test_learner_never_changes_the_callers_list_of_callbacks():
+    cbs = [SingleBatchCB()]
+    learn = TrainLearner(small_model(), synth_dls(), F.cross_entropy, cbs=cbs)
+    learn.fit(1, cbs=[Recorder()])
+    learn.lr_find(plot=False, max_epochs=1)
+    learn.cbs.remove(learn.cbs[0])
+    assert len(cbs) == 1 and isinstance(cbs[0], SingleBatchCB)
