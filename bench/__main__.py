@@ -1,0 +1,52 @@
+"""`python -m bench` (or `make bench`): every benchmark in one go, then a summary table and chart in bench/results/.
+
+Runs, in this order: data loading, framework overhead (with fastai and Lightning when installed), precision and
+memory format, FLOP counting. Each writes its own Markdown table; this collects them into `bench/results/README.md`
+and draws `bench/results/overview.png` (the speed-up of each contender in each benchmark).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+
+from bench import data, flops, overhead, precision
+
+RESULTS = Path(__file__).parent / 'results'
+
+
+def _ratios(md: str, col: int) -> dict:
+    "Contender -> number in column `col` of a Markdown table (values like '1.07x' or '121x')."
+    out = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        if len(cells) > col and (m := re.match(r'([\d.]+)x$', cells[col])): out[cells[0]] = float(m.group(1))
+    return out
+
+
+def main(argv=None):
+    steps = [('data', data.main, ['--rounds', '3']), ('overhead', overhead.main, ['--rounds', '5', '--peers']),
+             ('precision', precision.main, []), ('flops', flops.main, None)]
+    for name, fn, args in steps:
+        print(f'\n## {name}\n', flush=True)
+        fn(args) if args is not None else fn()
+    parts = [(RESULTS / f'{n}.md').read_text() for n, *_ in steps]
+    (RESULTS / 'README.md').write_text('# Benchmark results\n\nWritten by `python -m bench`.\n\n' + '\n'.join(parts))
+    charts = [('data: speed-up over the per-item loader', _ratios(parts[0], 3)),
+              ('overhead: time relative to a hand loop (lower is better)', _ratios(parts[1], 2)),
+              ('precision: speed-up over fp32', _ratios(parts[2], 3))]
+    fig, axs = plt.subplots(1, 3, figsize=(15, 3.5))
+    for ax, (title, vals) in zip(axs, charts):
+        ax.barh(list(vals), list(vals.values()))
+        ax.set_title(title, fontsize=9)
+        for i, v in enumerate(vals.values()): ax.text(v, i, f' {v:g}x', va='center', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / 'overview.png', dpi=70)
+    print(f'\nwrote {RESULTS / "README.md"} and {RESULTS / "overview.png"}')
+
+
+if __name__ == '__main__': sys.exit(main())
