@@ -1,14 +1,16 @@
 """Precision and memory format: training steps per second of the course ResNet at batch 1024, side by side.
 
-    python -m bench.precision [--steps 3] [--bs 1024]
+    python -m bench.precision [--steps 3] [--bs 1024] [--threads N]
 
 fp32, bf16 autocast, channels-last, and both, each through a TrainLearner with the miniai callbacks that switch
 them on, on the same real Fashion-MNIST batches; rounds alternate between the settings so noise hits all alike;
-the median step time after a warm-up step is reported with the speed-up over fp32.
+the median step time after an untimed warm-up round (and each fit's first step) is reported with the speed-up
+over fp32.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -41,20 +43,27 @@ def main(argv=None):
     p.add_argument('--steps', type=int, default=3, help='timed steps per setting and round')
     p.add_argument('--rounds', type=int, default=2)
     p.add_argument('--bs', type=int, default=1024)
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch threads (default: torch's own); on a shared, busy machine 1 avoids the stalls of "
+                        'OpenMP threads waiting for each other')
     a = p.parse_args(argv)
+    if a.threads: torch.set_num_threads(a.threads)
     dls = fashion_dls(bs=a.bs, n_train=a.bs * (a.steps + 1), n_valid=a.bs, seed=0)
     times = {k: [] for k in SETTINGS}
-    for _ in range(a.rounds):
+    # round 0 is not timed: oneDNN builds its bf16 kernels during the first one to four backward passes of a process,
+    # which can take over ten seconds each, so one skipped step per fit is not enough
+    for rnd in range(a.rounds + 1):
         for name, setting in SETTINGS.items():
             torch.manual_seed(0)
             timer = StepTimer()
             learn = TrainLearner(fashion_resnet(), dls, F.cross_entropy, lr=1e-3, opt_func=optim.AdamW,
                                  cbs=precision_cbs(setting) + [timer])
             learn.fit(1, valid=False)
-            times[name] += timer.times[1:]  # the first step warms up kernels and allocators
+            if rnd: times[name] += timer.times[1:]  # a fit's first step warms up the allocator
     base = statistics.median(times['fp32'])
     lines = [f'### Course ResNet (fashion_resnet, {sum(p.numel() for p in fashion_resnet().parameters()):,} params), '
-             f'batch {a.bs}, {torch.get_num_threads()} threads, CPU bf16: {cpu_has_bf16()}', '',
+             f'batch {a.bs}, {torch.get_num_threads()} threads, CPU bf16: {cpu_has_bf16()}; '
+             f'load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores', '',
              '| setting | s/step (median) | steps/s | speed-up vs fp32 |', '|---|---|---|---|']
     for k, v in times.items():
         m = statistics.median(v)
