@@ -38,10 +38,11 @@ class GlobalAvgPool(nn.Module):
 
 
 def fashion_resnet(nfs=(16, 32, 64, 128, 256, 512), act=act_gr, norm=nn.BatchNorm2d, drop: float = 0.,
-                   in_channels: int = 1, n_classes: int = 10) -> nn.Sequential:
-    """The course's Fashion-MNIST ResNet: a 5x5 `ResBlock` stem, a stride-2 `ResBlock` per further entry of `nfs`,
-    global average pooling, dropout, and a bias-free linear head followed by BatchNorm."""
-    layers = [ResBlock(in_channels, nfs[0], ks=5, stride=1, act=act, norm=norm)]
+                   in_channels: int = 1, n_classes: int = 10, ks: int = 5) -> nn.Sequential:
+    """The course's Fashion-MNIST ResNet: a `ks`x`ks` `ResBlock` stem, a stride-2 `ResBlock` per further entry of
+    `nfs`, global average pooling, dropout, and a bias-free linear head followed by BatchNorm. The course's earlier,
+    5-stage model is `fashion_resnet(nfs=(16, 32, 64, 128, 256), ks=3)`."""
+    layers = [ResBlock(in_channels, nfs[0], ks=ks, stride=1, act=act, norm=norm)]
     layers += [ResBlock(nfs[i], nfs[i + 1], act=act, norm=norm, stride=2) for i in range(len(nfs) - 1)]
     layers += [GlobalAvgPool(), nn.Dropout(drop), nn.Linear(nfs[-1], n_classes, bias=False), nn.BatchNorm1d(n_classes)]
     return nn.Sequential(*layers)
