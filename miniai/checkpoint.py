@@ -113,7 +113,8 @@ def read_checkpoint(path) -> dict:
     try: meta = json.loads(header['miniai'])
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f'{path}: the JSON part of the header is missing or damaged ({e})') from e
-    return _decode(meta, tensors)
+    try: return _decode(meta, tensors)
+    except CheckpointError as e: raise CheckpointError(f'{path}: {e} (tampered with?)') from None
 
 
 def _check_model(model, sd: dict, path) -> None:
