@@ -18,9 +18,6 @@ __all__ = ['RandFlip', 'RandCropPad', 'rand_erase', 'RandErase', 'rand_copy', 'R
            'CapturePreds', 'capture_preds', 'show_image_batch', 'tta']
 
 
-def _rand(n, device, gen=None): return torch.rand(n, device=device, generator=gen)
-
-
 def _check_images(x, where: str):
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = f'shape {tuple(x.shape)}' if isinstance(x, torch.Tensor) else type(x).__name__
@@ -34,7 +31,7 @@ class RandFlip(nn.Module):
         self.p = p
 
     def forward(self, x):
-        flip = (_rand(len(x), x.device) < self.p).view(-1, *([1] * (x.dim() - 1)))
+        flip = (torch.rand(len(x), device=x.device) < self.p).view(-1, *([1] * (x.dim() - 1)))
         return torch.where(flip, x.flip(-1), x)
 
 
@@ -100,22 +97,24 @@ def rand_copy(x: torch.Tensor, pct: float = 0.2, max_num: int = 4) -> torch.Tens
     return x
 
 
-class RandErase(nn.Module):
+class _BoxTransform(nn.Module):
+    "A box augmentation (`fn(x, pct, max_num)`) as a module."
+    fn = None
+    def __init__(self, pct: float = 0.2, max_num: int = 4):
+        super().__init__()
+        self.pct, self.max_num = pct, max_num
+
+    def forward(self, x): return type(self).fn(x, self.pct, self.max_num)
+
+
+class RandErase(_BoxTransform):
     "`rand_erase` as a module."
-    def __init__(self, pct: float = 0.2, max_num: int = 4):
-        super().__init__()
-        self.pct, self.max_num = pct, max_num
-
-    def forward(self, x): return rand_erase(x, self.pct, self.max_num)
+    fn = staticmethod(rand_erase)
 
 
-class RandCopy(nn.Module):
+class RandCopy(_BoxTransform):
     "`rand_copy` as a module."
-    def __init__(self, pct: float = 0.2, max_num: int = 4):
-        super().__init__()
-        self.pct, self.max_num = pct, max_num
-
-    def forward(self, x): return rand_copy(x, self.pct, self.max_num)
+    fn = staticmethod(rand_copy)
 
 
 def augment_cb(*tfms: nn.Module, on_val: bool = False) -> BatchTransformCB:
