@@ -36,10 +36,12 @@ def main(argv=None):
         fn(args) if args is not None else fn()
     parts = [(RESULTS / f'{n}.md').read_text() for n, *_ in steps]
     (RESULTS / 'README.md').write_text('# Benchmark results\n\nWritten by `python -m bench`.\n\n' + '\n'.join(parts))
+    mlp, _, resnet = parts[1].partition('\n### ')
     charts = [('data: speed-up over the per-item loader', _ratios(parts[0], 3)),
-              ('overhead: time relative to a hand loop (lower is better)', _ratios(parts[1], 2)),
+              ('overhead, MLP batch 64: time / hand loop (lower is better)', _ratios(mlp, 2)),
+              ('overhead, ResNet batch 1024: time / hand loop (lower is better)', _ratios(resnet, 2)),
               ('precision: speed-up over fp32', _ratios(parts[2], 3))]
-    fig, axs = plt.subplots(1, 3, figsize=(15, 3.5))
+    fig, axs = plt.subplots(1, 4, figsize=(20, 3.5))
     for ax, (title, vals) in zip(axs, charts):
         ax.barh(list(vals), list(vals.values()))
         ax.set_title(title, fontsize=9)

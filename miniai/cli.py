@@ -23,6 +23,22 @@ def _positive(kind):
     return parse
 
 
+def _nonneg(kind):
+    def parse(s):
+        try: v = kind(s)
+        except ValueError: raise argparse.ArgumentTypeError(f'expected a {kind.__name__}, got {s!r}')
+        if v < 0: raise argparse.ArgumentTypeError(f'must be >= 0, got {s}')
+        return v
+    return parse
+
+
+def _fraction(s):
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f'expected a number, got {s!r}')
+    if not 0 <= v < 1: raise argparse.ArgumentTypeError(f'must be in [0, 1), got {s}')
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The command line's parser (`miniai train --help`)."
     p = argparse.ArgumentParser(prog='miniai', description='miniai: train on Fashion-MNIST from the command line.')
@@ -40,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--out', type=Path, default=None, help='run folder (default: runs/<timestamp>)')
     t.add_argument('--resume', type=Path, default=None, help='checkpoint to continue from (e.g. runs/X/last.ckpt)')
     t.add_argument('--seed', type=int, default=42, help='random seed (data order, initial weights, augmentation)')
-    t.add_argument('--no-augment', dest='augment', action='store_false', help='train without batch augmentation')
+    t.add_argument('--augment', choices=('none', 'flip', 'crop-flip', 'full'), default='full',
+                   help="batch augmentation: 'full' is crop (pad 2), flip and random erasing")
+    t.add_argument('--no-augment', dest='augment', action='store_const', const='none', help="same as --augment none")
+    t.add_argument('--wd', type=_nonneg(float), default=0.05, help="AdamW's decoupled weight decay")
+    t.add_argument('--label-smoothing', type=_fraction, default=0., help='label smoothing of the cross-entropy loss')
+    t.add_argument('--drop', type=_fraction, default=None, help="dropout before the head (default: the model's own)")
+    t.add_argument('--threads', type=_positive(int), default=None,
+                   help='CPU threads for torch (default: torch\'s choice; on a busy machine 1 is often faster)')
     t.add_argument('--no-tta', dest='tta', action='store_false', help='skip test-time augmentation at the end')
     t.add_argument('--n-train', type=_positive(int), default=None, help='use only this many training images')
     t.add_argument('--n-valid', type=_positive(int), default=None, help='use only this many test images')
@@ -64,12 +87,16 @@ def train(args: argparse.Namespace) -> dict:
     import matplotlib
     matplotlib.use('Agg')
     from .recipe import run_recipe
+    if args.threads is not None:
+        import torch
+        torch.set_num_threads(args.threads)
     out = args.out or Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     res = run_recipe(epochs=args.epochs, bs=args.bs, lr=args.lr, model=args.model, precision=args.precision,
                      out=out, resume=args.resume, seed=args.seed, augment=args.augment, use_tta=args.tta,
-                     n_train=args.n_train, n_valid=args.n_valid, summary=args.summary)
+                     n_train=args.n_train, n_valid=args.n_valid, summary=args.summary, wd=args.wd,
+                     label_smoothing=args.label_smoothing, drop=args.drop)
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
     (out / 'result.json').write_text(json.dumps(res, indent=2) + '\n')
     print(f"\nTest accuracy: {res['accuracy']:.4f}" + (f"  (with TTA: {res['tta_accuracy']:.4f})"

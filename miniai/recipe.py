@@ -19,21 +19,34 @@ from .loggers import CSVLoggerCB
 from .resnet import fashion_resnet, seed002_resnet
 from .sgd import BatchSchedCB, RecorderCB
 
-__all__ = ['MODELS', 'build_model', 'make_learner', 'run_recipe', 'plot_run']
+__all__ = ['MODELS', 'AUGMENTS', 'build_model', 'augment_tfms', 'make_learner', 'run_recipe', 'plot_run']
 
 MODELS = {'fashion_resnet': partial(fashion_resnet, drop=0.1),
           'fashion_resnet_wide': partial(fashion_resnet, nfs=(32, 64, 128, 256, 512, 512), drop=0.1),
           'seed002_resnet': partial(seed002_resnet, act=nn.ReLU, norm=nn.BatchNorm2d, pool=True)}
 
 
-def build_model(name: str) -> nn.Module:
-    "A fresh model by name (see `MODELS`)."
+AUGMENTS = {'none': lambda: [], 'flip': lambda: [RandFlip()],
+            'crop-flip': lambda: [RandCropPad(2), RandFlip()],
+            'full': lambda: [RandCropPad(2), RandFlip(), RandErase(pct=0.2, max_num=2)]}
+
+
+def build_model(name: str, drop: float | None = None) -> nn.Module:
+    "A fresh model by name (see `MODELS`), with dropout `drop` before the head if given."
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name]()
+    return MODELS[name]() if drop is None else MODELS[name](drop=drop)
 
 
-def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: bool = True,
-                 out: Path | None = None, wd: float = 0.05) -> tuple[TrainLearner, str]:
+def augment_tfms(augment: str | bool) -> list[nn.Module]:
+    "The batch transforms of an augmentation level (see `AUGMENTS`; True means 'full', False 'none')."
+    if isinstance(augment, bool): augment = 'full' if augment else 'none'
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    return AUGMENTS[augment]()
+
+
+def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: str | bool = 'full',
+                 out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0.) -> tuple[TrainLearner, str]:
     "The recipe's Learner: AdamW with a one-cycle schedule and the chosen callbacks; returns it and the precision."
     from torcheval.metrics import MulticlassAccuracy
     if precision == 'auto': precision, why = fastest_settings()
@@ -41,10 +54,12 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
     cbs = [DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB(plot=True), BatchSchedCB(sched),
            RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]
-    if augment: cbs.append(augment_cb(RandCropPad(2), RandFlip(), RandErase(pct=0.2, max_num=2)))
+    if tfms := augment_tfms(augment): cbs.append(augment_cb(*tfms))
     if out is not None: cbs += [SaveModelCB(out, monitor='accuracy', every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
     opt = partial(optim.AdamW, eps=1e-5, weight_decay=wd)
-    return TrainLearner(model, dls, F.cross_entropy, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
+    if not 0 <= label_smoothing < 1: raise ValueError(f'label_smoothing must be in [0, 1); got {label_smoothing}')
+    loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
+    return TrainLearner(model, dls, loss, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
 
 
 def plot_run(learn: TrainLearner, out: Path) -> list[Path]:
@@ -70,19 +85,22 @@ def plot_run(learn: TrainLearner, out: Path) -> list[Path]:
 
 def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'fashion_resnet',
                precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
-               augment: bool = True, use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True) -> dict:
+               augment: str | bool = 'full', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
+               wd: float = 0.05, label_smoothing: float = 0., drop: float | None = None) -> dict:
     "Train, evaluate (with TTA) and save under `out`; returns the final metrics."
     out = Path(out)
     set_seed(seed)
     dls = fashion_dls(bs=bs, n_train=n_train, n_valid=n_valid, seed=seed)
-    learn, chosen = make_learner(build_model(model), dls, epochs, lr, precision, augment, out)
-    print(f'Model: {model}; precision: {chosen}; batch {bs}, {epochs} epochs, one-cycle AdamW at lr {lr}; '
-          f'augmentation: {"crop, flip, erase" if augment else "none"}; seed {seed}')
+    learn, chosen = make_learner(build_model(model, drop), dls, epochs, lr, precision, augment, out, wd=wd,
+                                 label_smoothing=label_smoothing)
+    tfms = ', '.join(type(t).__name__ for t in augment_tfms(augment)) or 'none'
+    print(f'Model: {model}; precision: {chosen}; batch {bs}, {epochs} epochs, one-cycle AdamW at lr {lr}, weight '
+          f'decay {wd}; label smoothing {label_smoothing}; augmentation: {tfms}; seed {seed}')
     if summary: print(learn.summary(), '\n', sep='')
     learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
     res = {'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
-           'augment': augment, 'accuracy': last['accuracy'], 'loss': last['loss']}
+           'augment': augment, 'wd': wd, 'label_smoothing': label_smoothing, 'drop': drop, 'accuracy': last['accuracy'], 'loss': last['loss']}
     if use_tta: res['tta_accuracy'] = tta(learn)['tta_accuracy']
     learn.save(out / 'final.ckpt')
     plot_run(learn, out)

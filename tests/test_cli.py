@@ -19,7 +19,8 @@ def cli(*args, timeout=300):
 
 def test_help_explains_every_option():
     text = build_parser()._subparsers._group_actions[0].choices['train'].format_help()
-    for opt in ('--epochs', '--bs', '--lr', '--model', '--precision', '--out', '--resume', '--seed'):
+    for opt in ('--epochs', '--bs', '--lr', '--model', '--precision', '--out', '--resume', '--seed', '--augment',
+                '--wd', '--label-smoothing', '--drop', '--threads'):
         assert opt in text
 
 
@@ -27,6 +28,11 @@ def test_help_explains_every_option():
                                       (['train', '--bs', 'big'], "expected a int, got 'big'"),
                                       (['train', '--precision', 'fp64'], "invalid choice: 'fp64'"),
                                       (['train', '--resume', '/nonexistent.ckpt'], 'no checkpoint at'),
+                                      (['train', '--augment', 'heavy'], "invalid choice: 'heavy'"),
+                                      (['train', '--label-smoothing', '1.5'], 'must be in [0, 1), got 1.5'),
+                                      (['train', '--drop', 'x'], "expected a number, got 'x'"),
+                                      (['train', '--wd', '-1'], 'must be >= 0, got -1'),
+                                      (['train', '--threads', '0'], 'must be > 0'),
                                       ([], 'required')])
 def test_bad_arguments_exit_2_with_a_message(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
@@ -38,13 +44,16 @@ def test_bad_arguments_exit_2_with_a_message(args, msg, capsys):
 @pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 def test_short_run_saves_everything(tmp_path):
     out = tmp_path / 'run'
-    r = cli('train', '--epochs', 1, '--bs', 128, '--n-train', 512, '--n-valid', 256, '--out', out, '--no-summary')
+    r = cli('train', '--epochs', 1, '--bs', 128, '--n-train', 512, '--n-valid', 256, '--out', out, '--no-summary',
+            '--augment', 'crop-flip', '--label-smoothing', 0.1, '--wd', 0.01, '--drop', 0.2, '--threads', 1)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'Test accuracy:' in r.stdout and 'with TTA' in r.stdout and 'precision:' in r.stdout
     for f in ('last.ckpt', 'best.ckpt', 'final.ckpt', 'metrics.csv', 'loss.png', 'lr.png', 'result.json'):
         assert (out / f).exists(), f
     res = json.loads((out / 'result.json').read_text())
     assert 0 <= res['accuracy'] <= 1 and res['epochs'] == 1
+    assert (res['augment'], res['label_smoothing'], res['wd'], res['drop']) == ('crop-flip', 0.1, 0.01, 0.2)
+    assert 'augmentation: RandCropPad, RandFlip;' in r.stdout and 'label smoothing 0.1' in r.stdout
     assert len((out / 'metrics.csv').read_text().splitlines()) == 3, 'probes (TTA) must not log rows'
 
 
@@ -68,3 +77,25 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path):
     assert read_checkpoint(out / 'last.ckpt')['epoch'] == 2
     r = cli(*args[:2], 5, *args[3:], '--resume', out / 'last.ckpt')
     assert r.returncode != 0 and 'resume with the same epochs' in r.stderr
+
+
+def test_recipe_options_reach_the_learner():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from miniai.augment import RandCropPad, RandErase, RandFlip
+    from miniai.recipe import augment_tfms, build_model, make_learner
+    assert augment_tfms('none') == [] and augment_tfms(False) == []
+    assert [type(t) for t in augment_tfms('crop-flip')] == [RandCropPad, RandFlip]
+    assert [type(t) for t in augment_tfms(True)] == [RandCropPad, RandFlip, RandErase]
+    with pytest.raises(ValueError, match="unknown augmentation 'heavy'; choose one of none, flip"): augment_tfms('heavy')
+    model = build_model('fashion_resnet', drop=0.3)
+    assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3]
+    assert [m.p for m in build_model('fashion_resnet').modules() if isinstance(m, nn.Dropout)] == [0.1]
+    dls = type('D', (), {'train': [0] * 4, 'valid': [0]})()
+    learn, _ = make_learner(model, dls, epochs=1, lr=0.1, precision='fp32', augment='flip', label_smoothing=0.2)
+    preds, y = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert torch.equal(learn.loss_func(preds, y), F.cross_entropy(preds, y, label_smoothing=0.2))
+    assert not torch.allclose(learn.loss_func(preds, y), F.cross_entropy(preds, y))
+    with pytest.raises(ValueError, match=r'label_smoothing must be in \[0, 1\); got 1'):
+        make_learner(model, dls, epochs=1, lr=0.1, precision='fp32', label_smoothing=1)

@@ -1,0 +1,26 @@
+"""The overhead benchmark's machinery (not its timings: those belong in bench/results, never in tests)."""
+import pytest
+
+from miniai.fashion import find_fashion_mnist
+
+pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
+
+
+def test_overhead_jobs_run_every_contender_to_the_same_accuracy(monkeypatch):
+    from bench import overhead
+    monkeypatch.setitem(overhead.JOBS, 'resnet', {**overhead.JOBS['resnet'], 'bs': 64, 'n_train': 128, 'n_valid': 64})
+    for job in ('mlp', 'resnet'):
+        rows = overhead.run(rounds=1, job=job)
+        assert [r['contender'] for r in rows] == ['hand-written loop', 'miniai TrainLearner']
+        assert rows[0]['ratio'] == 1 and rows[1]['seconds/epoch'] > 0
+        assert rows[0]['valid accuracy'] == pytest.approx(rows[1]['valid accuracy'], abs=1e-6), job
+        if job == 'mlp': assert rows[0]['valid accuracy'] > 0.7, 'one real epoch of the MLP learns something'
+
+
+def test_overhead_writes_one_table_per_job(monkeypatch, tmp_path):
+    from bench import overhead
+    monkeypatch.setattr(overhead, 'RESULTS', tmp_path)
+    monkeypatch.setitem(overhead.JOBS, 'resnet', {**overhead.JOBS['resnet'], 'bs': 64, 'n_train': 128, 'n_valid': 64})
+    overhead.main(['--rounds', '1', '--only', 'resnet'])
+    md = (tmp_path / 'overhead.md').read_text()
+    assert md.startswith('### course ResNet') and '| miniai TrainLearner |' in md
