@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from datetime import datetime
@@ -74,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     "Entry point of `python -m miniai` and the `miniai` console script; returns the exit code."
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
+    args.command_line = 'python -m miniai ' + shlex.join(argv)
     if args.resume is not None and not args.resume.exists():
         parser.error(f'--resume: no checkpoint at {args.resume}')
     if args.command == 'train':
@@ -98,6 +101,9 @@ def train(args: argparse.Namespace) -> dict:
                      n_train=args.n_train, n_valid=args.n_valid, summary=args.summary, wd=args.wd,
                      label_smoothing=args.label_smoothing, drop=args.drop)
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
+    import torch
+    res['threads'] = torch.get_num_threads()
+    if getattr(args, 'command_line', None): res['command'] = args.command_line
     (out / 'result.json').write_text(json.dumps(res, indent=2) + '\n')
     print(f"\nTest accuracy: {res['accuracy']:.4f}" + (f"  (with TTA: {res['tta_accuracy']:.4f})"
                                                       if res.get('tta_accuracy') is not None else ''))

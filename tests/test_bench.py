@@ -24,3 +24,23 @@ def test_overhead_writes_one_table_per_job(monkeypatch, tmp_path):
     overhead.main(['--rounds', '1', '--only', 'resnet'])
     md = (tmp_path / 'overhead.md').read_text()
     assert md.startswith('### course ResNet') and '| miniai TrainLearner |' in md
+
+
+def test_accuracy_table_groups_seeds_and_checks_targets(tmp_path):
+    import json
+    from bench import accuracy
+    runs = []
+    for seed, acc, tta in ((42, 0.9391, 0.9402), (0, 0.9380, 0.9385)):
+        d = tmp_path / f's{seed}'
+        d.mkdir()
+        cmd = f'python -m miniai train --epochs 5 --seed {seed}'
+        (d / 'result.json').write_text(json.dumps({'epochs': 5, 'seed': seed, 'accuracy': acc, 'tta_accuracy': tta,
+                                                   'wall_seconds': 600, 'threads': 1, 'command': cmd}))
+        runs.append(d)
+    out = tmp_path / 'accuracy.md'
+    accuracy.main([*map(str, runs), '--out', str(out)])
+    md = out.read_text()
+    assert '| 5 | `python -m miniai train --epochs 5 --seed 0` | 0 | 10.0 min | 1 | 93.80% | 93.85% | 93.4% | 94.0% | no |' in md
+    assert '| 94.02% | 93.4% | 94.0% | yes |' in md
+    assert '5 epochs, 2 seeds: 93.94%' in md
+    with pytest.raises(SystemExit, match='no result.json'): accuracy.main([str(tmp_path / 'missing')])

@@ -53,6 +53,7 @@ def test_short_run_saves_everything(tmp_path):
     res = json.loads((out / 'result.json').read_text())
     assert 0 <= res['accuracy'] <= 1 and res['epochs'] == 1
     assert (res['augment'], res['label_smoothing'], res['wd'], res['drop']) == ('crop-flip', 0.1, 0.01, 0.2)
+    assert res['command'].startswith('python -m miniai train --epochs 1 --bs 128') and res['threads'] == 1
     assert 'augmentation: RandCropPad, RandFlip;' in r.stdout and 'label smoothing 0.1' in r.stdout
     assert len((out / 'metrics.csv').read_text().splitlines()) == 3, 'probes (TTA) must not log rows'
 
