@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--out', type=Path, default=None, help='run folder (default: runs/<timestamp>)')
     t.add_argument('--resume', type=Path, default=None, help='checkpoint to continue from (e.g. runs/X/last.ckpt)')
     t.add_argument('--seed', type=int, default=42, help='random seed (data order, initial weights, augmentation)')
-    t.add_argument('--augment', choices=('none', 'flip', 'crop-flip', 'full'), default='full',
-                   help="batch augmentation: 'full' is crop (pad 2), flip and random erasing")
+    t.add_argument('--augment', choices=('auto', 'none', 'flip', 'crop-flip', 'full'), default='auto',
+                   help="batch augmentation: 'full' is crop (pad 2), flip and random erasing; 'auto' picks what "
+                        "measured best for the number of epochs: flip up to 5, crop-flip up to 20, full beyond")
     t.add_argument('--no-augment', dest='augment', action='store_const', const='none', help="same as --augment none")
     t.add_argument('--wd', type=_nonneg(float), default=0.05, help="AdamW's decoupled weight decay")
     t.add_argument('--label-smoothing', type=_fraction, default=0., help='label smoothing of the cross-entropy loss')

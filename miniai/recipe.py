@@ -19,7 +19,7 @@ from .loggers import CSVLoggerCB
 from .resnet import fashion_resnet, seed002_resnet
 from .sgd import BatchSchedCB, RecorderCB
 
-__all__ = ['MODELS', 'AUGMENTS', 'build_model', 'augment_tfms', 'make_learner', 'run_recipe', 'plot_run']
+__all__ = ['MODELS', 'AUGMENTS', 'augment_for', 'build_model', 'augment_tfms', 'make_learner', 'run_recipe', 'plot_run']
 
 MODELS = {'fashion_resnet': partial(fashion_resnet, drop=0.1),
           'fashion_resnet_wide': partial(fashion_resnet, nfs=(32, 64, 128, 256, 512, 512), drop=0.1),
@@ -31,17 +31,28 @@ AUGMENTS = {'none': lambda: [], 'flip': lambda: [RandFlip()],
             'full': lambda: [RandCropPad(2), RandFlip(), RandErase(pct=0.2, max_num=2)]}
 
 
+def augment_for(epochs: int) -> str:
+    """The augmentation level that measured best for a budget of `epochs` (bench/results/accuracy.md): flips only
+    up to 5 epochs (stronger augmentation costs more than it gives so early), crops and flips up to 20, and random
+    erasing as well beyond that."""
+    return 'flip' if epochs <= 5 else 'crop-flip' if epochs <= 20 else 'full'
+
+
 def build_model(name: str, drop: float | None = None) -> nn.Module:
     "A fresh model by name (see `MODELS`), with dropout `drop` before the head if given."
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     return MODELS[name]() if drop is None else MODELS[name](drop=drop)
 
 
-def augment_tfms(augment: str | bool) -> list[nn.Module]:
-    "The batch transforms of an augmentation level (see `AUGMENTS`; True means 'full', False 'none')."
+def augment_tfms(augment: str | bool, epochs: int | None = None) -> list[nn.Module]:
+    """The batch transforms of an augmentation level (see `AUGMENTS`; True means 'full', False 'none', 'auto' the
+    level `augment_for(epochs)` picks)."""
     if isinstance(augment, bool): augment = 'full' if augment else 'none'
+    if augment == 'auto':
+        if epochs is None: raise ValueError("augment='auto' needs the number of epochs to choose a level")
+        augment = augment_for(epochs)
     if augment not in AUGMENTS:
-        raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTS)}")
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of auto, {', '.join(AUGMENTS)}")
     return AUGMENTS[augment]()
 
 
@@ -54,7 +65,7 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
     cbs = [DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB(plot=True), BatchSchedCB(sched),
            RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]
-    if tfms := augment_tfms(augment): cbs.append(augment_cb(*tfms))
+    if tfms := augment_tfms(augment, epochs): cbs.append(augment_cb(*tfms))
     if out is not None: cbs += [SaveModelCB(out, monitor='accuracy', every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
     opt = partial(optim.AdamW, eps=1e-5, weight_decay=wd)
     if not 0 <= label_smoothing < 1: raise ValueError(f'label_smoothing must be in [0, 1); got {label_smoothing}')
@@ -85,12 +96,13 @@ def plot_run(learn: TrainLearner, out: Path) -> list[Path]:
 
 def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'fashion_resnet',
                precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
-               augment: str | bool = 'full', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
+               augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
                wd: float = 0.05, label_smoothing: float = 0., drop: float | None = None) -> dict:
     "Train, evaluate (with TTA) and save under `out`; returns the final metrics."
     out = Path(out)
     set_seed(seed)
     dls = fashion_dls(bs=bs, n_train=n_train, n_valid=n_valid, seed=seed)
+    if augment == 'auto': augment = augment_for(epochs)
     learn, chosen = make_learner(build_model(model, drop), dls, epochs, lr, precision, augment, out, wd=wd,
                                  label_smoothing=label_smoothing)
     tfms = ', '.join(type(t).__name__ for t in augment_tfms(augment)) or 'none'
@@ -100,7 +112,8 @@ def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'f
     learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
     res = {'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
-           'augment': augment, 'wd': wd, 'label_smoothing': label_smoothing, 'drop': drop, 'accuracy': last['accuracy'], 'loss': last['loss']}
+           'augment': augment, 'wd': wd, 'label_smoothing': label_smoothing, 'drop': drop,
+           'accuracy': last['accuracy'], 'loss': last['loss']}
     if use_tta: res['tta_accuracy'] = tta(learn)['tta_accuracy']
     learn.save(out / 'final.ckpt')
     plot_run(learn, out)

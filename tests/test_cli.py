@@ -89,7 +89,11 @@ def test_recipe_options_reach_the_learner():
     assert augment_tfms('none') == [] and augment_tfms(False) == []
     assert [type(t) for t in augment_tfms('crop-flip')] == [RandCropPad, RandFlip]
     assert [type(t) for t in augment_tfms(True)] == [RandCropPad, RandFlip, RandErase]
-    with pytest.raises(ValueError, match="unknown augmentation 'heavy'; choose one of none, flip"): augment_tfms('heavy')
+    with pytest.raises(ValueError, match="unknown augmentation 'heavy'; choose one of auto, none, flip"):
+        augment_tfms('heavy')
+    assert [[type(t) for t in augment_tfms('auto', e)] for e in (1, 5, 6, 20, 21)] == [
+        [RandFlip], [RandFlip], [RandCropPad, RandFlip], [RandCropPad, RandFlip], [RandCropPad, RandFlip, RandErase]]
+    with pytest.raises(ValueError, match="'auto' needs the number of epochs"): augment_tfms('auto')
     model = build_model('fashion_resnet', drop=0.3)
     assert [m.p for m in model.modules() if isinstance(m, nn.Dropout)] == [0.3]
     assert [m.p for m in build_model('fashion_resnet').modules() if isinstance(m, nn.Dropout)] == [0.1]
