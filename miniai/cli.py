@@ -15,29 +15,19 @@ __all__ = ['main', 'build_parser', 'train']
 PRECISIONS = ('auto', 'fp32', 'bf16', 'bf16-cl', 'fp16', 'channels-last')
 
 
-def _positive(kind):
+def _checked(kind, ok, rule: str):
+    "An argparse type: `kind(s)`, which must satisfy `ok`; `rule` says how in the error."
     def parse(s):
         try: v = kind(s)
         except ValueError: raise argparse.ArgumentTypeError(f'expected a {kind.__name__}, got {s!r}')
-        if v <= 0: raise argparse.ArgumentTypeError(f'must be > 0, got {s}')
+        if not ok(v): raise argparse.ArgumentTypeError(f'must be {rule}, got {s}')
         return v
     return parse
 
 
-def _nonneg(kind):
-    def parse(s):
-        try: v = kind(s)
-        except ValueError: raise argparse.ArgumentTypeError(f'expected a {kind.__name__}, got {s!r}')
-        if v < 0: raise argparse.ArgumentTypeError(f'must be >= 0, got {s}')
-        return v
-    return parse
-
-
-def _fraction(s):
-    try: v = float(s)
-    except ValueError: raise argparse.ArgumentTypeError(f'expected a number, got {s!r}')
-    if not 0 <= v < 1: raise argparse.ArgumentTypeError(f'must be in [0, 1), got {s}')
-    return v
+def _positive(kind): return _checked(kind, lambda v: v > 0, '> 0')
+_nonneg = _checked(float, lambda v: v >= 0, '>= 0')
+_fraction = _checked(float, lambda v: 0 <= v < 1, 'in [0, 1)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch augmentation: 'full' is crop (pad 2), flip and random erasing; 'auto' picks what "
                         "measured best for the number of epochs: flip up to 5, crop-flip up to 20, full beyond")
     t.add_argument('--no-augment', dest='augment', action='store_const', const='none', help="same as --augment none")
-    t.add_argument('--wd', type=_nonneg(float), default=0.05, help="AdamW's decoupled weight decay")
+    t.add_argument('--wd', type=_nonneg, default=0.05, help="AdamW's decoupled weight decay")
     t.add_argument('--label-smoothing', type=_fraction, default=0., help='label smoothing of the cross-entropy loss')
     t.add_argument('--drop', type=_fraction, default=None, help="dropout before the head (default: the model's own)")
     t.add_argument('--threads', type=_positive(int), default=None,
@@ -91,9 +81,8 @@ def train(args: argparse.Namespace) -> dict:
     import matplotlib
     matplotlib.use('Agg')
     from .recipe import run_recipe
-    if args.threads is not None:
-        import torch
-        torch.set_num_threads(args.threads)
+    import torch
+    if args.threads is not None: torch.set_num_threads(args.threads)
     out = args.out or Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -102,7 +91,6 @@ def train(args: argparse.Namespace) -> dict:
                      n_train=args.n_train, n_valid=args.n_valid, summary=args.summary, wd=args.wd,
                      label_smoothing=args.label_smoothing, drop=args.drop)
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
-    import torch
     res['threads'] = torch.get_num_threads()
     if getattr(args, 'command_line', None): res['command'] = args.command_line
     (out / 'result.json').write_text(json.dumps(res, indent=2) + '\n')

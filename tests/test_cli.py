@@ -30,7 +30,7 @@ def test_help_explains_every_option():
                                       (['train', '--resume', '/nonexistent.ckpt'], 'no checkpoint at'),
                                       (['train', '--augment', 'heavy'], "invalid choice: 'heavy'"),
                                       (['train', '--label-smoothing', '1.5'], 'must be in [0, 1), got 1.5'),
-                                      (['train', '--drop', 'x'], "expected a number, got 'x'"),
+                                      (['train', '--drop', 'x'], "expected a float, got 'x'"),
                                       (['train', '--wd', '-1'], 'must be >= 0, got -1'),
                                       (['train', '--threads', '0'], 'must be > 0'),
                                       ([], 'required')])
