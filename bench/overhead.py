@@ -110,14 +110,14 @@ def run(rounds: int = 5, job: str = 'mlp', with_peers: bool = False) -> list[dic
             accs[name] = fn(model, dls, lr)
             if r: times[name].append(time.perf_counter() - start)
     base = statistics.median(times['hand-written loop'])
-    return [{'contender': k, 'seconds/epoch': statistics.median(v), 'ratio': statistics.median(v) / base,
+    return [{'contender': k, 'seconds': statistics.median(v), 'ratio': statistics.median(v) / base,
              'valid accuracy': accs[k]} for k, v in times.items()]
 
 
 def table(rows, title) -> str:
     lines = [f'### {title}', '', '| contender | s/run (median) | ratio to hand loop | valid accuracy |',
              '|---|---|---|---|']
-    lines += [f"| {r['contender']} | {r['seconds/epoch']:.3f} | {r['ratio']:.3f}x | {r['valid accuracy']:.4f} |"
+    lines += [f"| {r['contender']} | {r['seconds']:.3f} | {r['ratio']:.3f}x | {r['valid accuracy']:.4f} |"
               for r in rows]
     return '\n'.join(lines)
 
