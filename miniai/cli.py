@@ -19,7 +19,8 @@ def _checked(kind, ok, rule: str):
     "An argparse type: `kind(s)`, which must satisfy `ok`; `rule` says how in the error."
     def parse(s):
         try: v = kind(s)
-        except ValueError: raise argparse.ArgumentTypeError(f'expected a {kind.__name__}, got {s!r}')
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {s!r}")
         if not ok(v): raise argparse.ArgumentTypeError(f'must be {rule}, got {s}')
         return v
     return parse
@@ -30,13 +31,21 @@ _nonneg = _checked(float, lambda v: v >= 0, '>= 0')
 _fraction = _checked(float, lambda v: 0 <= v < 1, 'in [0, 1)')
 
 
+class _Help(argparse.HelpFormatter):
+    "Shows `(default: X)` only for options that take a value and have a default worth showing."
+    def _get_help_string(self, action):
+        h = action.help or ''
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or '%(default)' in h or 'default:' in h: return h
+        return h + ' (default: %(default)s)'
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The command line's parser (`miniai train --help`)."
     p = argparse.ArgumentParser(prog='miniai', description='miniai: train on Fashion-MNIST from the command line.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
     t = sub.add_parser('train', help='train a ResNet on Fashion-MNIST and save checkpoint, metrics and plots',
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Help)
     t.add_argument('--epochs', type=_positive(int), default=5, help='passes over the 60000 training images')
     t.add_argument('--bs', type=_positive(int), default=256, help='batch size')
     t.add_argument('--lr', type=_positive(float), default=1e-2, help='peak learning rate of the one-cycle schedule')

@@ -22,15 +22,18 @@ def test_help_explains_every_option():
     for opt in ('--epochs', '--bs', '--lr', '--model', '--precision', '--out', '--resume', '--seed', '--augment',
                 '--wd', '--label-smoothing', '--drop', '--threads'):
         assert opt in text
+    # defaults are shown where they say something, never as 'None' or as a flag's True/False
+    assert '(default: 5)' in text and '(default: 0.05)' in text
+    for noise in ('(default: None)', '(default: True)', '(default: False)'): assert noise not in text
 
 
 @pytest.mark.parametrize('args,msg', [(['train', '--epochs', '0'], 'must be > 0'),
-                                      (['train', '--bs', 'big'], "expected a int, got 'big'"),
+                                      (['train', '--bs', 'big'], "expected an integer, got 'big'"),
                                       (['train', '--precision', 'fp64'], "invalid choice: 'fp64'"),
                                       (['train', '--resume', '/nonexistent.ckpt'], 'no checkpoint at'),
                                       (['train', '--augment', 'heavy'], "invalid choice: 'heavy'"),
                                       (['train', '--label-smoothing', '1.5'], 'must be in [0, 1), got 1.5'),
-                                      (['train', '--drop', 'x'], "expected a float, got 'x'"),
+                                      (['train', '--drop', 'x'], "expected a number, got 'x'"),
                                       (['train', '--wd', '-1'], 'must be >= 0, got -1'),
                                       (['train', '--threads', '0'], 'must be > 0'),
                                       ([], 'required')])
