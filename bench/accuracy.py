@@ -31,17 +31,24 @@ def best(r: dict) -> float:
     return 100 * max(r['accuracy'], r.get('tta_accuracy') or 0)
 
 
+def recipe(r: dict) -> str:
+    "What the run trained, in short: model, augmentation level and label smoothing."
+    return ', '.join([r.get('model', '?'), f"augment {r.get('augment', '?')}", f"ls {r.get('label_smoothing', '?')}"])
+
+
 def table(runs: list[dict], notes: str = '') -> str:
     lines = ['# Fashion-MNIST test accuracy (10,000 images), trained on the 60,000 training images only', '',
              'Written by `python -m bench.accuracy RUN_DIR...` from the runs\' `result.json`. Wall time is on this',
              "project's 2-core CPU (no GPU); `threads` is torch's thread count for the run.", '',
-             '| epochs | command | seed | wall time | threads | accuracy | with TTA | course | target | met |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+             'The recipe column spells out what the command chose (model, augmentation, label smoothing), so a run',
+             'stays readable after the defaults change.', '',
+             '| epochs | command | recipe | seed | wall time | threads | accuracy | with TTA | course | target | met |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in sorted(runs, key=lambda r: (r['epochs'], r.get('command', ''), r['seed'])):
         course, target = COURSE.get(r['epochs'], (None, None))
         tta = f"{100 * r['tta_accuracy']:.2f}%" if r.get('tta_accuracy') is not None else '-'
         met = '-' if target is None else ('yes' if best(r) >= target else 'no')
-        lines.append(f"| {r['epochs']} | `{r.get('command', '?')}` | {r['seed']} | {r['wall_seconds'] / 60:.1f} min | "
+        lines.append(f"| {r['epochs']} | `{r.get('command', '?')}` | {recipe(r)} | {r['seed']} | {r['wall_seconds'] / 60:.1f} min | "
                      f"{r.get('threads', '?')} | {100 * r['accuracy']:.2f}% | {tta} | "
                      f"{course if course else '-'}% | {target if target else '-'}% | {met} |")
     groups = {}

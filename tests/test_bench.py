@@ -35,12 +35,15 @@ def test_accuracy_table_groups_seeds_and_checks_targets(tmp_path):
         d.mkdir()
         cmd = f'python -m miniai train --epochs 5 --seed {seed}'
         (d / 'result.json').write_text(json.dumps({'epochs': 5, 'seed': seed, 'accuracy': acc, 'tta_accuracy': tta,
-                                                   'wall_seconds': 600, 'threads': 1, 'command': cmd}))
+                                                   'wall_seconds': 600, 'threads': 1, 'command': cmd,
+                                                   'model': 'fashion_resnet_wide', 'augment': 'flip',
+                                                   'label_smoothing': 0.1}))
         runs.append(d)
     out = tmp_path / 'accuracy.md'
     accuracy.main([*map(str, runs), '--out', str(out)])
     md = out.read_text()
-    assert '| 5 | `python -m miniai train --epochs 5 --seed 0` | 0 | 10.0 min | 1 | 93.80% | 93.85% | 93.4% | 94.0% | no |' in md
+    assert ('| 5 | `python -m miniai train --epochs 5 --seed 0` | fashion_resnet_wide, augment flip, ls 0.1 | 0 | 10.0 min'
+            ' | 1 | 93.80% | 93.85% | 93.4% | 94.0% | no |') in md
     assert '| 94.02% | 93.4% | 94.0% | yes |' in md
     assert '5 epochs, 2 seeds: 93.94%' in md
     with pytest.raises(SystemExit, match='no result.json'): accuracy.main([str(tmp_path / 'missing')])
