@@ -16,6 +16,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / 'results'
 # epochs -> (the course's miniai, this project's target), test accuracy in %
+# runs that agree on all of these are one recipe with different seeds
+SAME_RECIPE = ('epochs', 'model', 'bs', 'lr', 'wd', 'label_smoothing', 'drop', 'augment', 'precision')
 COURSE = {5: (93.4, 94.0), 20: (94.3, 95.0), 50: (94.9, 95.5)}
 
 
@@ -52,11 +54,12 @@ def table(runs: list[dict], notes: str = '') -> str:
                      f"{r.get('threads', '?')} | {100 * r['accuracy']:.2f}% | {tta} | "
                      f"{course if course else '-'}% | {target if target else '-'}% | {met} |")
     groups = {}
-    for r in runs: groups.setdefault((r['epochs'], r.get('command', '').replace(f"--seed {r['seed']}", '')), []).append(r)
-    means = [(e, len(g), statistics.mean(best(r) for r in g)) for (e, _), g in sorted(groups.items()) if len(g) > 1]
+    for r in runs: groups.setdefault(tuple(r.get(k) for k in SAME_RECIPE), []).append(r)
+    means = [(g[0], len(g), statistics.mean(best(r) for r in g)) for g in groups.values() if len(g) > 1]
     if means:
         lines += ['', 'Recipes run with more than one seed (mean of the reported accuracy):', '']
-        lines += [f'- {e} epochs, {n} seeds: {m:.2f}%' for e, n, m in means]
+        lines += [f"- {r['epochs']} epochs, {recipe(r)}, {n} seeds: {m:.2f}%"
+                  for r, n, m in sorted(means, key=lambda t: t[0]['epochs'])]
     return '\n'.join(lines) + ('\n\n' + notes.strip() if notes else '') + '\n'
 
 

@@ -30,13 +30,14 @@ def test_accuracy_table_groups_seeds_and_checks_targets(tmp_path):
     import json
     from bench import accuracy
     runs = []
-    for seed, acc, tta in ((42, 0.9391, 0.9402), (0, 0.9380, 0.9385)):
+    # two seeds of one recipe, and a third run that differs only in augmentation: not the same recipe
+    for seed, acc, tta, aug in ((42, 0.9391, 0.9402, 'flip'), (0, 0.9380, 0.9385, 'flip'), (1, 0.9, 0.9, 'full')):
         d = tmp_path / f's{seed}'
         d.mkdir()
-        cmd = f'python -m miniai train --epochs 5 --seed {seed}'
+        cmd = f'python -m miniai train --epochs 5 --seed {seed}'  # --out differs too in real runs
         (d / 'result.json').write_text(json.dumps({'epochs': 5, 'seed': seed, 'accuracy': acc, 'tta_accuracy': tta,
                                                    'wall_seconds': 600, 'threads': 1, 'command': cmd,
-                                                   'model': 'fashion_resnet_wide', 'augment': 'flip',
+                                                   'model': 'fashion_resnet_wide', 'augment': aug,
                                                    'label_smoothing': 0.1}))
         runs.append(d)
     out = tmp_path / 'accuracy.md'
@@ -45,5 +46,6 @@ def test_accuracy_table_groups_seeds_and_checks_targets(tmp_path):
     assert ('| 5 | `python -m miniai train --epochs 5 --seed 0` | fashion_resnet_wide, augment flip, ls 0.1 | 0 | 10.0 min'
             ' | 1 | 93.80% | 93.85% | 93.4% | 94.0% | no |') in md
     assert '| 94.02% | 93.4% | 94.0% | yes |' in md
-    assert '5 epochs, 2 seeds: 93.94%' in md
+    assert '5 epochs, fashion_resnet_wide, augment flip, ls 0.1, 2 seeds: 93.94%' in md
+    assert 'augment full, ls 0.1, 2 seeds' not in md and '3 seeds' not in md
     with pytest.raises(SystemExit, match='no result.json'): accuracy.main([str(tmp_path / 'missing')])
