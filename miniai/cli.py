@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--epochs', type=_positive(int), default=5, help='passes over the 60000 training images')
     t.add_argument('--bs', type=_positive(int), default=256, help='batch size')
     t.add_argument('--lr', type=_positive(float), default=1e-2, help='peak learning rate of the one-cycle schedule')
-    t.add_argument('--model', choices=('fashion_resnet', 'fashion_resnet_wide', 'seed002_resnet'), default='fashion_resnet', help='which network to train')
+    t.add_argument('--model', choices=('fashion_resnet', 'fashion_resnet_wide', 'seed002_resnet'), default='fashion_resnet_wide',
+                   help="which network to train: the wide one (9.6 M parameters) measured best at 5 epochs; "
+                        "fashion_resnet (4.9 M) takes half the time per epoch for about 0.5 points less")
     t.add_argument('--precision', choices=PRECISIONS, default='auto',
                    help="'auto' picks the fastest safe setting for this machine (bf16 autocast and channels-last on "
                         "CPUs with AMX/AVX-512 bf16, mixed precision on CUDA); 'fp32' is the plain path")
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "measured best for the number of epochs: flip up to 5, crop-flip up to 20, full beyond")
     t.add_argument('--no-augment', dest='augment', action='store_const', const='none', help="same as --augment none")
     t.add_argument('--wd', type=_nonneg, default=0.05, help="AdamW's decoupled weight decay")
-    t.add_argument('--label-smoothing', type=_fraction, default=0., help='label smoothing of the cross-entropy loss')
+    t.add_argument('--label-smoothing', type=_fraction, default=0.1, help='label smoothing of the cross-entropy loss')
     t.add_argument('--drop', type=_fraction, default=None, help="dropout before the head (default: the model's own)")
     t.add_argument('--threads', type=_positive(int), default=None,
                    help='CPU threads for torch (default: torch\'s choice; on a busy machine 1 is often faster)')

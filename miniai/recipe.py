@@ -94,10 +94,10 @@ def plot_run(learn: TrainLearner, out: Path) -> list[Path]:
     return paths
 
 
-def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'fashion_resnet',
+def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'fashion_resnet_wide',
                precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
                augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
-               wd: float = 0.05, label_smoothing: float = 0., drop: float | None = None) -> dict:
+               wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None) -> dict:
     "Train, evaluate (with TTA) and save under `out`; returns the final metrics."
     out = Path(out)
     set_seed(seed)

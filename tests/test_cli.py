@@ -25,6 +25,9 @@ def test_help_explains_every_option():
     # defaults are shown where they say something, never as 'None' or as a flag's True/False
     assert '(default: 5)' in text and '(default: 0.05)' in text
     for noise in ('(default: None)', '(default: True)', '(default: False)'): assert noise not in text
+    # the main job's defaults are the recipe that measured best at 5 epochs (bench/results/accuracy.md)
+    a = build_parser().parse_args(['train'])
+    assert (a.model, a.label_smoothing, a.augment, a.epochs) == ('fashion_resnet_wide', 0.1, 'auto', 5)
 
 
 @pytest.mark.parametrize('args,msg', [(['train', '--epochs', '0'], 'must be > 0'),
