@@ -28,13 +28,26 @@ def _ratios(md: str, col: int) -> dict:
     return out
 
 
+STEPS = [('data', data.main, ['--rounds', '3']), ('overhead', overhead.main, ['--rounds', '5', '--peers']),
+         ('precision', precision.main, []), ('flops', flops.main, None)]
+
+
 def main(argv=None):
-    steps = [('data', data.main, ['--rounds', '3']), ('overhead', overhead.main, ['--rounds', '5', '--peers']),
-             ('precision', precision.main, []), ('flops', flops.main, None)]
-    for name, fn, args in steps:
-        print(f'\n## {name}\n', flush=True)
-        fn(args) if args is not None else fn()
-    parts = [(RESULTS / f'{n}.md').read_text() for n, *_ in steps]
+    "Run every benchmark, then `collect`; `--collect` only redraws the summary from the tables already written."
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in ([], ['--collect']): raise SystemExit(f'usage: python -m bench [--collect]; got {" ".join(argv)}')
+    if not argv:
+        for name, fn, args in STEPS:
+            print(f'\n## {name}\n', flush=True)
+            fn(args) if args is not None else fn()
+    collect()
+
+
+def collect():
+    "Gather the benchmarks' tables into bench/results/README.md and draw bench/results/overview.png."
+    missing = [n for n, *_ in STEPS if not (RESULTS / f'{n}.md').exists()]
+    if missing: raise SystemExit(f'no table yet for {", ".join(missing)} in {RESULTS}: run `python -m bench` first')
+    parts = [(RESULTS / f'{n}.md').read_text() for n, *_ in STEPS]
     (RESULTS / 'README.md').write_text('# Benchmark results\n\nWritten by `python -m bench`.\n\n' + '\n'.join(parts))
     mlp, _, resnet = parts[1].partition('\n### ')
     charts = [('data: speed-up over the per-item loader', _ratios(parts[0], 3)),

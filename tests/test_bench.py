@@ -49,3 +49,18 @@ def test_accuracy_table_groups_seeds_and_checks_targets(tmp_path):
     assert '5 epochs, fashion_resnet_wide, augment flip, ls 0.1, 2 seeds: 93.94%' in md
     assert 'augment full, ls 0.1, 2 seeds' not in md and '3 seeds' not in md
     with pytest.raises(SystemExit, match='no result.json'): accuracy.main([str(tmp_path / 'missing')])
+
+
+def test_collect_gathers_every_table_and_draws_the_chart(monkeypatch, tmp_path):
+    import shutil
+    import bench.__main__ as bm
+    from bench import overhead
+    monkeypatch.setattr(bm, 'RESULTS', tmp_path)
+    with pytest.raises(SystemExit, match='no table yet for data, overhead, precision, flops'): bm.main(['--collect'])
+    for name, *_ in bm.STEPS: shutil.copy(overhead.RESULTS / f'{name}.md', tmp_path)
+    bm.main(['--collect'])
+    summary = (tmp_path / 'README.md').read_text()
+    for name, *_ in bm.STEPS: assert (tmp_path / f'{name}.md').read_text() in summary
+    png = (tmp_path / 'overview.png').read_bytes()
+    assert png[:8] == b'\x89PNG\r\n\x1a\n' and len(png) > 10_000
+    with pytest.raises(SystemExit, match='usage: python -m bench'): bm.main(['--fast'])
