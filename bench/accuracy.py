@@ -16,9 +16,9 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / 'results'
 # epochs -> (the course's miniai, this project's target), test accuracy in %
+COURSE = {5: (93.4, 94.0), 20: (94.3, 95.0), 50: (94.9, 95.5)}
 # runs that agree on all of these are one recipe with different seeds
 SAME_RECIPE = ('epochs', 'model', 'bs', 'lr', 'wd', 'label_smoothing', 'drop', 'augment', 'precision')
-COURSE = {5: (93.4, 94.0), 20: (94.3, 95.0), 50: (94.9, 95.5)}
 
 
 def load(run: Path) -> dict:
