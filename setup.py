@@ -9,19 +9,24 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["miniai", "miniai.*"]),
     python_requires=">=3.10",
+    # Lower bounds only: Colab and clusters bring their own torch, and an upper cap would make pip replace it. The
+    # Makefile pins exact versions for reproducible runs. torch 2.3: torch.amp.GradScaler('cuda') and torch.uint32
+    # (NumPy's generator state in checkpoints); safetensors 0.6 stores uint32 tensors; torchvision 0.18 goes with
+    # torch 2.3 (the course's code imports it).
     install_requires=[
-        "torch>=2.1,<2.15",
-        "torchvision>=0.16,<0.30",
+        "torch>=2.3",
+        "torchvision>=0.18",
         "fastcore>=1.5",
         "torcheval>=0.0.7",
         "datasets>=2.14",
         "matplotlib>=3.7",
         "fastprogress>=1.0.3",
         "numpy",
-        "safetensors>=0.4",
+        "safetensors>=0.6",
     ],
     extras_require={
-        "dev": ["pytest>=7", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "tensorboard>=2.14",
+        # the tests also call torch.is_autocast_enabled(device), new in torch 2.4
+        "dev": ["torch>=2.4", "pytest>=7", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "tensorboard>=2.14",
                 "accelerate>=0.30", "fvcore>=0.1.5"],
         "bench": ["fastai>=2.7", "lightning>=2.1", "torchinfo>=1.8", "fvcore>=0.1.5"],
     },

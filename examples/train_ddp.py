@@ -1,12 +1,14 @@
 """Train on Fashion-MNIST with one process or many, with no change to the code.
 
     python examples/train_ddp.py                                   # one process (CPU or one GPU)
-    torchrun --nproc_per_node=2 examples/train_ddp.py              # two processes on this machine (GPUs or CPU)
+    torchrun --nproc_per_node=2 examples/train_ddp.py              # two GPUs on this machine (NCCL)
+    MINIAI_DEVICE=cpu torchrun --nproc_per_node=2 examples/train_ddp.py   # two CPU processes (gloo), GPUs or not
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
              --rdzv_backend=c10d --rdzv_endpoint=host0:29500 --rdzv_id=job1 examples/train_ddp.py   # node 0 of 2
 
 The batch size given is the global one: each of N processes gets bs/N images per step, so results match a single
-process at the same global batch.
+process at the same global batch. Each process trains on its own device, `default_device()`: cuda:LOCAL_RANK, or
+the CPU with MINIAI_DEVICE=cpu; the data lives there too.
 """
 import argparse
 
@@ -17,6 +19,7 @@ from torcheval.metrics import MulticlassAccuracy
 from miniai.accel import fastest_settings, precision_cbs
 from miniai.activations import set_seed
 from miniai.checkpoint import SaveModelCB
+from miniai.conv import default_device
 from miniai.distributed import DDPCB, is_main_process, world_size
 from miniai.fashion import fashion_dls
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
@@ -33,8 +36,8 @@ a = p.parse_args()
 
 set_seed(42)
 dls = fashion_dls(bs=a.bs // world_size(), n_train=a.n_train, seed=42)
-setting, why = fastest_settings()
-if is_main_process(): print(f'{world_size()} process(es); precision: {setting} ({why})')
+setting, why = fastest_settings(default_device())
+if is_main_process(): print(f'{world_size()} process(es), rank 0 on {default_device()}; precision: {setting} ({why})')
 sched = lambda opt: optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * len(dls.train))
 cbs = [DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB(), BatchSchedCB(sched), DDPCB(),
        SaveModelCB(a.out, monitor='accuracy'), *precision_cbs(setting)]

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .conv import default_device, pinned_rows, pins_by_default
 from .datasets import DataLoaders
 
-__all__ = ['CLASSES', 'DEBIAN_DIR', 'FILES', 'FashionMNISTNotFound', 'find_fashion_mnist', 'read_idx',
+__all__ = ['CLASSES', 'DEBIAN_DIR', 'FILES', 'FashionMNISTNotFound', 'IDXError', 'find_fashion_mnist', 'read_idx',
            'fashion_arrays', 'load_fashion_mnist', 'TensorDataLoader', 'fashion_dls']
 
 CLASSES = ['T - shirt / top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
@@ -38,6 +39,10 @@ _CACHE_FORMAT = 'v2'  # bump when the arrow layout changes, so old caches are no
 
 class FashionMNISTNotFound(FileNotFoundError):
     "Raised when no source of Fashion-MNIST works; the message says how to get it."
+
+
+class IDXError(ValueError):
+    "A Fashion-MNIST IDX file that is truncated, corrupted or not the file it should be; the message names it."
 
 
 def _help() -> str:
@@ -79,29 +84,29 @@ def read_idx(path, ndim: int) -> torch.Tensor:
             with gzip.open(path, 'rb') as f: data = f.read()
         else: data = path.read_bytes()
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise ValueError(f'{path}: not a complete gzip file ({e}); truncated or corrupted') from None
+        raise IDXError(f'{path}: not a complete gzip file ({e}); truncated or corrupted') from None
     head = 4 + 4 * ndim
-    if len(data) < head: raise ValueError(f'{path}: truncated: {len(data)} bytes is too short for an IDX header')
+    if len(data) < head: raise IDXError(f'{path}: truncated: {len(data)} bytes is too short for an IDX header')
     magic = struct.unpack('>I', data[:4])[0]
     if magic != 0x800 + ndim:  # 0x08 = unsigned bytes; the last byte counts the dimensions
-        raise ValueError(f'{path}: magic number {magic:#010x}, expected {0x800 + ndim:#010x} (unsigned bytes, '
-                         f'{ndim} dimension(s)); not a Fashion-MNIST {"image" if ndim == 3 else "label"} file')
+        raise IDXError(f'{path}: magic number {magic:#010x}, expected {0x800 + ndim:#010x} (unsigned bytes, '
+                       f'{ndim} dimension(s)); not a Fashion-MNIST {"image" if ndim == 3 else "label"} file')
     dims = struct.unpack(f'>{ndim}I', data[4:head])
     expected = head + int(np.prod(dims, dtype=np.int64))
     if len(data) != expected:
-        raise ValueError(f'{path}: header says shape {dims} ({expected} bytes) but the file has {len(data)} bytes; '
-                         + ('truncated' if len(data) < expected else 'trailing bytes, corrupted'))
+        raise IDXError(f'{path}: header says shape {dims} ({expected} bytes) but the file has {len(data)} bytes; '
+                       + ('truncated' if len(data) < expected else 'trailing bytes, corrupted'))
     return torch.from_numpy(np.frombuffer(data, np.uint8, offset=head).reshape(dims).copy())
 
 
 def _check_split(split: str, x: torch.Tensor, y: torch.Tensor, xname, yname) -> tuple[torch.Tensor, torch.Tensor]:
     count = FILES[split][2]
-    if tuple(x.shape[1:]) != (28, 28): raise ValueError(f'{xname}: images are {tuple(x.shape[1:])}, expected 28x28')
-    if len(x) != len(y): raise ValueError(f'{xname} has {len(x)} images but {yname} has {len(y)} labels')
-    if len(x) != count: raise ValueError(f'{xname}: {len(x)} images, expected {count} for the {split} split')
+    if tuple(x.shape[1:]) != (28, 28): raise IDXError(f'{xname}: images are {tuple(x.shape[1:])}, expected 28x28')
+    if len(x) != len(y): raise IDXError(f'{xname} has {len(x)} images but {yname} has {len(y)} labels')
+    if len(x) != count: raise IDXError(f'{xname}: {len(x)} images, expected {count} for the {split} split')
     if len(y) and not 0 <= int(y.min()) <= int(y.max()) <= 9:
         bad = int(y[(y < 0) | (y > 9)][0])
-        raise ValueError(f'{yname}: label {bad} is outside 0..9')
+        raise IDXError(f'{yname}: label {bad} is outside 0..9')
     return x, y.long()
 
 
@@ -212,19 +217,25 @@ class TensorDataLoader:
     orders. `device` keeps the whole set there. With `world_size` > 1, every rank (all given the same seed) draws the
     same permutation and takes its interleaved slice `rank::world_size` of the first `world_size * (n //
     world_size)` items: disjoint parts, equally many batches on every rank, the last `n % world_size` items of
-    each epoch's order left out."""
+    each epoch's order left out. `pin_memory` (CPU-held data, CUDA model) gathers batches into pinned memory."""
     def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int = 1024, shuffle: bool = False,
-                 drop_last: bool = False, seed: int | None = None, device=None, rank: int = 0, world_size: int = 1):
+                 drop_last: bool = False, seed: int | None = None, device=None, rank: int = 0, world_size: int = 1,
+                 pin_memory: bool = False):
         if len(x) != len(y): raise ValueError(f'TensorDataLoader: {len(x)} inputs but {len(y)} targets')
         if bs < 1: raise ValueError(f'TensorDataLoader: bs must be >= 1, got {bs}')
         if not 0 <= rank < world_size: raise ValueError(f'TensorDataLoader: rank {rank} not in [0, {world_size})')
         if device is not None: x, y = x.to(device), y.to(device)
+        if pin_memory and (x.device.type != 'cpu' or not torch.cuda.is_available()):
+            raise ValueError(f'TensorDataLoader: pin_memory=True is for CPU-held data trained on a CUDA GPU; the data '
+                             f'is on {x.device} and torch sees {"a" if torch.cuda.is_available() else "no"} CUDA GPU')
         self.x, self.y, self.bs, self.shuffle, self.drop_last = x, y, bs, shuffle, drop_last
+        self.pin_memory = pin_memory
         self.rank, self.world_size = rank, world_size
         self.dataset = TensorDataset(x, y)
         if seed is None and shuffle: seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         self.seed, self.epochs_drawn = seed, 0
         self.gen = torch.Generator().manual_seed(seed or 0)
+        self._epoch_gen = None  # the generator's state before the latest epoch's order was drawn
 
     batch_size = property(lambda self: self.bs)
     device = property(lambda self: self.x.device)
@@ -236,6 +247,7 @@ class TensorDataLoader:
         return n // self.bs if self.drop_last else -(-n // self.bs)
 
     def _order(self) -> torch.Tensor:
+        if self.shuffle: self._epoch_gen = self.gen.get_state()  # to draw this epoch's order again after a stop
         idx = torch.randperm(len(self.x), generator=self.gen) if self.shuffle else torch.arange(len(self.x))
         self.epochs_drawn += 1
         if self.world_size > 1: idx = idx[:self._n_items() * self.world_size][self.rank::self.world_size]
@@ -243,16 +255,29 @@ class TensorDataLoader:
 
     def __iter__(self):
         idx = self._order()  # drawn here, not at the first batch, so `iter()` alone counts as an epoch
-        return ((self.x[b], self.y[b]) for b in idx.split(self.bs)[:len(self)])
+        take = pinned_rows if self.pin_memory else lambda t, b: t[b]
+        return ((take(self.x, b), take(self.y, b)) for b in idx.split(self.bs)[:len(self)])
 
     def state_dict(self) -> dict:
-        "The generator's state and how many epochs were drawn: enough to repeat the coming epochs' order."
-        return {'gen': self.gen.get_state(), 'epochs_drawn': self.epochs_drawn, 'seed': self.seed}
+        """The generator's state and how many epochs were drawn: enough to repeat the coming epochs' order; and its
+        state before the latest epoch was drawn (`epoch_gen`), to repeat that epoch's order too."""
+        return {'gen': self.gen.get_state(), 'epochs_drawn': self.epochs_drawn, 'seed': self.seed,
+                'epoch_gen': self._epoch_gen}
 
-    def load_state_dict(self, sd: dict) -> None:
-        "Restore what `state_dict` returned, so the next epochs come in the same order as they did then."
-        self.gen.set_state(sd['gen'])
-        self.epochs_drawn, self.seed = sd['epochs_drawn'], sd.get('seed', self.seed)
+    def load_state_dict(self, sd: dict, repeat_epoch: bool = False) -> None:
+        """Restore what `state_dict` returned, so the next epochs come in the same order as they did then; with
+        `repeat_epoch`, the next epoch is the one under way when it was taken, in the same order (to go on with an
+        epoch that was stopped part-way)."""
+        self.seed, self._epoch_gen = sd.get('seed', self.seed), sd.get('epoch_gen')
+        if not repeat_epoch:
+            self.gen.set_state(sd['gen'])
+            self.epochs_drawn = sd['epochs_drawn']
+            return
+        if self.shuffle:
+            if self._epoch_gen is None:
+                raise ValueError('TensorDataLoader.load_state_dict: this state holds no epoch under way to repeat')
+            self.gen.set_state(self._epoch_gen)
+        self.epochs_drawn = max(0, sd['epochs_drawn'] - 1)
 
     def __repr__(self): return (f'TensorDataLoader({len(self.x)} items, bs={self.bs}, {len(self)} batches, '
                                 f'shuffle={self.shuffle}, device={self.x.device})')
@@ -278,12 +303,16 @@ def _subset(x, y, n, gen, what):
 
 def fashion_dls(bs: int = 1024, path=None, device=None, shuffle: bool = True, drop_last: bool = False,
                 seed: int | None = None, n_train: int | None = None, n_valid: int | None = None,
-                rank: int = 0, world_size: int = 1) -> DataLoaders:
+                rank: int = 0, world_size: int = 1, pin_memory: bool | None = None) -> DataLoaders:
     """Training and test loaders of normalised float images [N,1,28,28] and int64 labels, ready for a Learner.
 
     Both splits are normalised with the full training set's mean and std (as `.mean`/`.std` of [0,1] pixels on the
     result; `.classes` holds the names). `n_train`/`n_valid` take a random subset chosen by `seed` (0 when None),
-    for quick runs; `device` keeps the data there; `rank`/`world_size` shard both loaders (see `TensorDataLoader`)."""
+    for quick runs; `rank`/`world_size` shard both loaders (see `TensorDataLoader`). The data lives on `device`,
+    default `default_device()` (where `DeviceCB()` and `def_device` put the model: no copy per batch). With
+    `device='cpu'` on a CUDA machine, batches come in pinned memory (`pin_memory`) so that copying them is async."""
+    device = default_device() if device is None else device
+    pin_memory = pins_by_default(device) if pin_memory is None else pin_memory
     source = _source(path)
     xt, xv, mean, std = _normalised(source)
     yt, yv = _arrays(source)['train'][1], _arrays(source)['test'][1]
@@ -291,8 +320,8 @@ def fashion_dls(bs: int = 1024, path=None, device=None, shuffle: bool = True, dr
     xt, yt = _subset(xt, yt, n_train, gen, 'n_train')
     xv, yv = _subset(xv, yv, n_valid, gen, 'n_valid')
     train = TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device,
-                             rank=rank, world_size=world_size)
-    valid = TensorDataLoader(xv, yv, bs, device=device, rank=rank, world_size=world_size)
+                             rank=rank, world_size=world_size, pin_memory=pin_memory)
+    valid = TensorDataLoader(xv, yv, bs, device=device, rank=rank, world_size=world_size, pin_memory=pin_memory)
     dls = DataLoaders(train, valid)
     dls.mean, dls.std, dls.classes = mean, std, CLASSES
     return dls

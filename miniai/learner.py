@@ -13,8 +13,9 @@ The loop, as it reads (each `cleanup_*` runs however its stage ends):
     after_fit                (cleanup_fit always runs)
 
 `CancelBatchException` ends the batch, `CancelEpochException` the epoch and `CancelFitException` the fit, each
-quietly; any other exception runs the cleanups and reaches the caller unchanged. `predict`, `get_loss`, `backward`,
-`step` and `zero_grad` are methods of a Learner subclass (`TrainLearner`) or of a callback (`TrainCB`).
+quietly; any other exception runs the cleanups and reaches the caller unchanged (a cleanup that fails meanwhile is
+attached to it as a note, never raised in its place). `predict`, `get_loss`, `backward`, `step` and `zero_grad` are
+methods of a Learner subclass (`TrainLearner`) or of a callback (`TrainCB`).
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException, CancelFitException,
-                       misspelt_events, run_cbs, sort_cbs, to_cpu, with_cbs)
-from .conv import def_device, to_device
+                       misspelt_events, note_failure, run_cbs, sort_cbs, to_cpu, with_cbs)
+from .conv import resolve_device, to_device
 from .lr_finder import LRFinderCB
 from .progress import MetricsCB, ProgressCB
 from .state import unchanged
@@ -40,14 +41,22 @@ __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException',
            'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'LRFinderCB', 'lr_find', 'compute_loss', 'looking']
 
 
+def _handler_name(m) -> str:
+    owner = getattr(m, '__self__', None)
+    return f'{type(owner).__name__}.{m.__name__}' if owner is not None else getattr(m, '__qualname__', repr(m))
+
+
 def _run_every(methods, learn):
-    "Run every cleanup even if one raises (so hooks are removed and files closed); then raise the first error."
-    first = None
+    """Run every cleanup even if one raises (so hooks are removed and files closed); then raise the first error,
+    with the later ones attached to it (see `note_failure`)."""
+    errors = []
     for m in methods:
         try: m(learn)
-        except BaseException as e:
-            if first is None: first = e
-    if first is not None: raise first
+        except BaseException as e: errors.append((m, e))
+    if not errors: return
+    first = errors[0][1]
+    for m, e in errors[1:]: note_failure(first, e, _handler_name(m))
+    raise first
 
 
 def compute_loss(loss_func, preds, *targets):
@@ -123,8 +132,9 @@ class Learner:
             if lr is None: lr = self.lr
             if self.opt_func: self.opt = self.opt_func(self.model.parameters(), lr)
             self._fit(train, valid)
-        finally:
-            for cb in cbs: self.cbs.remove(cb)
+        finally:  # nothing here may raise: it would replace the exception on its way
+            for cb in cbs:
+                if cb in self.cbs: self.cbs.remove(cb)
             self._dispatch = None
 
     def _check_dls(self, train: bool, valid: bool):
@@ -147,7 +157,8 @@ class Learner:
                 hint = f"; did you mean '{close[0]}'?" if close else ''
                 warnings.warn(f"{type(cb).__name__}.{bad} looks like an event but is not one, so it is never "
                               f"called{hint}", stacklevel=3)
-        table = {ev: [getattr(cb, ev) for cb in cbs if hasattr(cb, ev)] for ev in EVENTS + STEPS}
+        # callables only: a data attribute that happens to share a name (`step = 0`) is not a handler
+        table = {ev: [getattr(cb, ev) for cb in cbs if callable(getattr(cb, ev, None))] for ev in EVENTS + STEPS}
         for ev in ('cleanup_batch', 'cleanup_epoch', 'cleanup_fit'):
             if len(table[ev]) > 1: table[ev] = [partial(_run_every, table[ev])]
         steps = {}
@@ -214,8 +225,11 @@ class TrainCB(Callback):
 
 
 class DeviceCB(Callback):
-    "Move the model to `device` when the fit starts, and each batch before it is used."
-    def __init__(self, device=def_device): self.device = device
+    """Move the model to `device` when the fit starts, and each batch before it is used. `device` defaults to
+    `default_device()`; it is resolved when the callback is made, so under torchrun 'cuda' (or nothing) means
+    this process's GPU, cuda:LOCAL_RANK, before anything is placed. Batches in pinned CPU memory (as
+    `fashion_dls(device='cpu')` gives on a CUDA machine) are copied without making the CPU wait."""
+    def __init__(self, device=None): self.device = resolve_device(device)
     def before_fit(self, learn):
         if hasattr(learn.model, 'to'): learn.model.to(self.device)
     def before_batch(self, learn): learn.batch = to_device(learn.batch, device=self.device)

@@ -5,7 +5,7 @@ import os
 
 import torch.distributed as dist
 
-__all__ = ['is_dist', 'rank', 'local_rank', 'world_size', 'is_main_process']
+__all__ = ['is_dist', 'rank', 'local_rank', 'local_world_size', 'world_size', 'is_main_process']
 
 
 def is_dist() -> bool:
@@ -22,6 +22,11 @@ def rank() -> int:
 def local_rank() -> int:
     "This process's rank on its machine (torchrun's LOCAL_RANK), which picks its GPU."
     return int(os.environ.get('LOCAL_RANK', 0))
+
+
+def local_world_size() -> int:
+    "How many processes train on this machine (torchrun's LOCAL_WORLD_SIZE), else 1."
+    return int(os.environ.get('LOCAL_WORLD_SIZE', 1))
 
 
 def world_size() -> int:

@@ -1,4 +1,5 @@
-"""Taking a look without changing anything: snapshot and restore of a model's (and optimizer's) state and RNGs."""
+"""Taking a look without changing anything: snapshot and restore of a model's (and optimizer's) state and RNGs;
+a model's weights under its unwrapped names."""
 from __future__ import annotations
 
 import random
@@ -9,22 +10,62 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ['rng_state', 'set_rng_state', 'unchanged']
+__all__ = ['rng_state', 'set_rng_state', 'plain_keys', 'plain_state_dict', 'unchanged']
 
 
 def rng_state() -> dict:
-    "The states of Python's, NumPy's and torch's (CPU and every CUDA device's) random generators."
+    """The states of Python's, NumPy's and torch's random generators: the CPU's and, once CUDA is in use, every CUDA
+    device's (with `cuda_device`, the device this process draws from)."""
     res = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized(): res['cuda'] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        res['cuda'], res['cuda_device'] = torch.cuda.get_rng_state_all(), torch.cuda.current_device()
     return res
 
 
 def set_rng_state(state: dict) -> None:
-    "Restore generator states taken by `rng_state`."
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
+    """Restore generator states taken by `rng_state` (lists where it had tuples are fine: that is how JSON keeps
+    them). CUDA states go back to the devices present; the one this process drew from also goes to this process's
+    device, so a run saved by rank 0 of a multi-GPU job continues its stream on cuda:LOCAL_RANK of any rank."""
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np.random.set_state(tuple(state['numpy']))
     torch.set_rng_state(state['torch'])
-    if 'cuda' in state: torch.cuda.set_rng_state_all(state['cuda'])
+    if state.get('cuda') is not None and torch.cuda.is_available():
+        _set_cuda_rng(state['cuda'], state.get('cuda_device'))
+
+
+def _set_cuda_rng(states: list, saved_from: int | None) -> None:
+    for i, st in enumerate(states[:torch.cuda.device_count()]): torch.cuda.set_rng_state(st, i)
+    here = torch.cuda.current_device()
+    if saved_from is not None and saved_from < len(states) and here != saved_from:
+        torch.cuda.set_rng_state(states[saved_from], here)
+
+
+def _wrapper_paths(model: nn.Module) -> list[tuple[str, str]]:
+    "(where a wrapper sits, what it wraps) for each DDP, DataParallel or torch.compile wrapper, innermost first."
+    res = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        inner = ('module' if isinstance(m, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+                 else '_orig_mod' if '_orig_mod' in m._modules else None)  # _orig_mod: torch.compile's OptimizedModule
+        if inner: res.append((f'{name}.' if name else '', f'{inner}.'))
+    return sorted(res, key=lambda t: -len(t[0]))
+
+
+def plain_keys(model: nn.Module) -> dict[str, str]:
+    "For each key of `model.state_dict()`, the key the model has unwrapped: without `module.`/`_orig_mod.` parts."
+    wrappers, res = _wrapper_paths(model), {}
+    for k in model.state_dict():
+        plain = k
+        for where, inner in wrappers:
+            if plain.startswith(where + inner): plain = where + plain[len(where + inner):]
+        res[k] = plain
+    return res
+
+
+def plain_state_dict(model: nn.Module) -> dict:
+    "`model.state_dict()` under the unwrapped model's names, the same whether it is plain, compiled or in DDP."
+    keys = plain_keys(model)
+    return {keys[k]: v for k, v in model.state_dict().items()}
 
 
 @contextmanager

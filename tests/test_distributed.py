@@ -1,5 +1,9 @@
-"""DDP on CPU (gloo), two processes under torchrun: same weights as one process, global metrics, rank 0 writes."""
+"""DDP on CPU (gloo), two processes under torchrun: same weights as one process, global metrics, rank 0 writes.
+
+The runs use the CPU way out the README gives (`MINIAI_DEVICE=cpu`, or DeviceCB('cpu') with DDPCB(backend='gloo')),
+so they run the same on a machine with fewer GPUs than processes."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -8,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
+from miniai.checkpoint import read_checkpoint
 from miniai.fashion import find_fashion_mnist
 
 JOB = Path(__file__).parent / 'ddp_job.py'
@@ -22,18 +28,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args, n=2, timeout=120):
+def torchrun(*args, n=2, timeout=120, env=None):
+    "Run the job under torchrun with `n` processes on this machine, `env` added to the environment."
     cmd = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={n}', '--master_addr=127.0.0.1',
            f'--master_port={free_port()}', str(JOB), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=environ(env))
+
+
+def environ(extra=None) -> dict:
+    "This environment without MINIAI_DEVICE, plus `extra`."
+    env = {k: v for k, v in os.environ.items() if k != 'MINIAI_DEVICE'}
+    env.update(extra or {})
+    return env
+
+
+CPU = {'MINIAI_DEVICE': 'cpu'}
 
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp('ddp')
-    single = subprocess.run([sys.executable, str(JOB), out / 'single'], capture_output=True, text=True, timeout=120)
+    single = subprocess.run([sys.executable, str(JOB), out / 'single'], capture_output=True, text=True, timeout=120,
+                            env=environ(CPU))
     assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(out / 'double')
+    double = torchrun(out / 'double', env=CPU)
     assert double.returncode == 0, double.stderr[-3000:]
     return out, single, double
 
@@ -67,7 +85,24 @@ def test_only_rank0_prints_and_writes(runs):
     assert (out / 'double/rank0/last.ckpt').exists() and not (out / 'double/rank1/last.ckpt').exists()
 
 
+def test_the_cpu_way_out_runs_gloo_on_the_cpu(runs):
+    out, _, _ = runs
+    for r in (0, 1):
+        assert json.load(open(out / f'double/rank{r}/where.json')) == {'model': 'cpu', 'data': 'cpu', 'backend': 'gloo'}
+
+
+def test_a_checkpoint_written_inside_ddp_loads_into_a_plain_model(runs):
+    out, _, _ = runs
+    ck = read_checkpoint(out / 'double/rank0/last.ckpt')
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+    assert set(ck['model']) == set(model.state_dict()), 'DDP\'s module. prefix leaked into the checkpoint'
+    model.load_state_dict(ck['model'])
+    w = load_file(out / 'double/rank0/weights.safetensors')
+    assert all(torch.equal(w[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_failing_rank_stops_the_run(tmp_path):
-    r = torchrun(tmp_path, '--raise-at-batch', 3, timeout=150)
+    # the other CPU way out: explicit CPU devices and gloo, with no environment variable
+    r = torchrun(tmp_path, '--raise-at-batch', 3, '--device', 'cpu', '--backend', 'gloo', timeout=150)
     assert r.returncode != 0
     assert 'rank 1 fails at batch 3' in r.stderr + r.stdout

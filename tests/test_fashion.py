@@ -85,7 +85,7 @@ def test_arrays_sizes_dtypes_and_classes():
 
 @needs_data
 def test_normalisation_uses_training_statistics():
-    dls = fashion_dls(bs=60000, shuffle=False)
+    dls = fashion_dls(bs=60000, shuffle=False, device='cpu')
     raw = fashion_arrays()['train'][0].double() / 255
     assert dls.mean == pytest.approx(raw.mean().item(), rel=1e-4) and 0.28 < dls.mean < 0.29
     assert dls.std == pytest.approx(raw.std().item(), rel=1e-4) and 0.35 < dls.std < 0.36
@@ -114,7 +114,7 @@ def test_shuffling_is_seeded_and_changes_each_epoch():
     assert not torch.equal(torch.cat(ya1), torch.cat(ya2))
     assert torch.equal(torch.cat(ya1).sort().values, torch.cat(ya2).sort().values)  # same items, new order
     assert not torch.equal(next(iter(fashion_dls(bs=512, seed=4).train))[1], ya1[0])
-    v = fashion_dls(bs=512, seed=3).valid
+    v = fashion_dls(bs=512, seed=3, device='cpu').valid
     assert torch.equal(torch.cat([y for _, y in v]), fashion_arrays()['test'][1]), 'validation is not shuffled'
 
 
