@@ -75,7 +75,8 @@ class HooksCallback(Callback):
         if (self.on_train and self.learn.training) or (self.on_valid and not self.learn.training):
             self.hookfunc(*args, **kwargs)
 
-    def cleanup_fit(self, learn): self.hooks.remove()
+    def cleanup_fit(self, learn):  # `hooks` is [] until before_fit ran, so iterate rather than call Hooks.remove
+        for h in self.hooks: h.remove()
     def __iter__(self): return iter(self.hooks)
     def __len__(self): return len(self.hooks)
 

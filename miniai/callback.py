@@ -1,13 +1,15 @@
 """Callbacks and the events they handle: the vocabulary the `Learner` loop is written in."""
 from __future__ import annotations
 
+import traceback
+import warnings
 from collections.abc import Mapping
 from functools import wraps
 
 import torch
 
 __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
-           'run_cbs', 'with_cbs', 'misspelt_events', 'to_cpu']
+           'run_cbs', 'with_cbs', 'misspelt_events', 'note_failure', 'to_cpu']
 
 
 class CancelFitException(Exception): "Raise in a callback to end the fit quietly (`after_fit` is skipped)."
@@ -15,6 +17,7 @@ class CancelBatchException(Exception): "Raise in a callback to end the current b
 class CancelEpochException(Exception): "Raise in a callback to end the current epoch quietly."
 
 _CANCEL = {'fit': CancelFitException, 'epoch': CancelEpochException, 'batch': CancelBatchException}
+_QUIET = tuple(_CANCEL.values())
 #: the steps of a batch, provided by a Learner subclass or by a callback such as `TrainCB`
 STEPS = ('predict', 'get_loss', 'backward', 'step', 'zero_grad')
 #: every event a callback may handle
@@ -49,8 +52,39 @@ def misspelt_events(cb) -> list[str]:
             and callable(getattr(cls, n, None))]
 
 
+def _origin(e: BaseException) -> str:
+    "Where `e` was raised: the innermost Python function of its traceback, and its file and line."
+    tb = e.__traceback__
+    if tb is None: return ''
+    while tb.tb_next is not None: tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f' (in {getattr(code, "co_qualname", code.co_name)}, {code.co_filename}:{tb.tb_lineno})'
+
+
+def note_failure(exc: BaseException, failure: BaseException, where: str) -> None:
+    """Attach to `exc` (the exception on its way to the caller) that `where` failed with `failure` meanwhile: as a
+    note, shown under `exc`'s traceback (Python >= 3.11), else as a warning. `exc` itself is left to go on."""
+    lines = [f'while this exception was on its way, {where} also failed: '
+             f'{"".join(traceback.format_exception_only(type(failure), failure)).strip()}{_origin(failure)}']
+    lines += [f'  {n}' for n in getattr(failure, '__notes__', ())]
+    for line in lines:
+        if hasattr(exc, 'add_note'): exc.add_note(line)
+        else: warnings.warn(line, RuntimeWarning, stacklevel=2)
+
+
+def _cleanup_under(o, cleanup: str, exc: BaseException) -> None:
+    "Run `cleanup` while `exc` is on its way; a failure is attached to `exc` rather than replacing it."
+    try: o.callback(cleanup)
+    except BaseException as failure:
+        # a Cancel* exception is a quiet stop, not an error: it would swallow the note, so the failure goes on instead
+        if isinstance(exc, _QUIET): raise
+        note_failure(exc, failure, f'`{cleanup}`')
+
+
 class with_cbs:
-    "Decorator: run `before_{nm}`, the function, `after_{nm}`; swallow `Cancel{Nm}Exception`; always `cleanup_{nm}`."
+    """Decorator: run `before_{nm}`, the function, `after_{nm}`; swallow `Cancel{Nm}Exception`; always `cleanup_{nm}`.
+    An exception on its way reaches the caller as the same object even if the cleanup fails too (the failure is
+    attached to it, see `note_failure`); a cleanup that fails when nothing else went wrong raises its own error."""
     def __init__(self, nm: str): self.nm = nm
 
     def __call__(self, f):
@@ -58,12 +92,16 @@ class with_cbs:
                                           _CANCEL[self.nm])
         @wraps(f)
         def _f(o, *args, **kwargs):
+            # not try/finally: an exception raised in a `finally:` replaces the one on its way
             try:
                 o.callback(before)
                 f(o, *args, **kwargs)
                 o.callback(after)
             except cancel: pass
-            finally: o.callback(cleanup)
+            except BaseException as e:
+                _cleanup_under(o, cleanup, e)
+                raise
+            o.callback(cleanup)
         return _f
 
 

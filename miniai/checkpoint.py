@@ -1,16 +1,20 @@
 """Checkpoints that resume exactly and load safely: one safetensors file, its structure as JSON in the header.
 
 A checkpoint holds the model's weights and buffers, the optimizer's and schedulers' state, the epoch, the RNG
-states (Python, NumPy, torch) and the training data's order, so `fit(n, resume=path)` continues a run as if it had
-never stopped. Loading never unpickles anything: tensors come from safetensors, everything else from JSON. Files
-are written to a temporary name and renamed, so a crash while saving leaves the previous checkpoint intact.
+states (Python, NumPy, torch's CPU and CUDA generators), the fp16 loss scaler's state and the training data's
+order, so `fit(n, resume=path)` continues a run as if it had never stopped. Weights are stored under the plain
+model's names, whatever wraps it (DDP's `module.`, torch.compile's `_orig_mod.`), and load into the model however
+it is wrapped then. Loading never unpickles anything: tensors come from safetensors, everything else from JSON.
+Files are written to a temporary name and renamed, so a crash while saving leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
-import random
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +22,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .callback import Callback
+from .accel import MixedPrecision
+from .callback import Callback, CancelBatchException, CancelEpochException
 from .ranks import is_main_process
 from .learner import Learner
 from .sgd import BaseSchedCB
-from .state import set_rng_state
+from .state import plain_keys, plain_state_dict, rng_state, set_rng_state
 
-__all__ = ['CheckpointError', 'save_checkpoint', 'read_checkpoint', 'ResumeCB', 'SaveModelCB', 'monitor_value']
+__all__ = ['CheckpointError', 'save_checkpoint', 'read_checkpoint', 'rng_snapshot', 'save_mid_epoch', 'ResumeCB',
+           'SaveModelCB', 'monitor_value']
 
 FORMAT = 'miniai-checkpoint-1'
 
@@ -75,8 +81,54 @@ def _atomic_save(tensors: dict, meta: dict, path: Path) -> None:
 
 
 def _rng() -> dict:
-    np_state = np.random.get_state()
-    return {'python': list(random.getstate()), 'numpy': list(np_state), 'torch': torch.get_rng_state()}
+    return rng_state()  # tuples, an ndarray and byte tensors: all kept by `_encode` as JSON and safetensors
+
+
+def _unwrapped_saved(sd: dict, want: set) -> dict:
+    "Weights from a file written before names were unwrapped: drop `_orig_mod.` parts, then a leading `module.`."
+    if set(sd) == want: return sd
+    sd2 = {re.sub(r'(^|\.)_orig_mod\.', r'\1', k): v for k, v in sd.items()}
+    if set(sd2) != want and all(k.startswith('module.') for k in sd2): sd2 = {k[7:]: v for k, v in sd2.items()}
+    return sd2 if set(sd2) == want else sd
+
+
+def _amp_states(learn) -> list:
+    return [cb.state_dict() for cb in learn.cbs if isinstance(cb, MixedPrecision)]
+
+
+def _load_amp_states(learn, states, path) -> None:
+    "Give each MixedPrecision its saved loss-scaler state (it applies it when it makes its scaler)."
+    mps = [cb for cb in learn.cbs if isinstance(cb, MixedPrecision)]
+    for cb, st in zip(mps, states or []): cb.load_state_dict(st)
+    if any(st for st in (states or [])[len(mps):]):
+        warnings.warn(f'{path} holds an fp16 loss scaler state, but this fit has no MixedPrecision to take it: the '
+                      f'resumed run will not be exact')
+
+
+def _cb_keys(learn) -> dict:
+    "The callbacks that keep state in checkpoints (`checkpoint_state`), by class name (numbered when repeated)."
+    own = [cb for cb in learn.cbs if callable(getattr(cb, 'checkpoint_state', None))]
+    names = [type(cb).__name__ for cb in own]
+    return {(n if names.count(n) == 1 else f'{n}.{names[:i].count(n)}'): cb for i, (n, cb) in enumerate(zip(names, own))}
+
+
+def _cb_states(learn) -> dict:
+    return {k: cb.checkpoint_state() for k, cb in _cb_keys(learn).items()}
+
+
+def _load_cb_states(learn, states: dict | None, path) -> None:
+    "Hand each callback its saved state; a state saved by a callback this fit lacks is named in a warning."
+    cbs = _cb_keys(learn)
+    for k, st in (states or {}).items():
+        if k in cbs: cbs[k].load_checkpoint_state(st)
+        elif st is not None:
+            warnings.warn(f'{path} holds the state of a {k.split(".")[0]}, which this fit does not have: it is not '
+                          f'used (add the same callback to go on exactly)')
+
+
+def rng_snapshot() -> dict:
+    "The random generators' states as a checkpoint holds them: taken now, to be saved later (see `save_mid_epoch`)."
+    return _rng()
 
 
 def _sched_cbs(learn) -> list:
@@ -86,11 +138,12 @@ def _sched_cbs(learn) -> list:
 def save_checkpoint(learn: Learner, path, **extra) -> Path:
     "Write everything needed to resume `learn` exactly to `path` (atomically); returns the path."
     path = Path(path)
-    state = {'model': learn.model.state_dict(), 'epoch': getattr(learn, 'epoch', None),
+    state = {'model': plain_state_dict(learn.model), 'epoch': getattr(learn, 'epoch', None),
              'opt': learn.opt.state_dict() if 'opt' in learn.__dict__ else None,
              'scheds': [cb.schedo.state_dict() for cb in _sched_cbs(learn)], 'rng': _rng(),
              'data': learn.dls.train.state_dict() if hasattr(getattr(learn.dls, 'train', None), 'state_dict') else None,
-             'history': getattr(getattr(learn, 'metrics', None), 'history', None), **extra}
+             'history': getattr(getattr(learn, 'metrics', None), 'history', None), 'amp': _amp_states(learn),
+             'callbacks': _cb_states(learn), **extra}
     tensors = {}
     meta = _encode(state, 'ckpt', tensors)
     _atomic_save(tensors, meta, path)
@@ -117,9 +170,42 @@ def read_checkpoint(path) -> dict:
     except CheckpointError as e: raise CheckpointError(f'{path}: {e} (tampered with?)') from None
 
 
+def save_mid_epoch(learn: Learner, path, rng: dict | None = None) -> Path:
+    """Save `learn` part-way through epoch `learn.epoch`, at the end of batch `learn.iter`, so that `fit(n,
+    resume=path)` goes on with the next batch (during validation: with the whole validation, after the epoch's
+    training); `rng`: generator states taken earlier (`rng_snapshot`) to store instead of the current ones. Only the
+    main process writes."""
+    e, n = learn.epoch, len(learn.dls.train)
+    position = {'epoch': e, 'phase': 'train' if learn.training else 'valid', 'n_batches': n,
+                'batch': learn.iter + 1 if learn.training else n}
+    extra = {'position': position, 'epoch': e - 1 if e else None}  # 'epoch' is the last epoch finished
+    if rng is not None: extra['rng'] = rng
+    return _learn_save(learn, path, **extra)
+
+
+def _resume_mid_epoch(learn: Learner, ck: dict, path) -> tuple[int, int]:
+    """Set `learn` to go on inside the epoch that the checkpoint `ck` was saved in (by `save_mid_epoch`): that epoch
+    comes first, its training data in the same order; returns (that epoch, training batches already done). A stop
+    after the last training batch but before the epoch's end skips all of them and still runs `after_epoch`."""
+    pos, dl = ck['position'], learn.dls.train
+    if hasattr(dl, '__len__') and len(dl) != pos['n_batches']:
+        raise CheckpointError(f'{path} was saved with {pos["n_batches"]} training batches an epoch, this fit has '
+                              f'{len(dl)}: resume with the same data and batch size')
+    learn.epochs = range(pos['epoch'], learn.n_epochs)
+    finished = pos['phase'] == 'valid'  # its training, end included, was done: the next epoch's order comes next
+    can_repeat = hasattr(dl, 'load_state_dict') and 'repeat_epoch' in inspect.signature(dl.load_state_dict).parameters
+    if ck.get('data') is not None and hasattr(dl, 'load_state_dict') and (finished or can_repeat):
+        dl.load_state_dict(ck['data'], **({} if finished else {'repeat_epoch': True}))
+    elif not finished:
+        warnings.warn(f'{path}: {type(dl).__name__} cannot repeat the order of epoch {pos["epoch"]}, which stopped '
+                      f'after {pos["batch"]} batches; the first {pos["batch"]} it gives are skipped, so the run goes '
+                      f'on as the stopped one would only if its order does not change from epoch to epoch')
+    return pos['epoch'], pos['batch']
+
+
 def _check_model(model, sd: dict, path) -> None:
     "Raise unless `sd` fits `model` exactly: every key present, none extra, every shape and dtype equal."
-    own = model.state_dict()
+    own = plain_state_dict(model)
     missing, extra = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
     shapes = [f'{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}' for k, v in own.items()
               if k in sd and sd[k].shape != v.shape]
@@ -132,8 +218,10 @@ def _check_model(model, sd: dict, path) -> None:
 def load_into(learn: Learner, path, with_opt: bool = True) -> dict:
     "Check the checkpoint at `path` against `learn`, then load weights (and optimizer state); returns its contents."
     ck = read_checkpoint(path)
+    keys = {plain: k for k, plain in plain_keys(learn.model).items()}  # unwrapped name -> this model's name
+    ck['model'] = _unwrapped_saved(ck['model'], set(keys))
     _check_model(learn.model, ck['model'], path)  # everything is checked before anything is copied
-    learn.model.load_state_dict(ck['model'])
+    learn.model.load_state_dict({keys[k]: v for k, v in ck['model'].items()})
     if with_opt and ck.get('opt') is not None and 'opt' in learn.__dict__:
         try: learn.opt.load_state_dict(ck['opt'])
         except (ValueError, KeyError) as e: raise CheckpointError(f'{path}: optimizer state does not fit: {e}') from e
@@ -152,25 +240,43 @@ def _learn_load(self: Learner, path, with_opt: bool = True) -> Learner:
 
 
 class ResumeCB(Callback):
-    "Added by `fit(..., resume=path)`: restore the state saved at the end of an epoch and go on from the next one."
+    """Added by `fit(..., resume=path)`: restore the saved state and go on from where it was saved: from the next epoch
+    for a checkpoint saved at the end of one (`SaveModelCB`), from the next batch for one saved part-way through an
+    epoch (`InterruptCB`). The batches done before the stop are skipped, so the metrics reported for that epoch cover
+    only the batches run after resuming (none of its training batches if it stopped during validation)."""
     order = -10  # before ProgressCB wraps the epochs in a bar
 
-    def __init__(self, path): self.path = path
+    def __init__(self, path): self.path, self._pending, self._mid = path, False, None
 
     def before_fit(self, learn):
         ck = load_into(learn, self.path)
         self._scheds, self._opt = ck['scheds'], ck.get('opt')
-        done = -1 if ck['epoch'] is None else ck['epoch']
-        learn.epochs = range(done + 1, learn.n_epochs)
-        if ck.get('data') is not None and hasattr(learn.dls.train, 'load_state_dict'):
-            learn.dls.train.load_state_dict(ck['data'])
-        r = ck['rng']
-        set_rng_state({'python': (r['python'][0], tuple(r['python'][1]), r['python'][2]),
-                       'numpy': tuple(r['numpy']), 'torch': r['torch']})
+        if ck.get('position') is not None:
+            self._mid = (*_resume_mid_epoch(learn, ck, self.path), ck['position']['phase'])
+        else:
+            done = -1 if ck['epoch'] is None else ck['epoch']
+            learn.epochs = range(done + 1, learn.n_epochs)
+            if ck.get('data') is not None and hasattr(learn.dls.train, 'load_state_dict'):
+                learn.dls.train.load_state_dict(ck['data'])
+        set_rng_state(ck['rng'])
+        _load_amp_states(learn, ck.get('amp'), self.path)
+        _load_cb_states(learn, ck.get('callbacks'), self.path)
         self._pending = True
 
     def before_epoch(self, learn):
-        if not self._pending: return
+        if self._pending: self._restore_scheds(learn)
+        mid = self._mid
+        if mid is not None and learn.training and learn.epoch == mid[0] and mid[2] == 'valid':
+            self._mid = None
+            raise CancelEpochException()  # its training was over when it stopped: only its validation is left
+
+    def before_batch(self, learn):
+        mid = self._mid
+        if mid is None or not learn.training or learn.epoch != mid[0]: return
+        if learn.iter < mid[1]: raise CancelBatchException()  # done before the stop
+        self._mid = None
+
+    def _restore_scheds(self, learn):
         self._pending = False
         scheds = _sched_cbs(learn)  # made in their own before_fit, after ours: restore them now
         if len(scheds) != len(self._scheds):

@@ -1,4 +1,9 @@
-"""The main job: `python -m miniai train` trains a ResNet on Fashion-MNIST with the fastest safe settings."""
+"""The main job: `python -m miniai train` trains a ResNet on Fashion-MNIST with the fastest safe settings.
+
+Errors a user can fix (missing or damaged data, an unusable checkpoint, bad options) are reported in one line,
+`miniai: error: ...`, with exit code 2; `--debug` or `MINIAI_DEBUG=1` shows their traceback. Anything else is a bug
+and shows its traceback. Ctrl-C or SIGTERM stops at the next batch, saves, prints the command that goes on, and
+exits with 130 or 143 (see `miniai.interrupt`)."""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +12,7 @@ import os
 import shlex
 import sys
 import time
+import traceback
 from datetime import datetime
 from pathlib import Path
 
@@ -31,6 +37,12 @@ _nonneg = _checked(float, lambda v: v >= 0, '>= 0')
 _fraction = _checked(float, lambda v: 0 <= v < 1, 'in [0, 1)')
 
 
+class _Parser(argparse.ArgumentParser):
+    "Reports a bad option in one line, `miniai: error: ...`, with exit code 2, as every error a user can fix."
+    def error(self, message):
+        self.exit(2, f'miniai: error: {message} (see `python -m {self.prog} --help`)\n')
+
+
 class _Help(argparse.HelpFormatter):
     "Shows `(default: X)` only for options that take a value and have a default worth showing."
     def _get_help_string(self, action):
@@ -41,7 +53,7 @@ class _Help(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     "The command line's parser (`miniai train --help`)."
-    p = argparse.ArgumentParser(prog='miniai', description='miniai: train on Fashion-MNIST from the command line.')
+    p = _Parser(prog='miniai', description='miniai: train on Fashion-MNIST from the command line.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
     t = sub.add_parser('train', help='train a ResNet on Fashion-MNIST and save checkpoint, metrics and plots',
@@ -49,9 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--epochs', type=_positive(int), default=5, help='passes over the 60000 training images')
     t.add_argument('--bs', type=_positive(int), default=256, help='batch size')
     t.add_argument('--lr', type=_positive(float), default=1e-2, help='peak learning rate of the one-cycle schedule')
-    t.add_argument('--model', choices=('fashion_resnet', 'fashion_resnet_wide', 'seed002_resnet'), default='fashion_resnet_wide',
+    t.add_argument('--model', choices=('fashion_resnet', 'fashion_resnet_wide', 'seed002_resnet', 'resnet9',
+                                       'resnet9_small'), default='fashion_resnet_wide',
                    help="which network to train: the wide one (9.6 M parameters) measured best at 5 epochs; "
-                        "fashion_resnet (4.9 M) takes half the time per epoch for about 0.5 points less")
+                        "fashion_resnet (4.9 M) takes half the time per epoch for about 0.5 points less; resnet9 "
+                        "and resnet9_small are the fast-CIFAR ResNet-9 at widths 64 and 32 (see README)")
     t.add_argument('--precision', choices=PRECISIONS, default='auto',
                    help="'auto' picks the fastest safe setting for this machine (bf16 autocast and channels-last on "
                         "CPUs with AMX/AVX-512 bf16, mixed precision on CUDA); 'fp32' is the plain path")
@@ -65,12 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--wd', type=_nonneg, default=0.05, help="AdamW's decoupled weight decay")
     t.add_argument('--label-smoothing', type=_fraction, default=0.1, help='label smoothing of the cross-entropy loss')
     t.add_argument('--drop', type=_fraction, default=None, help="dropout before the head (default: the model's own)")
+    t.add_argument('--average', choices=('none', 'ema', 'swa'), default='none',
+                   help="validate on, and finish with, averaged weights: 'ema' an exponential moving average "
+                        "(see --ema-decay), 'swa' an equal average over the last quarter of the steps")
+    t.add_argument('--ema-decay', type=_checked(float, lambda v: 0 < v < 1, 'in (0, 1)'), default=0.999,
+                   help='decay of the EMA of the weights, per optimizer step')
+    t.add_argument('--target', type=_checked(float, lambda v: 0 < v <= 1, 'in (0, 1]'), default=0.94,
+                   help='report the time from the start of training until the test accuracy first reaches this')
     t.add_argument('--threads', type=_positive(int), default=None,
                    help='CPU threads for torch (default: torch\'s choice; on a busy machine 1 is often faster)')
     t.add_argument('--no-tta', dest='tta', action='store_false', help='skip test-time augmentation at the end')
     t.add_argument('--n-train', type=_positive(int), default=None, help='use only this many training images')
     t.add_argument('--n-valid', type=_positive(int), default=None, help='use only this many test images')
     t.add_argument('--no-summary', dest='summary', action='store_false', help="don't print the model summary")
+    t.add_argument('--debug', action='store_true',
+                   help='show the traceback of errors reported in one line (also: environment MINIAI_DEBUG=1)')
     return p
 
 
@@ -82,9 +105,63 @@ def main(argv=None) -> int:
     args.command_line = 'python -m miniai ' + shlex.join(argv)
     if args.resume is not None and not args.resume.exists():
         parser.error(f'--resume: no checkpoint at {args.resume}')
-    if args.command == 'train':
-        train(args)
+    from .interrupt import Interrupted, SignalGuard
+    debug = getattr(args, 'debug', False) or os.environ.get('MINIAI_DEBUG', '') not in ('', '0')
+    try:
+        with SignalGuard():
+            if args.command == 'train': train(args)
+    except Interrupted as e:
+        if debug: traceback.print_exc()
+        _report_interrupt(e, argv, args.out)
+        return e.exit_code
+    except Exception as e:
+        hint = _user_error_hint(e)
+        # a user error with notes attached also had a cleanup fail: that part is a bug, so show everything
+        if hint is None or debug or getattr(e, '__notes__', None): raise
+        what = ' '.join(str(e).split())  # one line, whatever the message held
+        print(f"miniai: error: {what.rstrip('.')}. {hint}" if hint else f'miniai: error: {what}', file=sys.stderr)
+        return 2
     return 0
+
+
+class _UserError(Exception): "An error in what the user asked for, reported in one line."
+
+
+def _user_error_hint(e: BaseException) -> str | None:
+    "What to add to the message of an error the user can fix; None for anything else (a bug: show the traceback)."
+    from .checkpoint import CheckpointError
+    from .fashion import FashionMNISTNotFound, IDXError
+    if isinstance(e, (FashionMNISTNotFound, _UserError)): return ''  # their messages say what to do
+    if isinstance(e, IDXError):
+        return ("Replace the file (Debian's dataset-fashion-mnist package has good copies), or set MINIAI_DATA to a "
+                "folder with good ones.")
+    if isinstance(e, CheckpointError):
+        return ('Give --resume a checkpoint that `miniai train` wrote in its --out folder (interrupted.ckpt, '
+                'last.ckpt or best.ckpt), with the options that run was started with.')
+    return None
+
+
+def _continue_command(argv: list[str], out: Path, ckpt: Path) -> str:
+    "The command line `argv` with its --out and --resume replaced: it goes on with the run in `out` from `ckpt`."
+    keep, skip = [], False
+    for a in argv:
+        if skip: skip = False
+        elif a in ('--out', '--resume'): skip = True
+        elif not a.startswith(('--out=', '--resume=')): keep.append(a)
+    return 'python -m miniai ' + shlex.join(keep + ['--out', str(out), '--resume', str(ckpt)])
+
+
+def _report_interrupt(e, argv: list[str], out: Path | None) -> None:
+    "Say where an interrupted run stopped, what was saved and the command that goes on with it."
+    say = lambda m: print(f'miniai: {m}', file=sys.stderr, flush=True)
+    say(e.describe())
+    last = out / 'last.ckpt' if out is not None and (out / 'last.ckpt').is_file() else None
+    if e.checkpoint is not None: say(f'to continue: {_continue_command(argv, out, e.checkpoint)}')
+    elif e.where == 'at once' and last is not None:
+        say(f'the last finished epoch is in {last}; to continue from it: {_continue_command(argv, out, last)}')
+    elif e.where == 'after training' and last is not None:
+        say(f'training had finished: its weights are in {last}')
+    else: say('to start again: python -m miniai ' + shlex.join(argv))
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -94,19 +171,30 @@ def train(args: argparse.Namespace) -> dict:
     from .recipe import run_recipe
     import torch
     if args.threads is not None: torch.set_num_threads(args.threads)
-    out = args.out or Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out = args.out or Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')  # main() reports it
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _UserError(f'--out {out}: cannot make the run folder there ({e.strerror}); choose another') from e
     start = time.perf_counter()
     res = run_recipe(epochs=args.epochs, bs=args.bs, lr=args.lr, model=args.model, precision=args.precision,
                      out=out, resume=args.resume, seed=args.seed, augment=args.augment, use_tta=args.tta,
                      n_train=args.n_train, n_valid=args.n_valid, summary=args.summary, wd=args.wd,
-                     label_smoothing=args.label_smoothing, drop=args.drop)
+                     label_smoothing=args.label_smoothing, drop=args.drop,
+                     average=None if args.average == 'none' else args.average, ema_decay=args.ema_decay,
+                     target=args.target)
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
     res['threads'] = torch.get_num_threads()
+    from .conv import default_device
+    dev = torch.device(default_device())
+    res['device'] = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev.type
     if getattr(args, 'command_line', None): res['command'] = args.command_line
     (out / 'result.json').write_text(json.dumps(res, indent=2) + '\n')
     print(f"\nTest accuracy: {res['accuracy']:.4f}" + (f"  (with TTA: {res['tta_accuracy']:.4f})"
                                                       if res.get('tta_accuracy') is not None else ''))
+    if res.get('target') is not None:
+        print(f"Time to {res['target']:.1%} test accuracy: " +
+              (f"{res['time_to_target']:.1f} s (after epoch {res['epochs_to_target']})"
+               if res.get('time_to_target') is not None else 'not reached'))
     print(f"Wall time: {res['wall_seconds']} s.  Saved in {out}/: " + ', '.join(sorted(
         p.name for p in out.iterdir())))
     return res

@@ -45,7 +45,9 @@ class TensorBoardCB(Callback):
     skip_in_probes = True
     order = 20
 
-    def __init__(self, log_dir='runs/tb'): self.log_dir, self.step = Path(log_dir), 0
+    def __init__(self, log_dir='runs/tb'):
+        # not `step`: an attribute named like a step would be taken for one on a plain Learner
+        self.log_dir, self.batches_logged, self.writer, self._losses = Path(log_dir), 0, None, []
 
     def before_fit(self, learn):
         try: from torch.utils.tensorboard import SummaryWriter
@@ -61,8 +63,8 @@ class TensorBoardCB(Callback):
         if self.writer is None: return
         if learn.training and self._losses:
             for v in torch.stack(self._losses).float().tolist():
-                self.writer.add_scalar('batch/loss', v, self.step)
-                self.step += 1
+                self.writer.add_scalar('batch/loss', v, self.batches_logged)
+                self.batches_logged += 1
             self._losses = []
         history = getattr(getattr(learn, 'metrics', None), 'history', None)
         if history:
@@ -75,3 +77,4 @@ class TensorBoardCB(Callback):
 
     def cleanup_fit(self, learn):
         if self.writer is not None: self.writer.close()
+        self.writer = None

@@ -105,4 +105,5 @@ class GradAccumCB(Callback):
         if learn.training: self.acc.flush()
 
     def cleanup_fit(self, learn):
-        if isinstance(learn.opt, _AccumulatingOpt): learn.opt = learn.opt.opt
+        opt = getattr(learn, 'opt', None)  # a fit may fail before its optimizer is made
+        if isinstance(opt, _AccumulatingOpt): learn.opt = opt.opt

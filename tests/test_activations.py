@@ -87,8 +87,8 @@ def test_hooks_callback_phases():
 def test_activation_stats_on_fashion_mnist():
     set_seed(0)
     astats = ActivationStats(fc.risinstance(GeneralRelu))
-    learn = TrainLearner(cnn(), fashion_dls(bs=256, n_train=2560, n_valid=512, seed=0), F.cross_entropy, lr=0.2,
-                         cbs=[astats])
+    dls = fashion_dls(bs=256, n_train=2560, n_valid=512, seed=0, device='cpu')  # the model stays on the CPU
+    learn = TrainLearner(cnn(), dls, F.cross_entropy, lr=0.2, cbs=[astats])
     learn.fit(1)
     assert len(astats) == 3
     for h in astats:

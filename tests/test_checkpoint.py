@@ -171,3 +171,26 @@ def test_save_model_cb_keeps_best_and_last(tmp_path):
 def test_report_bad_files():
     "Not a check: prints the errors the bad files got, for the record."
     for k, v in BAD_FILES.items(): print(f'{k}: {v}')
+
+
+def test_tensor_loader_repeats_the_epoch_under_way():
+    "The state taken part-way through an epoch can give that epoch again, in the same order, then the same next ones."
+    from miniai.fashion import TensorDataLoader
+    x = torch.arange(40.)
+    dl = TensorDataLoader(x, x, bs=8, shuffle=True, seed=0)
+    next(iter(dl))
+    it = iter(dl)
+    first = [b[0] for b in [next(it), next(it)]]  # stopped after two batches of epoch 1
+    sd = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in dl.state_dict().items()}
+    rest = [b[0] for b in it] + [b[0] for b in dl]  # the rest of epoch 1, then epoch 2
+    again = TensorDataLoader(x, x, bs=8, shuffle=True, seed=0)
+    again.load_state_dict(sd, repeat_epoch=True)
+    assert again.epochs_drawn == 1
+    replay = [b[0] for b in again] + [b[0] for b in again]
+    assert all(torch.equal(a, b) for a, b in zip(replay, first + rest)) and len(replay) == len(first + rest)
+    plain = TensorDataLoader(x, x, bs=8, shuffle=True, seed=0)
+    plain.load_state_dict(sd)  # without repeat_epoch: the next epoch is epoch 2
+    assert all(torch.equal(a[0], b) for a, b in zip(plain, rest[3:]))
+    with pytest.raises(ValueError, match='no epoch under way'):
+        TensorDataLoader(x, x, bs=8, shuffle=True, seed=0).load_state_dict(
+            TensorDataLoader(x, x, bs=8, shuffle=True, seed=0).state_dict(), repeat_epoch=True)

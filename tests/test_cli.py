@@ -1,15 +1,23 @@
-"""The main job's command line: help, clear errors with exit code 2, a short real run, and resuming it."""
+"""The main job's command line: help, clear errors with exit code 2, a short real run, resuming it, and stopping it
+with SIGTERM or Ctrl-C and going on with the command it prints."""
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from miniai.checkpoint import read_checkpoint
-from miniai.cli import build_parser
+import torch
+
+from miniai.checkpoint import CheckpointError, read_checkpoint
+from miniai.cli import build_parser, main
 from miniai.fashion import find_fashion_mnist
+
+needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 
 
 def cli(*args, timeout=300):
@@ -44,7 +52,8 @@ def test_bad_arguments_exit_2_with_a_message(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(args) if 'resume' not in str(args) else __import__('miniai.cli').cli.main(args)
     assert e.value.code == 2
-    assert msg in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert msg in err and err.startswith('miniai: error: ') and err.count('\n') == 1, err
 
 
 @pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
@@ -110,3 +119,151 @@ def test_recipe_options_reach_the_learner():
     assert not torch.allclose(learn.loss_func(preds, y), F.cross_entropy(preds, y))
     with pytest.raises(ValueError, match=r'label_smoothing must be in \[0, 1\); got 1'):
         make_learner(model, dls, epochs=1, lr=0.1, precision='fp32', label_smoothing=1)
+
+
+# -- errors a user can fix: one line, exit 2; the traceback only on request; bugs keep theirs ---------------------------
+SMALL = ['--epochs', 1, '--bs', 64, '--n-train', 128, '--n-valid', 64, '--model', 'fashion_resnet', '--no-summary',
+         '--no-tta', '--threads', 1]
+
+
+def garbage_file(tmp: Path) -> Path:
+    (tmp / 'bad.ckpt').write_text('not a checkpoint at all')
+    return tmp / 'bad.ckpt'
+
+
+def other_models_checkpoint(tmp: Path) -> Path:
+    from torch import nn
+    from miniai.checkpoint import save_checkpoint
+    from miniai.learner import Learner
+    return save_checkpoint(Learner(nn.Linear(3, 2)), tmp / 'other.ckpt')
+
+
+def data_without_files(tmp: Path, monkeypatch) -> None:
+    (tmp / 'data').mkdir()
+    monkeypatch.setenv('MINIAI_DATA', str(tmp / 'data'))
+
+
+def data_with_a_truncated_file(tmp: Path, monkeypatch) -> None:
+    folder = find_fashion_mnist()
+    (tmp / 'data').mkdir()
+    for name in ('train-images-idx3-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):
+        src = next(p for p in (folder / name, folder / f'{name}.gz') if p.exists())
+        (tmp / 'data' / src.name).symlink_to(src)
+    (tmp / 'data' / 'train-labels-idx1-ubyte').write_bytes(b'\x00\x00\x08\x01\x00\x00\xea\x60' + bytes(100))
+    monkeypatch.setenv('MINIAI_DATA', str(tmp / 'data'))
+
+
+def out_is_a_file(tmp: Path) -> list:
+    (tmp / 'f').write_text('')
+    return ['--out', tmp / 'f']
+
+
+USER_ERRORS = {  # name: (set-up returning extra arguments, what the one line must say)
+    'garbage --resume': (lambda t, m: ['--resume', garbage_file(t)], 'bad.ckpt is not a readable miniai checkpoint'),
+    "another model's checkpoint": (lambda t, m: ['--resume', other_models_checkpoint(t)],
+                                   'other.ckpt was made for another model'),
+    'data folder without the files': (lambda t, m: data_without_files(t, m) or [],
+                                      'lacks train-images-idx3-ubyte, train-labels-idx1-ubyte'),
+    'truncated IDX file': (lambda t, m: data_with_a_truncated_file(t, m) or [],
+                           "train-labels-idx1-ubyte: header says shape (60000,) (60008 bytes) but the file has 108 "
+                           "bytes; truncated. Replace the file (Debian's dataset-fashion-mnist package"),
+    '--out is a file': (lambda t, m: out_is_a_file(t),
+                        'cannot make the run folder there'),
+}
+
+
+@needs_data
+@pytest.mark.parametrize('case', list(USER_ERRORS))
+def test_user_errors_are_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys):
+    setup, says = USER_ERRORS[case]
+    extra = setup(tmp_path, monkeypatch)
+    args = ['train', *SMALL, *(['--out', tmp_path / 'run'] if '--out' not in extra else []), *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('miniai: error: ') and err.count('\n') == 1 and 'Traceback' not in err, err
+    assert says in err, err
+    print(f'\n{case}: {err.strip()}')
+
+
+@needs_data
+@pytest.mark.parametrize('how', ['--debug', 'MINIAI_DEBUG=1'])
+def test_debug_shows_the_traceback_of_user_errors(how, tmp_path, monkeypatch):
+    args = ['train', *SMALL, '--out', tmp_path / 'run', '--resume', garbage_file(tmp_path)]
+    if how == '--debug': args.append('--debug')
+    else: monkeypatch.setenv('MINIAI_DEBUG', '1')
+    with pytest.raises(CheckpointError, match='is not a readable miniai checkpoint'): main(args)
+
+
+def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
+    import miniai.cli
+    def buggy(args): return 1 / 0
+    monkeypatch.setattr(miniai.cli, 'train', buggy)
+    with pytest.raises(ZeroDivisionError): main(['train', '--out', tmp_path])
+    def user_error_and_a_failed_cleanup(args):
+        e = CheckpointError('bad file')
+        e.add_note('while this exception was on its way, `cleanup_fit` also failed: AttributeError: x')
+        raise e
+    monkeypatch.setattr(miniai.cli, 'train', user_error_and_a_failed_cleanup)
+    with pytest.raises(CheckpointError): main(['train', '--out', tmp_path])
+
+
+@needs_data
+def test_user_error_from_a_real_process_has_no_traceback(tmp_path):
+    r = cli('train', *SMALL, '--out', tmp_path / 'run', '--resume', garbage_file(tmp_path), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('miniai: error: ') and 'Traceback' not in r.stderr, r.stderr
+
+
+# -- SIGTERM / Ctrl-C on the real main job --------------------------------------------------------------------------------
+JOB = ['train', '--epochs', 2, '--bs', 64, '--n-train', 384, '--n-valid', 64, '--model', 'seed002_resnet',
+       '--no-summary', '--no-tta', '--threads', 1]
+CPU_ENV = {**os.environ, 'MPLBACKEND': 'Agg', 'CUDA_VISIBLE_DEVICES': ''}  # bitwise equality is promised on CPU
+
+
+def stop_mid_epoch(out: Path, signum: int) -> subprocess.CompletedProcess:
+    "Run the job, send `signum` as soon as its first epoch's checkpoint exists (epoch 1 is starting), wait for it."
+    proc = subprocess.Popen([sys.executable, '-m', 'miniai', *map(str, JOB), '--out', str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=CPU_ENV)
+    deadline = time.time() + 300
+    while not (out / 'last.ckpt').exists() and proc.poll() is None and time.time() < deadline: time.sleep(0.01)
+    proc.send_signal(signum)
+    stdout, stderr = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@needs_data
+def test_sigterm_mid_epoch_then_the_printed_command_ends_bitwise_as_an_uninterrupted_run(tmp_path):
+    full = subprocess.run([sys.executable, '-m', 'miniai', *map(str, JOB), '--out', str(tmp_path / 'full')],
+                          capture_output=True, text=True, env=CPU_ENV, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    r = stop_mid_epoch(tmp_path / 'cut', signal.SIGTERM)
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr, r.stderr
+    ck = read_checkpoint(tmp_path / 'cut' / 'interrupted.ckpt')
+    pos = ck['position']
+    assert pos['epoch'] == 1 and pos['phase'] == 'train' and 0 < pos['batch'] < pos['n_batches'] == 6, pos
+    assert (f"miniai: stopped by SIGTERM in epoch 1, after {pos['batch']} of its 6 training batches; saved to "
+            f"{tmp_path / 'cut' / 'interrupted.ckpt'}") in r.stderr
+    command = next(l for l in r.stderr.splitlines() if l.startswith('miniai: to continue: ')).split(': ', 2)[2]
+    args = shlex.split(command)
+    assert args[:3] == ['python', '-m', 'miniai'] and args[-2:] == ['--resume', str(tmp_path / 'cut' / 'interrupted.ckpt')]
+    go_on = subprocess.run([sys.executable, *args[1:]], capture_output=True, text=True, env=CPU_ENV, timeout=300)
+    assert go_on.returncode == 0, go_on.stderr[-2000:]
+    a, b = (read_checkpoint(tmp_path / d / 'final.ckpt')['model'] for d in ('full', 'cut'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), 'continued weights differ'
+    rows = [l.split(',')[2:4] for l in (tmp_path / 'cut' / 'metrics.csv').read_text().splitlines()[1:]]
+    assert rows == [['0', 'train'], ['0', 'eval'], ['1', 'train'], ['1', 'eval']], 'one row per epoch and stage'
+    print(f'\nSIGTERM after batch {pos["batch"]}/6 of epoch 1, continued with: {command}\n'
+          f'final weights: all {len(a)} tensors bitwise equal to the uninterrupted run')
+
+
+@needs_data
+def test_ctrl_c_mid_epoch_saves_and_exits_130(tmp_path):
+    r = stop_mid_epoch(tmp_path / 'run', signal.SIGINT)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert 'Traceback' not in r.stderr and 'KeyboardInterrupt' not in r.stderr, r.stderr
+    assert 'miniai: SIGINT received: stopping after this batch' in r.stderr
+    assert f"saved to {tmp_path / 'run' / 'interrupted.ckpt'}" in r.stderr
+    assert read_checkpoint(tmp_path / 'run' / 'interrupted.ckpt')['position']['epoch'] == 1
+    assert '--resume ' + str(tmp_path / 'run' / 'interrupted.ckpt') in r.stderr

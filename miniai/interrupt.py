@@ -1,0 +1,158 @@
+"""Stopping a run on Ctrl-C or SIGTERM without losing it.
+
+During a fit with `InterruptCB`, SIGINT (Ctrl-C) and SIGTERM (what a cluster's scheduler sends before it kills a
+job) only set a flag; after the batch under way is complete, the callback saves a checkpoint of that exact point
+(weights, optimizer, schedulers, RNGs, the data order of the epoch and the batch within it) and raises `Interrupted`.
+`fit(n, resume=path)` then goes on to the very weights an uninterrupted run ends with. A second signal while the
+checkpoint is written waits for it (the file is never left half-written); a second signal at any other time stops at
+once, without saving. `SignalGuard` keeps the handlers for a whole script (the command line uses it), so that a
+signal before or after the fit stops the script with `Interrupted` too, not with a traceback or without a word.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from .callback import Callback
+from .checkpoint import rng_snapshot, save_mid_epoch
+
+__all__ = ['Interrupted', 'SignalGuard', 'InterruptCB', 'active_guard', 'signal_name']
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def signal_name(signum: int) -> str:
+    "'SIGINT', 'SIGTERM'... for a signal number."
+    try: return signal.Signals(signum).name
+    except ValueError: return f'signal {signum}'
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by signal `signum`. `where`: 'training' (stopped at a batch boundary and saved to `checkpoint`;
+    `position` says where), 'at once' (a second signal: nothing saved), 'before training' or 'after training'.
+    A `KeyboardInterrupt`, so `except Exception` does not swallow it; `exit_code` is 128 + the signal's number."""
+    def __init__(self, signum: int, where: str, checkpoint: Path | None = None, position: dict | None = None):
+        self.signum, self.where, self.checkpoint, self.position = signum, where, checkpoint, position
+        super().__init__(self.describe())
+
+    @property
+    def exit_code(self) -> int: return 128 + self.signum
+
+    def describe(self) -> str:
+        "Where the run stopped and what was saved, in words."
+        name, pos = signal_name(self.signum), self.position
+        if self.where == 'at once': return f'stopped at once by a second {name}; nothing was saved'
+        if pos is None: return f'stopped by {name} {self.where}'
+        at = (f'after {pos["batch"]} of its {pos["n_batches"]} training batches' if pos['phase'] == 'train'
+              else 'during its validation (its training was done)')
+        return f'stopped by {name} in epoch {pos["epoch"]}, {at}; saved to {self.checkpoint}'
+
+
+def _say(msg: str) -> None:
+    "Print from a signal handler: through sys.stderr (so notebooks show it), or the raw fd if that write is busy."
+    try:
+        sys.stderr.write(f'miniai: {msg}\n')
+        sys.stderr.flush()
+    except (RuntimeError, OSError, ValueError):  # a reentrant write into the buffer the signal interrupted
+        os.write(2, f'miniai: {msg}\n'.encode())
+
+
+_guards: list = []  # the guards in force, innermost last
+
+
+def active_guard() -> SignalGuard | None:
+    "The innermost `SignalGuard` in force, or None."
+    return _guards[-1] if _guards else None
+
+
+class SignalGuard:
+    """A context manager: while in force, SIGINT and SIGTERM ask a fit with `InterruptCB` to stop at the next batch
+    boundary and save; outside such a fit (or at a second signal) they raise `Interrupted` at once. The previous
+    handlers are put back on exit. Signals can only be caught in the main thread: elsewhere it does nothing."""
+    def __init__(self, signals=SIGNALS):
+        self.signals, self._old = tuple(signals), {}
+        self.requested, self.saving, self.training, self.trained = None, False, False, False
+
+    def __enter__(self) -> SignalGuard:
+        if threading.current_thread() is not threading.main_thread():
+            warnings.warn('miniai: signals can only be caught in the main thread; Ctrl-C and SIGTERM will not save '
+                          'a checkpoint here', RuntimeWarning, stacklevel=2)
+            return self
+        for s in self.signals: self._old[s] = signal.signal(s, self._handle)
+        _guards.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._old.items(): signal.signal(s, signal.SIG_DFL if h is None else h)
+        self._old = {}
+        if self in _guards: _guards.remove(self)
+
+    def _handle(self, signum, frame):
+        name = signal_name(signum)
+        if self.saving:
+            _say(f'{name} received while the checkpoint is being written: stopping as soon as it is complete')
+            return
+        if self.training and self.requested is None:
+            self.requested = signum
+            _say(f'{name} received: stopping after this batch and saving a checkpoint (send it again to stop at once, '
+                 f'without saving)')
+            return
+        raise Interrupted(signum, 'at once' if self.training else 'after training' if self.trained
+                          else 'before training')
+
+    @contextmanager
+    def writing(self):
+        "Inside, signals wait: what is being written is finished first."
+        self.saving = True
+        try: yield
+        finally: self.saving = False
+
+
+class InterruptCB(Callback):
+    """On SIGINT or SIGTERM during the fit, finish the batch under way, save a checkpoint of that point to `path` and
+    raise `Interrupted` (see this module's docstring); `fit(n, resume=path)` goes on from there. Uses the `SignalGuard`
+    in force, or puts one in force for the duration of the fit."""
+    order = 90  # after every other after_batch: the batch is complete (metrics, schedulers, records) when it stops
+    skip_in_probes = True  # a probe (lr_find, TTA) is not training: there a signal stops at once, changing nothing
+
+    def __init__(self, path='interrupted.ckpt'):
+        self.path, self._guard, self._own, self._rng = Path(path), None, None, None
+
+    def before_fit(self, learn):
+        self._guard = active_guard()
+        if self._guard is None: self._guard = self._own = SignalGuard().__enter__()
+        self._guard.training, self._rng = True, None
+
+    def before_epoch(self, learn):
+        if learn.training: self._rng = None
+
+    def after_epoch(self, learn):
+        # a stop during this epoch's validation saves the generators as they were when its training ended, so the
+        # resumed run repeats the validation from the same state
+        if learn.training: self._rng = rng_snapshot()
+
+    def after_batch(self, learn):
+        g = self._guard
+        if g is None or g.requested is None: return
+        if getattr(getattr(learn, 'opt', None), 'pending', 0): return  # GradAccumCB: stop once its step is taken
+        with g.writing(): path = save_mid_epoch(learn, self.path, rng=None if learn.training else self._rng)
+        n = len(learn.dls.train)
+        pos = {'epoch': learn.epoch, 'phase': 'train' if learn.training else 'valid', 'n_batches': n,
+               'batch': learn.iter + 1 if learn.training else n}
+        raise Interrupted(g.requested, 'training', path, pos)
+
+    def after_fit(self, learn):
+        g = self._guard
+        if g is not None and g.requested is not None:  # it came after the last batch: the fit is complete
+            raise Interrupted(g.requested, 'after training')
+
+    def cleanup_fit(self, learn):
+        g, own, self._guard, self._own = self._guard, self._own, None, None
+        if g is None: return
+        g.training, g.trained, g.requested = False, True, None
+        if own is not None: own.__exit__(None, None, None)
