@@ -13,9 +13,14 @@ from .callback import Callback, CancelFitException
 from .datasets import show_images
 from .init import BatchTransformCB
 from .learner import Learner, looking
+from .summary import _learner_summary
 
 __all__ = ['RandFlip', 'RandCropPad', 'rand_erase', 'RandErase', 'rand_copy', 'RandCopy', 'augment_cb',
-           'CapturePreds', 'capture_preds', 'show_image_batch', 'tta']
+           'CapturePreds', 'capture_preds', 'show_image_batch', 'tta', 'summary']
+
+#: the course exports `Learner.summary` from this module too, so `summary(learn)` works after `import *` from here
+#: (it is `miniai.summary`'s Learner method; `miniai.summary.summary(model, x)` is the one for a bare model)
+summary = _learner_summary
 
 
 def _check_images(x, where: str):
@@ -125,7 +130,7 @@ def augment_cb(*tfms: nn.Module, on_val: bool = False) -> BatchTransformCB:
 
 class CapturePreds(Callback):
     "Collect every batch's predictions and targets (and inputs, if `inps`), concatenated on the CPU when the fit ends."
-    def __init__(self, inps: bool = False): self.inps = inps
+    def __init__(self, inps: bool = False): self.inps, self.all_preds, self.all_targs, self.all_inps = inps, [], [], []
 
     def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []
 

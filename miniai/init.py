@@ -1,4 +1,5 @@
-"""Initialisation and the layers that make it matter: `GeneralRelu`, `init_weights`, `lsuv_init`, `conv`."""
+"""Initialisation and the layers that make it matter: `GeneralRelu`, `init_weights`, `lsuv_init`, `conv`; the
+course's `get_model`."""
 from __future__ import annotations
 
 import gc
@@ -12,9 +13,10 @@ from torch import nn
 
 from .activations import Hook
 from .callback import Callback
+from .conv import default_device
 
 __all__ = ['clean_ipython_hist', 'clean_tb', 'clean_mem', 'BatchTransformCB', 'GeneralRelu', 'plot_func',
-           'init_weights', 'lsuv_init', 'conv']
+           'init_weights', 'lsuv_init', 'conv', 'get_model']
 
 
 def clean_ipython_hist() -> None:
@@ -117,3 +119,13 @@ def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act=nn.ReLU, norm=None,
     if norm: layers.append(norm(nf))
     if act: layers.append(act())
     return nn.Sequential(*layers)
+
+
+def get_model(act=nn.ReLU, nfs=None, norm=None) -> nn.Sequential:
+    """The course's small CNN for 28x28 images, on `def_device`: a stride-2 `conv` with `act` and `norm` for each
+    step of the widths `nfs` (default [1, 8, 16, 32, 64]), then a stride-2 convolution to 10 channels (bias, no
+    norm, no activation) and `nn.Flatten()`. With the default widths a [N, 1, 28, 28] batch gives [N, 10] logits."""
+    if nfs is None: nfs = [1, 8, 16, 32, 64]
+    layers = [conv(ni, nf, act=act, norm=norm) for ni, nf in zip(nfs, nfs[1:])]
+    head = conv(nfs[-1], 10, act=False, norm=False, bias=True)
+    return nn.Sequential(*layers, head, nn.Flatten()).to(default_device())

@@ -46,7 +46,7 @@ def test_conv_layers_and_bias_default():
 @pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 def test_lsuv_init_reaches_unit_variance_on_real_data():
     torch.manual_seed(0)
-    xb, _ = next(iter(fashion_dls(bs=512, seed=0).train))
+    xb, _ = next(iter(fashion_dls(bs=512, seed=0, device='cpu').train))
     act = lambda: GeneralRelu(leak=0.1, sub=0.4)
     model = nn.Sequential(conv(1, 8, act=act), conv(8, 16, act=act), nn.Flatten())
     for layer in model[:2]:

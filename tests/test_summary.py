@@ -84,7 +84,7 @@ def assert_same(before, model, opt):
 
 @pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 def test_learner_summary_changes_nothing():
-    dls = fashion_dls(bs=128, n_train=1024, n_valid=256, seed=0)
+    dls = fashion_dls(bs=128, n_train=1024, n_valid=256, seed=0, device='cpu')  # the model stays on the CPU
     model = fashion_resnet(nfs=(8, 16, 32), drop=0.5)
     learn = TrainLearner(model, dls, F.cross_entropy, lr=0.1, opt_func=optim.AdamW)
     learn.fit(1, valid=False)  # BatchNorm statistics, AdamW state and gradients all exist now
