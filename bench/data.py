@@ -47,7 +47,7 @@ def main(argv=None):
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--bs', type=int, default=1024)
     a = p.parse_args(argv)
-    dls = fashion_dls(bs=a.bs)
+    dls = fashion_dls(bs=a.bs, device='cpu')  # both loaders serve CPU memory
     fast = dls.train
     slow = course_loader(a.bs, dls.mean, dls.std)
     epoch_seconds(fast)  # warm-up: the first epoch of each pays for page faults and allocator growth

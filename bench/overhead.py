@@ -96,7 +96,7 @@ def run(rounds: int = 5, job: str = 'mlp', with_peers: bool = False) -> list[dic
     "Alternate the contenders on `job` (a key of `JOBS`) for `rounds` counted rounds; one row per contender."
     spec = JOBS[job]
     lr = spec['lr']
-    dls = fashion_dls(bs=spec['bs'], seed=0, n_train=spec['n_train'], n_valid=spec['n_valid'])
+    dls = fashion_dls(bs=spec['bs'], seed=0, n_train=spec['n_train'], n_valid=spec['n_valid'], device='cpu')
     contenders = {'hand-written loop': hand_loop, 'miniai TrainLearner': miniai_loop}
     if with_peers: contenders.update(peers())
     times = {k: [] for k in contenders}

@@ -52,7 +52,7 @@ def main(argv=None):
                         'OpenMP threads waiting for each other')
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
-    dls = fashion_dls(bs=a.bs, n_train=a.bs * (a.steps + 1), n_valid=a.bs, seed=0)
+    dls = fashion_dls(bs=a.bs, n_train=a.bs * (a.steps + 1), n_valid=a.bs, seed=0, device='cpu')  # a CPU benchmark
     times = {k: [] for k in SETTINGS}
     # round 0 is not timed: oneDNN builds its bf16 kernels during the first one to four backward passes of a process,
     # which can take over ten seconds each, so one skipped step per fit is not enough

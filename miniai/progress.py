@@ -3,20 +3,33 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from copy import copy
 
 import fastcore.all as fc
 import torch
 import warnings
 
-with warnings.catch_warnings():  # torcheval's import warns about torch.jit.script, which is not ours to fix
-    warnings.simplefilter('ignore', FutureWarning)
-    from torcheval.metrics import Mean
-
 from .callback import Callback
 from .ranks import is_main_process
 
-__all__ = ['MetricsCB', 'ProgressCB', 'format_time']
+__all__ = ['MetricsCB', 'ProgressCB', 'format_time', 'quiet_torcheval']
+
+
+@contextmanager
+def quiet_torcheval():
+    "Inside, importing torcheval does not print the FutureWarning about `torch.jit.script` that it raises (not ours)."
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+        yield
+
+
+def _mean_metric():
+    """A fresh torcheval `Mean`, imported here rather than at the top: any `torcheval.metrics` import runs that
+    package's `__init__`, which imports torchvision's models for its FID metric (about 1.3 s), so `import
+    miniai.learner` would pay that even where no metric is tracked."""
+    with quiet_torcheval(): from torcheval.metrics.aggregation.mean import Mean
+    return Mean()
 
 
 def format_time(t: float) -> str:
@@ -38,7 +51,7 @@ class MetricsCB(Callback):
         for o in ms: metrics[type(o).__name__] = o
         self.metrics, self.flush_every = metrics, flush_every
         self.all_metrics = copy(metrics)
-        self.all_metrics['loss'] = self.loss = Mean()
+        self.all_metrics['loss'] = self.loss = _mean_metric()
         self.history, self._device = [], None
 
     def _log(self, d: dict) -> None:
@@ -109,7 +122,8 @@ class ProgressCB(Callback):
 
     def __init__(self, plot: bool = False, refresh: float = 0.3):
         self.plot, self.refresh = plot, refresh
-        self.losses, self.val_losses = [], []
+        # made here too, not only in before_fit: cleanup_fit runs even when a fit failed before ours began
+        self.losses, self.val_losses, self._pending, self._header, self._last = [], [], [], None, 0.
 
     def before_fit(self, learn):
         self.silent = not is_main_process()  # with several processes, only rank 0 reports
@@ -151,9 +165,11 @@ class ProgressCB(Callback):
             self._pending = []
 
     def _update_graph(self):
-        if not self.plot: return
+        # the losses are read from the device only to draw them (a read every `refresh` seconds, in notebooks):
+        # in a script or a log they wait for the epoch's end
+        if not (self.plot and self.bars and fc.IN_NOTEBOOK): return
         self._flush()
-        if not (self.bars and fc.IN_NOTEBOOK and self.losses): return
+        if not self.losses: return
         graphs = [[list(range(len(self.losses))), self.losses]]
         if self.val_losses: graphs.append([[x for x, _ in self.val_losses], [v for _, v in self.val_losses]])
         self.mbar.update_graph(graphs)

@@ -15,7 +15,6 @@ from miniai.learner import DeviceCB, Learner, MetricsCB, TrainCB, TrainLearner
 from miniai.sgd import BatchSchedCB
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (none on this machine)')
 
 
 def cnn():
@@ -121,7 +120,7 @@ def test_default_dtype_follows_the_models_device():
         MixedPrecision(torch.float32)
 
 
-@needs_cuda
+@pytest.mark.cuda
 def test_fp16_uses_a_grad_scaler_and_refuses_train_learner():
     model = cnn().cuda()
     mp = MixedPrecision(torch.float16)
