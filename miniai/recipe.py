@@ -12,18 +12,23 @@ from torch import nn, optim
 from .accel import fastest_settings, precision_cbs
 from .activations import set_seed
 from .augment import RandCropPad, RandErase, RandFlip, augment_cb, tta
+from .averaging import WeightAverageCB
 from .checkpoint import SaveModelCB
 from .fashion import fashion_dls
+from .interrupt import InterruptCB
 from .learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
 from .loggers import CSVLoggerCB
-from .resnet import fashion_resnet, seed002_resnet
+from .progress import quiet_torcheval
+from .resnet import fashion_resnet, fashion_resnet9, seed002_resnet
 from .sgd import BatchSchedCB, RecorderCB
+from .timetoacc import TimeToAccuracyCB
 
 __all__ = ['MODELS', 'AUGMENTS', 'augment_for', 'build_model', 'augment_tfms', 'make_learner', 'run_recipe', 'plot_run']
 
 MODELS = {'fashion_resnet': partial(fashion_resnet, drop=0.1),
           'fashion_resnet_wide': partial(fashion_resnet, nfs=(32, 64, 128, 256, 512, 512), drop=0.1),
-          'seed002_resnet': partial(seed002_resnet, act=nn.ReLU, norm=nn.BatchNorm2d, pool=True)}
+          'seed002_resnet': partial(seed002_resnet, act=nn.ReLU, norm=nn.BatchNorm2d, pool=True),
+          'resnet9': partial(fashion_resnet9, c=64), 'resnet9_small': partial(fashion_resnet9, c=32)}
 
 
 AUGMENTS = {'none': lambda: [], 'flip': lambda: [RandFlip()],
@@ -57,9 +62,12 @@ def augment_tfms(augment: str | bool, epochs: int | None = None) -> list[nn.Modu
 
 
 def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: str | bool = 'full',
-                 out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0.) -> tuple[TrainLearner, str]:
-    "The recipe's Learner: AdamW with a one-cycle schedule and the chosen callbacks; returns it and the precision."
-    from torcheval.metrics import MulticlassAccuracy
+                 out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0., average: str | None = None,
+                 ema_decay: float = 0.999, target: float | None = None) -> tuple[TrainLearner, str]:
+    """The recipe's Learner: AdamW with a one-cycle schedule and the chosen callbacks; returns it and the precision.
+    `average` ('ema' or 'swa') validates on averaged weights (`WeightAverageCB`); `target` notes when the validation
+    accuracy first reaches it (`TimeToAccuracyCB`)."""
+    with quiet_torcheval(): from torcheval.metrics import MulticlassAccuracy
     if precision == 'auto': precision, why = fastest_settings()
     else: why = 'chosen on the command line'
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
@@ -67,6 +75,9 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
            RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]
     if tfms := augment_tfms(augment, epochs): cbs.append(augment_cb(*tfms))
     if out is not None: cbs += [SaveModelCB(out, monitor='accuracy', every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
+    if out is not None: cbs.append(InterruptCB(out / 'interrupted.ckpt'))  # Ctrl-C/SIGTERM: save there and stop
+    if average is not None: cbs.append(WeightAverageCB(average, decay=ema_decay))
+    if target is not None: cbs.append(TimeToAccuracyCB(target))
     opt = partial(optim.AdamW, eps=1e-5, weight_decay=wd)
     if not 0 <= label_smoothing < 1: raise ValueError(f'label_smoothing must be in [0, 1); got {label_smoothing}')
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
@@ -97,23 +108,28 @@ def plot_run(learn: TrainLearner, out: Path) -> list[Path]:
 def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'fashion_resnet_wide',
                precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
                augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
-               wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None) -> dict:
+               wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = None,
+               ema_decay: float = 0.999, target: float | None = 0.94) -> dict:
     "Train, evaluate (with TTA) and save under `out`; returns the final metrics."
     out = Path(out)
     set_seed(seed)
     dls = fashion_dls(bs=bs, n_train=n_train, n_valid=n_valid, seed=seed)
     if augment == 'auto': augment = augment_for(epochs)
     learn, chosen = make_learner(build_model(model, drop), dls, epochs, lr, precision, augment, out, wd=wd,
-                                 label_smoothing=label_smoothing)
+                                 label_smoothing=label_smoothing, average=average, ema_decay=ema_decay, target=target)
     tfms = ', '.join(type(t).__name__ for t in augment_tfms(augment)) or 'none'
     print(f'Model: {model}; precision: {chosen}; batch {bs}, {epochs} epochs, one-cycle AdamW at lr {lr}, weight '
-          f'decay {wd}; label smoothing {label_smoothing}; augmentation: {tfms}; seed {seed}')
+          f'decay {wd}; label smoothing {label_smoothing}; augmentation: {tfms}; seed {seed}'
+          + {None: '', 'ema': f'; EMA of the weights (decay {ema_decay})', 'swa': '; SWA over the last quarter'}[average])
     if summary: print(learn.summary(), '\n', sep='')
     learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
     res = {'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
            'augment': augment, 'wd': wd, 'label_smoothing': label_smoothing, 'drop': drop,
-           'accuracy': last['accuracy'], 'loss': last['loss']}
+           'average': average, 'accuracy': last['accuracy'], 'loss': last['loss']}
+    if (clock := next((cb for cb in learn.cbs if isinstance(cb, TimeToAccuracyCB)), None)) is not None:
+        res.update(target=target, time_to_target=None if clock.reached is None else clock.reached['seconds'],
+                   epochs_to_target=None if clock.reached is None else clock.reached['epoch'] + 1, curve=clock.curve)
     if use_tta: res['tta_accuracy'] = tta(learn)['tta_accuracy']
     learn.save(out / 'final.ckpt')
     plot_run(learn, out)

@@ -8,7 +8,7 @@ from torch import nn
 
 from .init import GeneralRelu, conv
 
-__all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_resnet', 'BasicBlock', 'Bottleneck',
+__all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_resnet', 'fashion_resnet9', 'BasicBlock', 'Bottleneck',
            'ResNet', 'resnet18', 'resnet34', 'resnet50']
 
 act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
@@ -56,6 +56,29 @@ def seed002_resnet(act=nn.ReLU, nfs=(8, 16, 32, 64, 128, 256), norm=None, pool: 
     head = ([GlobalAvgPool(), nn.Flatten(), nn.Linear(nfs[-1], 10)] if pool else
             [conv(nfs[-1], 10, act=None, norm=False, bias=True), nn.Flatten()])
     return nn.Sequential(*layers, *head)
+
+
+def _cbr(ni, nf): return nn.Sequential(nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
+
+
+class _Residual(nn.Module):
+    "`x + f(x)` with `f` two 3x3 conv-BN-ReLU layers of `nf` channels."
+    def __init__(self, nf: int):
+        super().__init__()
+        self.f = nn.Sequential(_cbr(nf, nf), _cbr(nf, nf))
+
+    def forward(self, x): return x + self.f(x)
+
+
+def fashion_resnet9(c: int = 64, drop: float = 0., in_channels: int = 1, n_classes: int = 10) -> nn.Sequential:
+    """A ResNet-9 as in the fast CIFAR-10 training records, sized for 28x28 images: a stem of `c` channels, then
+    three stages that double the channels and max-pool (28 -> 14 -> 7 -> 3), with a residual pair of convolutions
+    after the first and the last; global max pooling, dropout and a bias-free linear head followed by BatchNorm.
+    Most of its work is at 14x14 and below, so it is cheap per image for its width (see `learn.summary()`)."""
+    return nn.Sequential(_cbr(in_channels, c), _cbr(c, 2 * c), nn.MaxPool2d(2), _Residual(2 * c),
+                         _cbr(2 * c, 4 * c), nn.MaxPool2d(2), _cbr(4 * c, 8 * c), nn.MaxPool2d(2), _Residual(8 * c),
+                         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(drop),
+                         nn.Linear(8 * c, n_classes, bias=False), nn.BatchNorm1d(n_classes))
 
 
 def _cbn(ni, nf, ks, stride, act=True):
