@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from .callback import Callback
 from .compile import CompileCB
-from .conv import to_device
+from .conv import default_device, to_device
 from .learner import DeviceCB, TrainCB
 from .ranks import world_size
 
@@ -149,7 +149,7 @@ def fastest_plan(device=None, epochs: int | None = None) -> SpeedPlan:
     """The fastest safe settings for training on `device` (default: the best available) for `epochs` epochs, each
     with its reason: precision and memory format (`fastest_settings`), AdamW's implementation, whether to compile
     (only where the measured speed-up repays the compile time within `epochs`), and where the data lives."""
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = torch.device(device or default_device())
     precision, why_p = fastest_settings(device)
     cl = precision.endswith('-cl') or precision == 'channels-last'
     why = {'precision': why_p,
@@ -179,7 +179,7 @@ def fastest_plan(device=None, epochs: int | None = None) -> SpeedPlan:
 
 def fastest_settings(device=None) -> tuple[str, str]:
     "The fastest safe precision setting for `device` (default: the best available) and why, e.g. ('bf16-cl', '...')."
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = torch.device(device or default_device())  # MINIAI_DEVICE=cpu on a GPU machine plans for the CPU
     if device.type == 'cuda':
         if torch.cuda.is_bf16_supported(): return 'bf16-cl', 'CUDA GPU with bf16: bf16 autocast + channels-last'
         return 'fp16', 'CUDA GPU without bf16: fp16 autocast with loss scaling'

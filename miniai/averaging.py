@@ -22,6 +22,7 @@ class WeightAverageCB(Callback):
     average follows the weights). Each validation epoch runs on the average, the training weights coming back after
     it; with `keep=True` the average becomes the model's weights at the end of the fit (for TTA, export, `final.ckpt`).
     """
+    resume_needs_state = True  # a resumed fit without it would go on without the average: warned of
     order = 25  # swaps back after SaveModelCB (20): a checkpoint holds the weights its metrics were measured on
 
     def __init__(self, mode: str = 'ema', decay: float = 0.999, start: float = 0.75, keep: bool = True):

@@ -116,12 +116,17 @@ def _cb_states(learn) -> dict:
     return {k: cb.checkpoint_state() for k, cb in _cb_keys(learn).items()}
 
 
-def _load_cb_states(learn, states: dict | None, path) -> None:
-    "Hand each callback its saved state; a state saved by a callback this fit lacks is named in a warning."
+def _cbs_needed(learn) -> list:
+    "The callbacks (by `_cb_keys` name) whose state the training itself goes on from (`resume_needs_state`)."
+    return [k for k, cb in _cb_keys(learn).items() if getattr(cb, 'resume_needs_state', False)]
+
+
+def _load_cb_states(learn, states: dict | None, path, needed=()) -> None:
+    "Hand each callback its saved state; one the training needs, saved by a callback this fit lacks, is warned of."
     cbs = _cb_keys(learn)
     for k, st in (states or {}).items():
         if k in cbs: cbs[k].load_checkpoint_state(st)
-        elif st is not None:
+        elif st is not None and k in (needed or ()):
             warnings.warn(f'{path} holds the state of a {k.split(".")[0]}, which this fit does not have: it is not '
                           f'used (add the same callback to go on exactly)')
 
@@ -143,7 +148,7 @@ def save_checkpoint(learn: Learner, path, **extra) -> Path:
              'scheds': [cb.schedo.state_dict() for cb in _sched_cbs(learn)], 'rng': _rng(),
              'data': learn.dls.train.state_dict() if hasattr(getattr(learn.dls, 'train', None), 'state_dict') else None,
              'history': getattr(getattr(learn, 'metrics', None), 'history', None), 'amp': _amp_states(learn),
-             'callbacks': _cb_states(learn), **extra}
+             'callbacks': _cb_states(learn), 'callbacks_needed': _cbs_needed(learn), **extra}
     tensors = {}
     meta = _encode(state, 'ckpt', tensors)
     _atomic_save(tensors, meta, path)
@@ -255,12 +260,16 @@ class ResumeCB(Callback):
             self._mid = (*_resume_mid_epoch(learn, ck, self.path), ck['position']['phase'])
         else:
             done = -1 if ck['epoch'] is None else ck['epoch']
+            if done + 1 >= learn.n_epochs > 0:
+                raise CheckpointError(f'{self.path} was saved after epoch {done + 1} of a {learn.n_epochs}-epoch fit: '
+                                      f'that run is complete, nothing is left to resume (its weights are in the file: '
+                                      f'learn.load it, or start a new run to train more)')
             learn.epochs = range(done + 1, learn.n_epochs)
             if ck.get('data') is not None and hasattr(learn.dls.train, 'load_state_dict'):
                 learn.dls.train.load_state_dict(ck['data'])
         set_rng_state(ck['rng'])
         _load_amp_states(learn, ck.get('amp'), self.path)
-        _load_cb_states(learn, ck.get('callbacks'), self.path)
+        _load_cb_states(learn, ck.get('callbacks'), self.path, ck.get('callbacks_needed'))
         self._pending = True
 
     def before_epoch(self, learn):
@@ -320,13 +329,18 @@ class SaveModelCB(Callback):
 
     def after_epoch(self, learn):
         if learn.training and learn.phases[1]: return  # decide once the epoch's validation is in
+        v = monitor_value(learn, self.monitor) if self.save_best else None
+        better = v is not None and (self.best is None or (v < self.best if self.mode == 'min' else v > self.best))
+        if better: self.best = v  # before saving last.ckpt, so that a run resumed from it knows this epoch's value
         if self.every_epoch: learn.save(self.dir / 'last.ckpt')
-        if not self.save_best: return
-        v = monitor_value(learn, self.monitor)
-        if v is None: return
-        if self.best is None or (v < self.best if self.mode == 'min' else v > self.best):
-            self.best = v
-            learn.save(self.dir / 'best.ckpt', best={'monitor': self.monitor, 'value': v})
+        if better: learn.save(self.dir / 'best.ckpt', best={'monitor': self.monitor, 'value': v})
+
+    def checkpoint_state(self) -> dict:
+        "The best value so far: a resumed run overwrites best.ckpt only when it beats the run before the stop."
+        return {'monitor': self.monitor, 'best': self.best}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        if state.get('monitor') == self.monitor: self.best = state.get('best')
 
 
 Learner.save = _learn_save

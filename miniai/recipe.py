@@ -16,7 +16,7 @@ from .averaging import WeightAverageCB
 from .checkpoint import SaveModelCB
 from .fashion import fashion_dls
 from .interrupt import InterruptCB
-from .learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
+from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 from .loggers import CSVLoggerCB
 from .progress import quiet_torcheval
 from .resnet import fashion_resnet, fashion_resnet9, seed002_resnet
@@ -63,10 +63,11 @@ def augment_tfms(augment: str | bool, epochs: int | None = None) -> list[nn.Modu
 
 def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: str | bool = 'full',
                  out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0., average: str | None = None,
-                 ema_decay: float = 0.999, target: float | None = None) -> tuple[TrainLearner, str]:
+                 ema_decay: float = 0.999, target: float | None = None) -> tuple[Learner, str]:
     """The recipe's Learner: AdamW with a one-cycle schedule and the chosen callbacks; returns it and the precision.
     `average` ('ema' or 'swa') validates on averaged weights (`WeightAverageCB`); `target` notes when the validation
-    accuracy first reaches it (`TimeToAccuracyCB`)."""
+    accuracy first reaches it (`TimeToAccuracyCB`). A plain `Learner` whose steps come from `MixedPrecision` when the
+    precision has one (fp16 on a GPU needs its loss-scaled backward and step), else from `TrainCB`."""
     with quiet_torcheval(): from torcheval.metrics import MulticlassAccuracy
     if precision == 'auto': precision, why = fastest_settings()
     else: why = 'chosen on the command line'
@@ -81,10 +82,11 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     opt = partial(optim.AdamW, eps=1e-5, weight_decay=wd)
     if not 0 <= label_smoothing < 1: raise ValueError(f'label_smoothing must be in [0, 1); got {label_smoothing}')
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
-    return TrainLearner(model, dls, loss, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
+    if not any(isinstance(cb, TrainCB) for cb in cbs): cbs.append(TrainCB())  # MixedPrecision is a TrainCB
+    return Learner(model, dls, loss, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
 
 
-def plot_run(learn: TrainLearner, out: Path) -> list[Path]:
+def plot_run(learn: Learner, out: Path) -> list[Path]:
     "Save the loss curves and the learning-rate schedule of the last fit as PNGs in `out`."
     prog = next(cb for cb in learn.cbs if isinstance(cb, ProgressCB))
     rec = next(cb for cb in learn.cbs if isinstance(cb, RecorderCB))

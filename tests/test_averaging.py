@@ -129,7 +129,7 @@ def test_resume_continues_the_average_and_the_clock_exactly(tmp_path, where):
     learn.fit(3, cbs=[StopAt(1, mid if where == 'during validation' else None)])
     ck = mid if where == 'during validation' else tmp_path / 'last.ckpt'
     saved = read_checkpoint(ck)['callbacks']
-    assert set(saved) == {'WeightAverageCB', 'TimeToAccuracyCB'}
+    assert set(saved) == {'WeightAverageCB', 'TimeToAccuracyCB', 'SaveModelCB'}
     # saved at or during validation: the file's model is the evaluated average, the training weights ride along
     model_saved = read_checkpoint(ck)['model']
     assert saved['WeightAverageCB']['training'] is not None
@@ -149,8 +149,9 @@ def test_resume_continues_the_average_and_the_clock_exactly(tmp_path, where):
 
 def test_a_saved_average_without_its_callback_is_named_in_a_warning(tmp_path):
     learner(WeightAverageCB(), SaveModelCB(tmp_path, every_epoch=True)).fit(1)
-    with pytest.warns(UserWarning, match='holds the state of a WeightAverageCB, which this fit does not have'):
+    with pytest.warns(UserWarning, match='holds the state of a WeightAverageCB, which this fit does not have') as got:
         learner().fit(2, resume=tmp_path / 'last.ckpt')
+    assert not [w for w in got if 'SaveModelCB' in str(w.message)], 'only state the training goes on from is warned of'
 
 
 def test_time_to_accuracy_reports_the_first_epoch_at_target(capsys):

@@ -194,3 +194,36 @@ def test_tensor_loader_repeats_the_epoch_under_way():
     with pytest.raises(ValueError, match='no epoch under way'):
         TensorDataLoader(x, x, bs=8, shuffle=True, seed=0).load_state_dict(
             TensorDataLoader(x, x, bs=8, shuffle=True, seed=0).state_dict(), repeat_epoch=True)
+
+
+def _tiny_learner(*cbs):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    from miniai.fashion import TensorDataLoader
+    dls = DataLoaders(TensorDataLoader(x[:48], y[:48], 16, shuffle=True, seed=0), TensorDataLoader(x[48:], y[48:], 16))
+    return TrainLearner(nn.Linear(4, 2), dls, F.cross_entropy, 0.1, cbs=[MetricsCB(), *cbs], opt_func=optim.SGD)
+
+
+def test_resumed_run_keeps_the_best_value_so_far(tmp_path):
+    "Before, the first epoch after a resume always overwrote best.ckpt, however bad: the best value was forgotten."
+    from miniai.callback import Callback, CancelFitException
+    class StopAfter(Callback):
+        order = 95
+        def after_epoch(self, learn):
+            if not learn.training and learn.epoch == 1: raise CancelFitException()
+    saver = SaveModelCB(tmp_path, every_epoch=True)
+    _tiny_learner(saver).fit(4, cbs=[StopAfter()])
+    best = saver.best
+    assert read_checkpoint(tmp_path / 'last.ckpt')['callbacks']['SaveModelCB'] == {'monitor': 'valid loss', 'best': best}
+    seen = []
+    class Look(Callback):
+        def before_epoch(self, learn): seen.append(fresh.best)
+    fresh = SaveModelCB(tmp_path, every_epoch=True)
+    _tiny_learner(fresh, Look()).fit(4, resume=tmp_path / 'last.ckpt')
+    assert seen[0] == best, 'the resumed fit must start from the best value before the stop'
+
+
+def test_resuming_a_finished_run_says_it_is_finished(tmp_path):
+    _tiny_learner(SaveModelCB(tmp_path, every_epoch=True)).fit(2)
+    with pytest.raises(CheckpointError, match=r'saved after epoch 2 of a 2-epoch fit: that run is complete'):
+        _tiny_learner().fit(2, resume=tmp_path / 'last.ckpt')

@@ -64,3 +64,31 @@ def test_gpu_without_bf16_gets_fp16_and_no_channels_last(fake_gpu):
 def test_other_devices_get_foreach_adamw():
     plan = fastest_plan('meta')
     assert plan.optimizer == 'foreach' and plan.opt_kwargs() == {'foreach': True} and plan.precision == 'fp32'
+
+
+def test_miniai_device_cpu_on_a_gpu_machine_plans_for_the_cpu(fake_gpu, monkeypatch):
+    fake_gpu(bf16=False)
+    monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: True)
+    monkeypatch.setenv('MINIAI_DEVICE', 'cpu')
+    assert fastest_settings()[0] == 'bf16-cl' and fastest_plan().device == 'cpu'
+    monkeypatch.delenv('MINIAI_DEVICE')
+    assert fastest_settings()[0] == 'fp16' and fastest_plan().device == 'cuda'
+
+
+def test_the_main_job_trains_in_fp16_on_a_gpu_without_bf16(monkeypatch, recwarn):
+    "A T4 (Colab's GPU) has no bf16: the main job's Learner must let MixedPrecision scale the loss, not refuse."
+    from miniai.datasets import DataLoaders
+    from miniai.fashion import TensorDataLoader
+    from miniai.learner import TrainCB
+    from miniai.recipe import make_learner
+    monkeypatch.setattr(accel, '_device_of', lambda m: torch.device('cuda'))  # MixedPrecision believes it is on CUDA
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    dls = DataLoaders(TensorDataLoader(x, y, 16), TensorDataLoader(x, y, 16))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    learn, chosen = make_learner(model, dls, epochs=1, lr=1e-2, precision='fp16', augment='none')
+    learn.cbs = [cb for cb in learn.cbs if type(cb).__name__ != 'DeviceCB']  # the data stays where it is
+    assert chosen.startswith('fp16') and [type(cb) for cb in learn.cbs if isinstance(cb, TrainCB)] == [MixedPrecision]
+    before = model[1].weight.detach().clone()
+    learn.fit(1)  # a TrainLearner here raised "MixedPrecision(fp16) scales the loss in its own backward and step"
+    mp = next(cb for cb in learn.cbs if isinstance(cb, MixedPrecision))
+    assert mp.scaler is not None and not torch.equal(before, model[1].weight)
