@@ -4,7 +4,8 @@
 
 Two jobs on Fashion-MNIST, each one epoch of training and validation:
 - mlp: the 784-128-10 MLP at batch 64, SGD, fp32 (where the framework's per-batch work shows most);
-- resnet: the main job's model (`build_model('fashion_resnet_wide')`) at batch 256, AdamW, bf16 autocast and
+- resnet: the wide ResNet (`build_model('fashion_resnet_wide')`, the main job's model before issue 15) at batch 256,
+  AdamW, bf16 autocast and
   channels-last (what `make train` runs on a GPU with bf16).
 Four contenders per job, alternated round by round in one process so noise hits all alike: the hand loop and the
 Learner (`DeviceCB`, `MetricsCB`, `ProgressCB`), each with the data kept on the GPU (`fashion_dls()`, the default)
@@ -53,7 +54,7 @@ def make_resnet() -> nn.Module:
 JOBS = {'mlp': dict(model=make_mlp, bs=64, opt=optim.SGD, lr=0.1, fast=False,
                     title='784-128-10 MLP, batch 64, SGD, fp32'),
         'resnet': dict(model=make_resnet, bs=256, opt=optim.AdamW, lr=1e-3, fast=True,
-                       title="main job's model `fashion_resnet_wide`, batch 256, AdamW, bf16 + channels-last")}
+                       title="the wide ResNet `fashion_resnet_wide`, batch 256, AdamW, bf16 + channels-last")}
 
 
 def hand_loop(model, dls, spec, device) -> float:

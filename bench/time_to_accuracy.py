@@ -77,23 +77,25 @@ def collect(runs: Path) -> list[dict]:
 def _t(s) -> str: return '-' if s is None else f'{s:.0f} s' if s < 600 else f'{s / 60:.1f} min'
 
 
-def table(results: list[dict], target: float = TARGET) -> str:
+def table(results: list[dict], target: float = TARGET, notes: str = '') -> str:
     lines = [f'# Time to {target:.0%}: Fashion-MNIST test accuracy (10,000 images, no TTA), training on the 60,000', '',
              'Written by `python -m bench.time_to_accuracy`. Time runs from the start of `fit` (data already loaded,',
              'summary printed) to the end of the first epoch whose test accuracy reaches the target; it includes',
-             'validation and checkpoints. `device` is where the run trained; `threads` is torch\'s CPU thread count.', '',
+             'validation and checkpoints. `device` is where the run trained; `threads` is torch\'s CPU thread',
+             'count.', '',
              f'| recipe | seed | device | threads | epochs | time to {target:.0%} | at epoch | final accuracy | '
              f'best accuracy | wall time | command |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in results:
         curve = r.get('curve') or []
         best = max((c['accuracy'] for c in curve), default=r['accuracy'])
         reached = r.get('time_to_target')
-        lines.append(f"| {r['recipe']} | {r['seed']} | {r.get('device', '?')} | {r.get('threads', '?')} | {r['epochs']} | "
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r.get('device', '?')} | {r.get('threads', '?')} | "
+                     f"{r['epochs']} | "
                      f"{_t(reached) if reached is not None else 'not reached'} | {r.get('epochs_to_target') or '-'} | "
                      f"{100 * r['accuracy']:.2f}% | {100 * best:.2f}% | {_t(r.get('wall_seconds'))} | "
                      f"`{r.get('command', '?')}` |")
     lines += ['', 'Recipes:', ''] + [f'- **{n}**: {d}' for n, (d, _, _) in RECIPES.items()]
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines) + '\n' + ('\n' + notes.strip() + '\n' if notes.strip() else '')
 
 
 def chart(results: list[dict], path: Path, target: float = TARGET) -> Path:
@@ -121,6 +123,8 @@ def main(argv=None):
     p.add_argument('--only', action='append', choices=list(RECIPES), help='run only this recipe (repeatable)')
     p.add_argument('--collect', action='store_true', help='run nothing; rewrite the table and chart')
     p.add_argument('--tiny', action='store_true', help='a smoke run on 1,024 images to target 50%% (for tests)')
+    p.add_argument('--notes', type=Path, default=None,
+                   help='a Markdown file appended under the table (default: results/time_to_accuracy_notes.md)')
     p.add_argument('--threads', type=int, default=None, help="torch's CPU threads for each run (default: torch's)")
     p.add_argument('--runs', type=Path, default=None, help=f'where the runs go (default {RUNS})')
     p.add_argument('--results', type=Path, default=None, help=f'where the table and chart go (default {RESULTS})')
@@ -134,7 +138,8 @@ def main(argv=None):
     if not results: raise SystemExit(f'no finished runs under {runs}')
     target = 0.5 if a.tiny else TARGET
     results_dir.mkdir(parents=True, exist_ok=True)
-    md = table(results, target)
+    notes = a.notes or (results_dir / 'time_to_accuracy_notes.md')
+    md = table(results, target, notes.read_text() if notes.is_file() and not a.tiny else '')
     (results_dir / 'time_to_accuracy.md').write_text(md)
     chart(results, results_dir / 'time_to_accuracy.png', target)
     print(md)

@@ -23,6 +23,7 @@ class WeightAverageCB(Callback):
     it; with `keep=True` the average becomes the model's weights at the end of the fit (for TTA, export, `final.ckpt`).
     """
     resume_needs_state = True  # a resumed fit without it would go on without the average: warned of
+    skip_in_probes = True  # lr_find or TTA must not restart the average (after the fit the model holds it anyway)
     order = 25  # swaps back after SaveModelCB (20): a checkpoint holds the weights its metrics were measured on
 
     def __init__(self, mode: str = 'ema', decay: float = 0.999, start: float = 0.75, keep: bool = True):

@@ -109,7 +109,8 @@ def _cb_keys(learn) -> dict:
     "The callbacks that keep state in checkpoints (`checkpoint_state`), by class name (numbered when repeated)."
     own = [cb for cb in learn.cbs if callable(getattr(cb, 'checkpoint_state', None))]
     names = [type(cb).__name__ for cb in own]
-    return {(n if names.count(n) == 1 else f'{n}.{names[:i].count(n)}'): cb for i, (n, cb) in enumerate(zip(names, own))}
+    return {(n if names.count(n) == 1 else f'{n}.{names[:i].count(n)}'): cb
+            for i, (n, cb) in enumerate(zip(names, own))}
 
 
 def _cb_states(learn) -> dict:

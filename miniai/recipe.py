@@ -107,10 +107,10 @@ def plot_run(learn: Learner, out: Path) -> list[Path]:
     return paths
 
 
-def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'fashion_resnet_wide',
+def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'resnet9_small',
                precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
                augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
-               wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = None,
+               wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = 'ema',
                ema_decay: float = 0.999, target: float | None = 0.94) -> dict:
     "Train, evaluate (with TTA) and save under `out`; returns the final metrics."
     out = Path(out)
@@ -122,7 +122,8 @@ def run_recipe(epochs: int = 5, bs: int = 256, lr: float = 1e-2, model: str = 'f
     tfms = ', '.join(type(t).__name__ for t in augment_tfms(augment)) or 'none'
     print(f'Model: {model}; precision: {chosen}; batch {bs}, {epochs} epochs, one-cycle AdamW at lr {lr}, weight '
           f'decay {wd}; label smoothing {label_smoothing}; augmentation: {tfms}; seed {seed}'
-          + {None: '', 'ema': f'; EMA of the weights (decay {ema_decay})', 'swa': '; SWA over the last quarter'}[average])
+          + {None: '', 'ema': f'; EMA of the weights (decay {ema_decay})',
+             'swa': '; SWA over the last quarter'}[average])
     if summary: print(learn.summary(), '\n', sep='')
     learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]

@@ -8,7 +8,8 @@ from torch import nn
 
 from .init import GeneralRelu, conv
 
-__all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_resnet', 'fashion_resnet9', 'BasicBlock', 'Bottleneck',
+__all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_resnet', 'fashion_resnet9', 'BasicBlock',
+           'Bottleneck',
            'ResNet', 'resnet18', 'resnet34', 'resnet50']
 
 act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)

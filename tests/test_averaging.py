@@ -187,6 +187,16 @@ def test_the_main_job_reports_time_to_target_with_ema_on_fashion_mnist(tmp_path)
     assert res['average'] == 'ema' and res['target'] == 0.5 and len(res['curve']) == 2
     assert res['curve'][-1]['accuracy'] == pytest.approx(res['accuracy'])
     assert res['time_to_target'] is not None, res['curve']  # 1024 images of Fashion-MNIST get past 50% in 2 epochs
-    assert f"Time to 50.0% test accuracy: {res['time_to_target']:.1f} s (after epoch {res['epochs_to_target']})" in r.stdout
+    said = f"Time to 50.0% test accuracy: {res['time_to_target']:.1f} s (after epoch {res['epochs_to_target']})"
+    assert said in r.stdout
     final = read_checkpoint(out / 'final.ckpt')
     assert 'WeightAverageCB' in final['callbacks']
+
+
+def test_a_probe_after_the_fit_leaves_the_average_alone():
+    avg = WeightAverageCB('ema', decay=0.9)
+    learn = learner(avg)
+    learn.fit(2)
+    n, kept = avg.n, [a.clone() for a in avg.avg]
+    learn.lr_find(max_mult=3)
+    assert avg.n == n and all(torch.equal(a, b) for a, b in zip(avg.avg, kept))

@@ -214,7 +214,8 @@ def test_resumed_run_keeps_the_best_value_so_far(tmp_path):
     saver = SaveModelCB(tmp_path, every_epoch=True)
     _tiny_learner(saver).fit(4, cbs=[StopAfter()])
     best = saver.best
-    assert read_checkpoint(tmp_path / 'last.ckpt')['callbacks']['SaveModelCB'] == {'monitor': 'valid loss', 'best': best}
+    saved = read_checkpoint(tmp_path / 'last.ckpt')['callbacks']['SaveModelCB']
+    assert saved == {'monitor': 'valid loss', 'best': best}
     seen = []
     class Look(Callback):
         def before_epoch(self, learn): seen.append(fresh.best)
