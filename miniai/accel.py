@@ -15,6 +15,7 @@ from .compile import CompileCB
 from .conv import default_device, to_device
 from .learner import DeviceCB, TrainCB
 from .ranks import world_size
+from .state import match_state_layout
 
 __all__ = ['MixedPrecision', 'ChannelsLastCB', 'cpu_has_bf16', 'fastest_settings', 'precision_cbs', 'SpeedPlan',
            'fastest_plan', 'AccelerateCB']
@@ -95,7 +96,9 @@ class ChannelsLastCB(Callback):
     "Put the model and every 4-d input batch in `torch.channels_last` memory format (fast convolutions on CPU/GPU)."
     order = DeviceCB.order + 5
 
-    def before_fit(self, learn): learn.model.to(memory_format=torch.channels_last)
+    def before_fit(self, learn):
+        learn.model.to(memory_format=torch.channels_last)
+        if 'opt' in learn.__dict__: match_state_layout(learn.opt)  # e.g. state loaded by a resume before this
     def before_batch(self, learn):
         b = learn.batch
         learn.batch = (_channels_last(b[0]), *b[1:])

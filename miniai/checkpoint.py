@@ -27,7 +27,7 @@ from .callback import Callback, CancelBatchException, CancelEpochException
 from .ranks import is_main_process
 from .learner import Learner
 from .sgd import BaseSchedCB
-from .state import plain_keys, plain_state_dict, rng_state, set_rng_state
+from .state import match_state_layout, plain_keys, plain_state_dict, rng_state, set_rng_state
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'read_checkpoint', 'rng_snapshot', 'save_mid_epoch', 'ResumeCB',
            'SaveModelCB', 'monitor_value']
@@ -231,6 +231,7 @@ def load_into(learn: Learner, path, with_opt: bool = True) -> dict:
     if with_opt and ck.get('opt') is not None and 'opt' in learn.__dict__:
         try: learn.opt.load_state_dict(ck['opt'])
         except (ValueError, KeyError) as e: raise CheckpointError(f'{path}: optimizer state does not fit: {e}') from e
+        match_state_layout(learn.opt)
     return ck
 
 
@@ -299,7 +300,9 @@ class ResumeCB(Callback):
                                       f'scheduled for {now}: resume with the same epochs and batch size')
             cb.schedo.load_state_dict(st)
         # building a scheduler resets the optimizer's learning rate and momentum: put the saved ones back
-        if scheds and self._opt is not None: learn.opt.load_state_dict(self._opt)
+        if scheds and self._opt is not None:
+            learn.opt.load_state_dict(self._opt)
+            match_state_layout(learn.opt)
 
 
 def monitor_value(learn: Learner, monitor: str):

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import torch.nn.functional as F
 from torch import nn, optim
 
-from .accel import fastest_settings, precision_cbs
+from .accel import fastest_plan, fastest_settings, precision_cbs
 from .activations import set_seed
 from .augment import RandCropPad, RandErase, RandFlip, augment_cb, tta
 from .averaging import WeightAverageCB
@@ -79,7 +79,8 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     if out is not None: cbs.append(InterruptCB(out / 'interrupted.ckpt'))  # Ctrl-C/SIGTERM: save there and stop
     if average is not None: cbs.append(WeightAverageCB(average, decay=ema_decay))
     if target is not None: cbs.append(TimeToAccuracyCB(target))
-    opt = partial(optim.AdamW, eps=1e-5, weight_decay=wd)
+    # the implementation fastest_plan picks for the default device: fused on CPU and CUDA (bench/results/compile.md)
+    opt = partial(optim.AdamW, eps=1e-5, weight_decay=wd, **fastest_plan().opt_kwargs())
     if not 0 <= label_smoothing < 1: raise ValueError(f'label_smoothing must be in [0, 1); got {label_smoothing}')
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
     if not any(isinstance(cb, TrainCB) for cb in cbs): cbs.append(TrainCB())  # MixedPrecision is a TrainCB

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ['rng_state', 'set_rng_state', 'plain_keys', 'plain_state_dict', 'unchanged']
+__all__ = ['rng_state', 'set_rng_state', 'plain_keys', 'plain_state_dict', 'unchanged', 'match_state_layout']
 
 
 def rng_state() -> dict:
@@ -90,3 +90,16 @@ def unchanged(model: nn.Module, *others):
         for m, mode in modes.items(): m.training = mode
         for o, st in zip(others, states): o.load_state_dict(st)
         set_rng_state(rngs)
+
+
+@torch.no_grad()
+def match_state_layout(opt) -> None:
+    """Give each optimizer state tensor shaped like its parameter the parameter's memory layout (strides).
+    Loaded states are contiguous, and a model turned channels-last after its optimizer state was made has NHWC
+    weights: a fused AdamW reads both as flat memory, so mismatched layouts would pair the wrong elements."""
+    for group in opt.param_groups:
+        for p in group['params']:
+            st = opt.state.get(p)
+            for k, v in (st or {}).items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)

@@ -228,3 +228,32 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path):
     _tiny_learner(SaveModelCB(tmp_path, every_epoch=True)).fit(2)
     with pytest.raises(CheckpointError, match=r'saved after epoch 2 of a 2-epoch fit: that run is complete'):
         _tiny_learner().fit(2, resume=tmp_path / 'last.ckpt')
+
+
+def test_fused_adamw_with_channels_last_resumes_exactly(tmp_path):
+    "Loaded optimizer state is contiguous; with NHWC weights a fused AdamW paired the wrong elements until matched."
+    from miniai.accel import ChannelsLastCB
+    from miniai.callback import Callback, CancelFitException
+    from miniai.fashion import TensorDataLoader
+    from functools import partial
+    def conv_learner(*cbs):
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 2, (64,), generator=g)
+        dls = DataLoaders(TensorDataLoader(x[:48], y[:48], 16, shuffle=True, seed=0),
+                          TensorDataLoader(x[48:], y[48:], 16))
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+        return TrainLearner(model, dls, F.cross_entropy, 0.05, opt_func=partial(optim.AdamW, fused=True),
+                            cbs=[MetricsCB(), ChannelsLastCB(), *cbs])
+    class StopAfterFirst(Callback):
+        order = 95
+        def after_epoch(self, learn):
+            if not learn.training: raise CancelFitException()
+    whole = conv_learner()
+    whole.fit(3)
+    conv_learner(SaveModelCB(tmp_path, every_epoch=True)).fit(3, cbs=[StopAfterFirst()])
+    resumed = conv_learner()
+    resumed.fit(3, resume=tmp_path / 'last.ckpt')
+    w = resumed.model[0].weight
+    assert all(v.stride() == w.stride() for v in resumed.opt.state[w].values() if v.shape == w.shape)
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()): assert torch.equal(a, b)

@@ -92,3 +92,17 @@ def test_the_main_job_trains_in_fp16_on_a_gpu_without_bf16(monkeypatch, recwarn)
     learn.fit(1)  # a TrainLearner here raised "MixedPrecision(fp16) scales the loss in its own backward and step"
     mp = next(cb for cb in learn.cbs if isinstance(cb, MixedPrecision))
     assert mp.scaler is not None and not torch.equal(before, model[1].weight)
+
+
+def test_the_main_job_uses_the_plans_adamw(monkeypatch):
+    from miniai.datasets import DataLoaders
+    from miniai.fashion import TensorDataLoader
+    from miniai.recipe import make_learner
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    dls = DataLoaders(TensorDataLoader(x, y, 4), TensorDataLoader(x, y, 4))
+    monkeypatch.setenv('MINIAI_DEVICE', 'cpu')
+    learn, _ = make_learner(nn.Linear(4, 2), dls, epochs=1, lr=1e-2, precision='fp32', augment='none')
+    assert learn.opt_func(nn.Linear(4, 2).parameters(), 1e-2).defaults['fused'] is True
+    monkeypatch.setenv('MINIAI_DEVICE', 'meta')  # a device without a fused AdamW
+    learn, _ = make_learner(nn.Linear(4, 2), dls, epochs=1, lr=1e-2, precision='fp32', augment='none')
+    assert learn.opt_func(nn.Linear(4, 2).parameters(), 1e-2).defaults['foreach'] is True
