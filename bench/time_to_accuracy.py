@@ -8,7 +8,9 @@ no TTA, training on the 60,000) first reaches the target, checked after every ep
 
 Each run is `python -m miniai train ... --out RUNS/<recipe>-s<seed>`; its `result.json` holds the accuracy after every
 epoch with the seconds since the start of fit. A run whose result.json exists is not run again. The table and a chart
-of accuracy against wall time go to bench/results/time_to_accuracy.md and .png.
+of accuracy against wall time go to bench/results/time_to_accuracy.md and .png. The result.json of the runs measured
+for the README are kept in bench/results/time_to_accuracy_runs/ (`--collect --runs bench/results/time_to_accuracy_runs`
+redraws the table from them).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ def collect(runs: Path) -> list[dict]:
     return found
 
 
-def _t(s) -> str: return '-' if s is None else f'{s:.0f} s' if s < 600 else f'{s / 60:.1f} min'
+def _t(s) -> str: return '-' if s is None else f'{s / 60:.1f} min'
 
 
 def table(results: list[dict], target: float = TARGET, notes: str = '') -> str:
@@ -106,7 +108,7 @@ def chart(results: list[dict], path: Path, target: float = TARGET) -> Path:
     for r in results:
         c = r.get('curve') or []
         if c: ax.plot([p['seconds'] / 60 for p in c], [100 * p['accuracy'] for p in c], 'o-', ms=3,
-                      label=f"{r['recipe']} (seed {r['seed']}, {r.get('device', '?')})")
+                      label=f"{r['recipe']} (seed {r['seed']}, {r.get('device', '?')}, {r.get('threads', '?')} thr.)")
     ax.axhline(100 * target, color='grey', ls='--', lw=1)
     ax.set_xlabel('minutes from the start of fit')
     ax.set_ylabel('test accuracy (%)')

@@ -18,7 +18,7 @@ def test_tiny_run_writes_table_and_chart(tmp_path):
     res = json.loads((runs / 'default-s42' / 'result.json').read_text())
     md = (results / 'time_to_accuracy.md').read_text()
     row = next(l for l in md.splitlines() if l.startswith('| default | 42 |'))
-    reached = f"{res['time_to_target']:.0f} s" if res['time_to_target'] is not None else 'not reached'
+    reached = f"{res['time_to_target'] / 60:.1f} min" if res['time_to_target'] is not None else 'not reached'
     assert f"| {reached} |" in row and f"{100 * res['accuracy']:.2f}%" in row, (row, res)
     assert (results / 'time_to_accuracy.png').stat().st_size > 10_000
     # a second call finds the run done and does not train again
