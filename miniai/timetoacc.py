@@ -38,7 +38,7 @@ class TimeToAccuracyCB(Callback):
         if learn.training and learn.phases[1]: return  # wait for this epoch's validation
         v = monitor_value(learn, self.metric)  # a float: reading it waited for the device
         if v is None: return
-        row = {'epoch': learn.epoch, 'seconds': round(self.elapsed(), 2), self.metric: float(v)}
+        row = {'epoch': learn.epoch, 'seconds': self.elapsed(), self.metric: float(v)}
         self.curve.append(row)
         if self.reached is None and v >= self.target:
             self.reached = row
