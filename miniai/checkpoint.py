@@ -113,13 +113,11 @@ def _cb_keys(learn) -> dict:
             for i, (n, cb) in enumerate(zip(names, own))}
 
 
-def _cb_states(learn) -> dict:
-    return {k: cb.checkpoint_state() for k, cb in _cb_keys(learn).items()}
-
-
-def _cbs_needed(learn) -> list:
-    "The callbacks (by `_cb_keys` name) whose state the training itself goes on from (`resume_needs_state`)."
-    return [k for k, cb in _cb_keys(learn).items() if getattr(cb, 'resume_needs_state', False)]
+def _cb_states(learn) -> tuple[dict, list]:
+    "Each such callback's state, and the names of those the training itself goes on from (`resume_needs_state`)."
+    cbs = _cb_keys(learn)
+    return ({k: cb.checkpoint_state() for k, cb in cbs.items()},
+            [k for k, cb in cbs.items() if getattr(cb, 'resume_needs_state', False)])
 
 
 def _load_cb_states(learn, states: dict | None, path, needed=()) -> None:
@@ -143,13 +141,13 @@ def _sched_cbs(learn) -> list:
 
 def save_checkpoint(learn: Learner, path, **extra) -> Path:
     "Write everything needed to resume `learn` exactly to `path` (atomically); returns the path."
-    path = Path(path)
+    path, (cb_states, cbs_needed) = Path(path), _cb_states(learn)
     state = {'model': plain_state_dict(learn.model), 'epoch': getattr(learn, 'epoch', None),
              'opt': learn.opt.state_dict() if 'opt' in learn.__dict__ else None,
              'scheds': [cb.schedo.state_dict() for cb in _sched_cbs(learn)], 'rng': _rng(),
              'data': learn.dls.train.state_dict() if hasattr(getattr(learn.dls, 'train', None), 'state_dict') else None,
              'history': getattr(getattr(learn, 'metrics', None), 'history', None), 'amp': _amp_states(learn),
-             'callbacks': _cb_states(learn), 'callbacks_needed': _cbs_needed(learn), **extra}
+             'callbacks': cb_states, 'callbacks_needed': cbs_needed, **extra}
     tensors = {}
     meta = _encode(state, 'ckpt', tensors)
     _atomic_save(tensors, meta, path)
