@@ -9,7 +9,8 @@ from functools import wraps
 import torch
 
 __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
-           'run_cbs', 'with_cbs', 'misspelt_events', 'note_failure', 'to_cpu']
+           'run_cbs', 'with_cbs', 'misspelt_events', 'note_failure', 'to_cpu', 'callback_states',
+           'load_callback_states']
 
 
 class CancelFitException(Exception): "Raise in a callback to end the fit quietly (`after_fit` is skipped)."
@@ -112,3 +113,30 @@ def to_cpu(x):
     if isinstance(x, tuple): return tuple(to_cpu(list(x)))
     res = x.detach().cpu()
     return res.float() if res.dtype == torch.float16 else res
+
+
+# -- callbacks' own state in checkpoints ---------------------------------------------------------------------------
+def _stateful(cbs) -> dict:
+    "The callbacks that keep state in checkpoints (`checkpoint_state`), by class name (numbered when repeated)."
+    own = [cb for cb in cbs if callable(getattr(cb, 'checkpoint_state', None))]
+    names = [type(cb).__name__ for cb in own]
+    return {(n if names.count(n) == 1 else f'{n}.{names[:i].count(n)}'): cb
+            for i, (n, cb) in enumerate(zip(names, own))}
+
+
+def callback_states(cbs) -> tuple[dict, list]:
+    """Each callback's `checkpoint_state()` by name, and the names of those the training itself goes on from
+    (`resume_needs_state = True`), for a checkpoint to hold."""
+    found = _stateful(cbs)
+    return ({k: cb.checkpoint_state() for k, cb in found.items()},
+            [k for k, cb in found.items() if getattr(cb, 'resume_needs_state', False)])
+
+
+def load_callback_states(cbs, states: dict | None, where, needed=()) -> None:
+    "Hand each callback its saved state; one the training needs, saved by a callback `cbs` lack, is warned of."
+    found = _stateful(cbs)
+    for k, st in (states or {}).items():
+        if k in found: found[k].load_checkpoint_state(st)
+        elif st is not None and k in (needed or ()):
+            warnings.warn(f'{where} holds the state of a {k.split(".")[0]}, which this fit does not have: it is not '
+                          f'used (add the same callback to go on exactly)')

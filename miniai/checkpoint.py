@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .accel import MixedPrecision
-from .callback import Callback, CancelBatchException, CancelEpochException
+from .callback import Callback, CancelBatchException, CancelEpochException, callback_states, load_callback_states
 from .ranks import is_main_process
 from .learner import Learner
 from .sgd import BaseSchedCB
@@ -105,31 +105,6 @@ def _load_amp_states(learn, states, path) -> None:
                       f'resumed run will not be exact')
 
 
-def _cb_keys(learn) -> dict:
-    "The callbacks that keep state in checkpoints (`checkpoint_state`), by class name (numbered when repeated)."
-    own = [cb for cb in learn.cbs if callable(getattr(cb, 'checkpoint_state', None))]
-    names = [type(cb).__name__ for cb in own]
-    return {(n if names.count(n) == 1 else f'{n}.{names[:i].count(n)}'): cb
-            for i, (n, cb) in enumerate(zip(names, own))}
-
-
-def _cb_states(learn) -> tuple[dict, list]:
-    "Each such callback's state, and the names of those the training itself goes on from (`resume_needs_state`)."
-    cbs = _cb_keys(learn)
-    return ({k: cb.checkpoint_state() for k, cb in cbs.items()},
-            [k for k, cb in cbs.items() if getattr(cb, 'resume_needs_state', False)])
-
-
-def _load_cb_states(learn, states: dict | None, path, needed=()) -> None:
-    "Hand each callback its saved state; one the training needs, saved by a callback this fit lacks, is warned of."
-    cbs = _cb_keys(learn)
-    for k, st in (states or {}).items():
-        if k in cbs: cbs[k].load_checkpoint_state(st)
-        elif st is not None and k in (needed or ()):
-            warnings.warn(f'{path} holds the state of a {k.split(".")[0]}, which this fit does not have: it is not '
-                          f'used (add the same callback to go on exactly)')
-
-
 def rng_snapshot() -> dict:
     "The random generators' states as a checkpoint holds them: taken now, to be saved later (see `save_mid_epoch`)."
     return _rng()
@@ -141,7 +116,7 @@ def _sched_cbs(learn) -> list:
 
 def save_checkpoint(learn: Learner, path, **extra) -> Path:
     "Write everything needed to resume `learn` exactly to `path` (atomically); returns the path."
-    path, (cb_states, cbs_needed) = Path(path), _cb_states(learn)
+    path, (cb_states, cbs_needed) = Path(path), callback_states(learn.cbs)
     state = {'model': plain_state_dict(learn.model), 'epoch': getattr(learn, 'epoch', None),
              'opt': learn.opt.state_dict() if 'opt' in learn.__dict__ else None,
              'scheds': [cb.schedo.state_dict() for cb in _sched_cbs(learn)], 'rng': _rng(),
@@ -174,15 +149,20 @@ def read_checkpoint(path) -> dict:
     except CheckpointError as e: raise CheckpointError(f'{path}: {e} (tampered with?)') from None
 
 
+def mid_epoch_position(learn: Learner) -> dict:
+    "Where `learn` is at the end of its current batch: epoch, phase, training batches in the epoch and done."
+    n = len(learn.dls.train)
+    return {'epoch': learn.epoch, 'phase': 'train' if learn.training else 'valid', 'n_batches': n,
+            'batch': learn.iter + 1 if learn.training else n}
+
+
 def save_mid_epoch(learn: Learner, path, rng: dict | None = None) -> Path:
     """Save `learn` part-way through epoch `learn.epoch`, at the end of batch `learn.iter`, so that `fit(n,
     resume=path)` goes on with the next batch (during validation: with the whole validation, after the epoch's
     training); `rng`: generator states taken earlier (`rng_snapshot`) to store instead of the current ones. Only the
     main process writes."""
-    e, n = learn.epoch, len(learn.dls.train)
-    position = {'epoch': e, 'phase': 'train' if learn.training else 'valid', 'n_batches': n,
-                'batch': learn.iter + 1 if learn.training else n}
-    extra = {'position': position, 'epoch': e - 1 if e else None}  # 'epoch' is the last epoch finished
+    e = learn.epoch
+    extra = {'position': mid_epoch_position(learn), 'epoch': e - 1 if e else None}  # 'epoch': the last one finished
     if rng is not None: extra['rng'] = rng
     return _learn_save(learn, path, **extra)
 
@@ -269,7 +249,7 @@ class ResumeCB(Callback):
                 learn.dls.train.load_state_dict(ck['data'])
         set_rng_state(ck['rng'])
         _load_amp_states(learn, ck.get('amp'), self.path)
-        _load_cb_states(learn, ck.get('callbacks'), self.path, ck.get('callbacks_needed'))
+        load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'))
         self._pending = True
 
     def before_epoch(self, learn):

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .callback import Callback
-from .checkpoint import rng_snapshot, save_mid_epoch
+from .checkpoint import mid_epoch_position, rng_snapshot, save_mid_epoch
 
 __all__ = ['Interrupted', 'SignalGuard', 'InterruptCB', 'active_guard', 'signal_name']
 
@@ -141,10 +141,7 @@ class InterruptCB(Callback):
         if g is None or g.requested is None: return
         if getattr(getattr(learn, 'opt', None), 'pending', 0): return  # GradAccumCB: stop once its step is taken
         with g.writing(): path = save_mid_epoch(learn, self.path, rng=None if learn.training else self._rng)
-        n = len(learn.dls.train)
-        pos = {'epoch': learn.epoch, 'phase': 'train' if learn.training else 'valid', 'n_batches': n,
-               'batch': learn.iter + 1 if learn.training else n}
-        raise Interrupted(g.requested, 'training', path, pos)
+        raise Interrupted(g.requested, 'training', path, mid_epoch_position(learn))
 
     def after_fit(self, learn):
         g = self._guard
