@@ -17,13 +17,26 @@ from .learner import DeviceCB, TrainCB
 from .ranks import world_size
 from .state import match_state_layout
 
-__all__ = ['MixedPrecision', 'ChannelsLastCB', 'cpu_has_bf16', 'fastest_settings', 'precision_cbs', 'SpeedPlan',
+__all__ = ['MixedPrecision', 'ChannelsLastCB', 'cpu_has_bf16', 'cuda_has_bf16', 'fastest_settings', 'precision_cbs', 'SpeedPlan',
            'fastest_plan', 'AccelerateCB']
 
 
 def _device_of(model) -> torch.device:
     p = next(model.parameters(), None)
     return p.device if p is not None else torch.device('cpu')
+
+
+def cuda_has_bf16(device=None) -> bool:
+    """Whether the CUDA GPU `device` (default: the current one) does bf16 arithmetic in hardware: compute capability
+    8.0 (Ampere) or newer. `torch.cuda.is_bf16_supported()` also counts emulation, so it says True on a T4 or V100,
+    where bf16 runs far slower than fp16; and it asks about the current device, not a given one."""
+    if getattr(torch.version, 'hip', None): return torch.cuda.is_bf16_supported()  # ROCm: torch knows the GPU
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def _needs_loss_scaling(device_type: str, dtype: torch.dtype) -> bool:
+    "fp16 gradients underflow without a loss scaler; bf16 has fp32's range and needs none."
+    return dtype == torch.float16 and device_type == 'cuda'
 
 
 class MixedPrecision(TrainCB):
@@ -38,32 +51,34 @@ class MixedPrecision(TrainCB):
             raise ValueError(f'MixedPrecision: dtype must be torch.bfloat16, torch.float16 or None (choose for the '
                              f'device); got {dtype!r}')
         self.dtype, self.scaler, self._ctx, self._scaler_state = dtype, None, None, None
+        self._asked = dtype  # None: chosen again at each fit, for the device the model is on then
 
     def before_fit(self, learn):
         dev = _device_of(learn.model)
-        self.device_type = dev.type
-        if self.dtype is None:
-            self.dtype = (torch.bfloat16 if dev.type != 'cuda' or torch.cuda.is_bf16_supported() else torch.float16)
-        if self.dtype == torch.float16 and dev.type == 'cuda':
+        self.device_type, dtype = dev.type, self._asked
+        if dtype is None: dtype = torch.bfloat16 if dev.type != 'cuda' or cuda_has_bf16(dev) else torch.float16
+        self.dtype, self.scaler = dtype, None  # a scaler from an earlier fit is never reused
+        if _needs_loss_scaling(dev.type, dtype):
             if getattr(type(learn), 'backward', None) is not None:
                 raise TypeError(f'MixedPrecision(fp16) scales the loss in its own backward and step, but '
                                 f'{type(learn).__name__} defines those itself; use a plain Learner with '
                                 f'MixedPrecision, or dtype=torch.bfloat16')
-            self.scaler = torch.amp.GradScaler('cuda')
-            self._restore_scaler()
+            self.scaler = torch.amp.GradScaler(dev.type)
+            # a resume (ResumeCB runs first) handed over the saved scale: this fit's scaler starts from it
+            if self._scaler_state is not None: self.scaler.load_state_dict(self._scaler_state)
+        self._scaler_state = None
 
     def state_dict(self) -> dict:
         "The loss scaler's state (scale, growth tracker): empty without fp16 or before the first step."
         return {'scaler': self.scaler.state_dict()} if self.scaler is not None else {}
 
     def load_state_dict(self, sd: dict) -> None:
-        "Restore what `state_dict` gave, now or, before the fit has made the scaler, as soon as it does."
+        "Keep what `state_dict` gave for the scaler that the next fit makes (a resume calls this before that)."
         self._scaler_state = sd.get('scaler') or None  # {} is a scaler that never stepped: nothing to restore
-        if self.scaler is not None: self._restore_scaler()
 
-    def _restore_scaler(self):
-        if self._scaler_state is not None: self.scaler.load_state_dict(self._scaler_state)
-        self._scaler_state = None
+    def unscale_grads(self, learn) -> None:
+        "Divide the gradients by the loss scale now (before clipping them), once per step; a no-op without fp16."
+        if self.scaler is not None: self.scaler.unscale_(learn.opt)
 
     def before_batch(self, learn):
         self._ctx = torch.autocast(self.device_type, dtype=self.dtype)
@@ -184,8 +199,8 @@ def fastest_settings(device=None) -> tuple[str, str]:
     "The fastest safe precision setting for `device` (default: the best available) and why, e.g. ('bf16-cl', '...')."
     device = torch.device(device or default_device())  # MINIAI_DEVICE=cpu on a GPU machine plans for the CPU
     if device.type == 'cuda':
-        if torch.cuda.is_bf16_supported(): return 'bf16-cl', 'CUDA GPU with bf16: bf16 autocast + channels-last'
-        return 'fp16', 'CUDA GPU without bf16: fp16 autocast with loss scaling'
+        if cuda_has_bf16(device): return 'bf16-cl', 'CUDA GPU with bf16 (compute capability 8.0+): bf16 autocast + channels-last'
+        return 'fp16', 'CUDA GPU without bf16 in hardware (compute capability < 8.0): fp16 autocast with loss scaling'
     if device.type == 'cpu' and cpu_has_bf16():
         return 'bf16-cl', 'CPU with AMX/AVX-512 bf16: bf16 autocast + channels-last'
     return 'fp32', f'{device.type} without fast bf16: plain fp32'
@@ -324,6 +339,10 @@ class AccelerateCB(TrainCB):
         if isinstance(x, torch.Tensor) and x.device != self.device: learn.batch = to_device(learn.batch, self.device)
 
     def backward(self, learn): self.acc.backward(learn.loss)
+
+    def unscale_grads(self, learn) -> None:
+        "Divide fp16 gradients by the loss scale now (for `GradClipCB`); Accelerate unscales each optimizer once."
+        self.acc.unscale_gradients(learn.opt)
 
     def cleanup_fit(self, learn):
         undo, self._undo = self._undo, []

@@ -206,11 +206,16 @@ def load_into(learn: Learner, path, with_opt: bool = True) -> dict:
     ck['model'] = _unwrapped_saved(ck['model'], set(keys))
     _check_model(learn.model, ck['model'], path)  # everything is checked before anything is copied
     learn.model.load_state_dict({keys[k]: v for k, v in ck['model'].items()})
-    if with_opt and ck.get('opt') is not None and 'opt' in learn.__dict__:
-        try: learn.opt.load_state_dict(ck['opt'])
-        except (ValueError, KeyError) as e: raise CheckpointError(f'{path}: optimizer state does not fit: {e}') from e
-        match_state_layout(learn.opt)
+    if with_opt: _load_opt(learn, ck.get('opt'), path)
     return ck
+
+
+def _load_opt(learn: Learner, sd: dict | None, path) -> None:
+    "Load the optimizer state `sd` into `learn.opt`: onto each parameter's device and dtype, in its memory layout."
+    if sd is None or 'opt' not in learn.__dict__: return
+    try: learn.opt.load_state_dict(sd)
+    except (ValueError, KeyError) as e: raise CheckpointError(f'{path}: optimizer state does not fit: {e}') from e
+    match_state_layout(learn.opt)
 
 
 def _learn_save(self: Learner, path, **extra) -> Path:
@@ -234,7 +239,10 @@ class ResumeCB(Callback):
     def __init__(self, path): self.path, self._pending, self._mid = path, False, None
 
     def before_fit(self, learn):
-        ck = load_into(learn, self.path)
+        # The optimizer's state is loaded at the first before_epoch, once every before_fit has run: `load_state_dict`
+        # puts it on the parameters' device and dtype as they are then, so a model that DeviceCB (or any callback)
+        # moves after this one finds its state beside it. Building a scheduler also resets the learning rate.
+        ck = load_into(learn, self.path, with_opt=False)
         self._scheds, self._opt = ck['scheds'], ck.get('opt')
         if ck.get('position') is not None:
             self._mid = (*_resume_mid_epoch(learn, ck, self.path), ck['position']['phase'])
@@ -253,7 +261,10 @@ class ResumeCB(Callback):
         self._pending = True
 
     def before_epoch(self, learn):
-        if self._pending: self._restore_scheds(learn)
+        if self._pending:
+            self._pending = False
+            self._restore_scheds(learn)
+            _load_opt(learn, self._opt, self.path)
         mid = self._mid
         if mid is not None and learn.training and learn.epoch == mid[0] and mid[2] == 'valid':
             self._mid = None
@@ -266,7 +277,6 @@ class ResumeCB(Callback):
         self._mid = None
 
     def _restore_scheds(self, learn):
-        self._pending = False
         scheds = _sched_cbs(learn)  # made in their own before_fit, after ours: restore them now
         if len(scheds) != len(self._scheds):
             raise CheckpointError(f'{self.path} holds {len(self._scheds)} scheduler states, this fit has '
@@ -277,10 +287,6 @@ class ResumeCB(Callback):
                 raise CheckpointError(f'{self.path} was saved by a run scheduled for {then} steps, this fit is '
                                       f'scheduled for {now}: resume with the same epochs and batch size')
             cb.schedo.load_state_dict(st)
-        # building a scheduler resets the optimizer's learning rate and momentum: put the saved ones back
-        if scheds and self._opt is not None:
-            learn.opt.load_state_dict(self._opt)
-            match_state_layout(learn.opt)
 
 
 def monitor_value(learn: Learner, monitor: str):

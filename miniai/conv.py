@@ -38,16 +38,22 @@ def _too_few_gpus(n_procs: int, n_gpus: int) -> RuntimeError:
         f'{local_rank()}) but only {n_gpus} CUDA GPU(s) visible, and NCCL needs one GPU per process. Either start at '
         f'most {n_gpus} process(es) per machine (torchrun --nproc_per_node={n_gpus}), or run the processes on the '
         f'CPU: set {ENV}=cpu (every default device becomes the CPU), or pass DeviceCB("cpu"), '
-        f'DDPCB(backend="gloo") and fashion_dls(device="cpu").')
+        f'DDPCB(backend="gloo") and fashion_dls(device="cpu"). If each process is shown a GPU of its own '
+        f'(CUDA_VISIBLE_DEVICES set per process), set {ENV}=cuda:0.')
 
 
 def _this_process_gpu() -> torch.device:
-    "cuda:LOCAL_RANK under torchrun (checked against the GPUs visible, and made current), else the current GPU."
+    """This process's GPU, made current: cuda:LOCAL_RANK when every process on the machine sees all its GPUs (torchrun),
+    cuda:0 when the launcher showed this process only GPUs of its own (Slurm's --gpus-per-task, one GPU per
+    container: fewer visible than processes, and not started by torchrun, whose processes all see the same GPUs);
+    without LOCAL_RANK, the current GPU."""
     if 'LOCAL_RANK' not in os.environ: return torch.device('cuda')
     n_procs, n_gpus = max(local_world_size(), local_rank() + 1), torch.cuda.device_count()
-    if n_procs > n_gpus: raise _too_few_gpus(n_procs, n_gpus)
-    torch.cuda.set_device(local_rank())  # so a bare 'cuda' anywhere (ours or the user's) means this GPU too
-    return torch.device('cuda', local_rank())
+    if n_procs <= n_gpus: idx = local_rank()
+    elif n_gpus >= 1 and 'TORCHELASTIC_RUN_ID' not in os.environ: idx = 0  # set by torchrun's agent in each process
+    else: raise _too_few_gpus(n_procs, n_gpus)
+    torch.cuda.set_device(idx)  # so a bare 'cuda' anywhere (ours or the user's) means this GPU too
+    return torch.device('cuda', idx)
 
 
 def _from_env() -> torch.device | None:

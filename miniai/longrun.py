@@ -56,14 +56,14 @@ class TerminateOnNaNCB(Callback):
 
 
 class GradClipCB(Callback):
-    "Clip the gradients' global norm to `max_norm` after each backward pass (unscaling fp16 gradients first)."
+    """Clip the gradients' global norm to `max_norm` after each backward pass. Loss-scaled (fp16) gradients are
+    unscaled first, by every callback that scales the loss (`MixedPrecision`, `AccelerateCB`: those with an
+    `unscale_grads` method), looked up at each step, since they make this fit's scaler in their own `before_fit`."""
     def __init__(self, max_norm: float, norm_type: float = 2.): self.max_norm, self.norm_type = max_norm, norm_type
 
-    def before_fit(self, learn):
-        self.scalers = [cb.scaler for cb in learn.cbs if getattr(cb, 'scaler', None) is not None]
-
     def after_backward(self, learn):
-        for s in self.scalers: s.unscale_(learn.opt)
+        for cb in learn.cbs:
+            if callable(getattr(cb, 'unscale_grads', None)): cb.unscale_grads(learn)
         self.last_norm = torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
 
 

@@ -86,8 +86,11 @@ class MetricsCB(Callback):
         if loss.device != self._device:
             self._device = loss.device
             for m in self.all_metrics.values(): m.to(loss.device)
-        ns = torch.tensor(self._ns, device=loss.device, dtype=torch.float32)
-        self.loss.update((torch.stack(self._losses).float() * ns).sum() / ns.sum(), weight=float(sum(self._ns)))
+        # the mean loss weighted by batch size, one update per batch size (the last batch may be smaller): the sizes
+        # are Python ints and stay so, since a tensor of them would be a blocking host-to-device copy on a GPU
+        by_size = {}
+        for l, n in zip(self._losses, self._ns): by_size.setdefault(n, []).append(l)
+        for n, ls in by_size.items(): self.loss.update(torch.stack(ls).float(), weight=float(n))
         if self.metrics:
             if all(isinstance(p, torch.Tensor) for p in self._preds):
                 preds, ys = torch.cat(self._preds), torch.cat(self._ys)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torcheval.metrics import MulticlassAccuracy
 
-from miniai.accel import ChannelsLastCB, MixedPrecision, cpu_has_bf16, fastest_settings, precision_cbs
+from miniai.accel import ChannelsLastCB, MixedPrecision, cpu_has_bf16, cuda_has_bf16, fastest_settings, precision_cbs
 from miniai.callback import Callback
 from miniai.conv import def_device
 from miniai.datasets import DataLoaders
@@ -102,9 +102,9 @@ def test_settings_choice_and_bad_names():
 
 
 def test_cuda_choice_follows_bf16_support(monkeypatch):
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: (8, 0))
     assert fastest_settings('cuda')[0] == 'bf16-cl'
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: (7, 5))
     setting, why = fastest_settings('cuda')
     assert setting == 'fp16' and 'scaling' in why
 
@@ -113,7 +113,7 @@ def test_default_dtype_follows_the_models_device():
     mp = MixedPrecision()
     learn = TrainLearner(cnn(), tiny_dls(), F.cross_entropy, cbs=[DeviceCB(def_device), mp])
     learn.fit(1, valid=False)
-    want = torch.bfloat16 if def_device != 'cuda' or torch.cuda.is_bf16_supported() else torch.float16
+    want = torch.bfloat16 if torch.device(def_device).type != 'cuda' or cuda_has_bf16(def_device) else torch.float16
     assert mp.dtype == want and mp.device_type == torch.device(def_device).type
     assert (mp.scaler is not None) == (want == torch.float16)
     with pytest.raises(ValueError, match='MixedPrecision: dtype must be .*float32'):

@@ -17,7 +17,7 @@ from miniai.fashion import TensorDataLoader, fashion_dls, find_fashion_mnist
 from miniai.learner import DeviceCB
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
-TORCHRUN = ('LOCAL_RANK', 'RANK', 'LOCAL_WORLD_SIZE', 'WORLD_SIZE', 'MINIAI_DEVICE')
+TORCHRUN = ('LOCAL_RANK', 'RANK', 'LOCAL_WORLD_SIZE', 'WORLD_SIZE', 'MINIAI_DEVICE', 'TORCHELASTIC_RUN_ID')
 
 
 @pytest.fixture
@@ -32,7 +32,8 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.cuda, 'set_device', lambda d: chosen.append(torch.device('cuda', d).index
                                                                                if isinstance(d, int) else d.index))
         if local_rank is not None:
-            env = dict(LOCAL_RANK=local_rank, RANK=local_rank, LOCAL_WORLD_SIZE=n_procs, WORLD_SIZE=n_procs)
+            env = dict(LOCAL_RANK=local_rank, RANK=local_rank, LOCAL_WORLD_SIZE=n_procs, WORLD_SIZE=n_procs,
+                       TORCHELASTIC_RUN_ID='test')
             for k, v in env.items(): monkeypatch.setenv(k, str(v))
         return chosen
     return setup
@@ -220,7 +221,8 @@ import miniai.conv
 try: miniai.conv.def_device
 except RuntimeError as e: print('error:', e)
 '''
-    env = {**{k: v for k, v in os.environ.items() if k not in TORCHRUN}, 'LOCAL_RANK': '1', 'LOCAL_WORLD_SIZE': '2'}
+    env = {**{k: v for k, v in os.environ.items() if k not in TORCHRUN}, 'LOCAL_RANK': '1', 'LOCAL_WORLD_SIZE': '2',
+           'TORCHELASTIC_RUN_ID': 'test'}  # as torchrun sets them
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'imported all' in r.stdout and 'error: miniai: 2 processes on this machine' in r.stdout

@@ -10,10 +10,10 @@ from miniai.compile import CompileCB
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    "torch believes a CUDA GPU is here; `bf16` says whether it does bf16."
+    "torch believes a CUDA GPU is here; `bf16` says whether it does bf16 (an A100's compute capability, or a T4's)."
     def set_gpu(bf16=True):
         monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda d=None: (8, 0) if bf16 else (7, 5))
     return set_gpu
 
 
