@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import fastcore.all as fc
@@ -28,6 +29,8 @@ from .unet import (DownBlock, EmbResBlock, EmbUNetModel, SelfAttention, SelfAtte
 __all__ = ['abar', 'inv_abar', 'noisify', 'collate_ddpm', 'dl_ddpm', 'timestep_embedding', 'pre_conv', 'upsample',
            'lin', 'SelfAttention', 'SelfAttention2D', 'EmbResBlock', 'saved', 'DownBlock', 'UpBlock', 'EmbUNetModel',
            'ddim_step', 'sample', 'cond_sample']
+
+_Sched = float | torch.Tensor  # a value of the schedule: a number, or a 0-d tensor on the images' device
 
 
 def abar(t: torch.Tensor) -> torch.Tensor:
@@ -52,17 +55,18 @@ def noisify(x0: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.
     return (a.sqrt() * x0 + (1 - a).sqrt() * eps, t), eps
 
 
-def collate_ddpm(b, xl='image'):
+def collate_ddpm(b: list, xl: str | int = 'image') -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     "Collate the items `b` and `noisify` their images, found under key (or index) `xl`: ((x_t, t), ε)."
     return noisify(default_collate(b)[xl])
 
 
-def dl_ddpm(ds, bs: int = 128, xl='image', **kwargs) -> DataLoader:
+def dl_ddpm(ds, bs: int = 128, xl: str | int = 'image', **kwargs) -> DataLoader:
     "A `DataLoader` of batches of `bs` noisified images (`collate_ddpm` with key `xl`); `kwargs` go to `DataLoader`."
     return DataLoader(ds, batch_size=bs, collate_fn=partial(collate_ddpm, xl=xl), **kwargs)
 
 
-def ddim_step(x_t, noise, abar_t, abar_t1, bbar_t, bbar_t1, eta, sig, clamp: bool = True):
+def ddim_step(x_t: torch.Tensor, noise: torch.Tensor, abar_t: _Sched, abar_t1: _Sched, bbar_t: _Sched, bbar_t1: _Sched,
+              eta: float, sig, clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step from time t to the next time t1 < t, given the predicted noise: returns (x̂0, x_t1).
     x̂0 = (x_t - √(1-ᾱ_t)·noise)/√ᾱ_t (clamped to [-1, 1] if `clamp`); x_t1 = √ᾱ_t1·x̂0 + √(β̄_t1-σ²)·noise + σ·z with
     σ = eta·√(β̄_t1/β̄_t)·√(1-ᾱ_t/ᾱ_t1), set to 0 where β̄_t1 <= σ² + 0.01 (the last steps). `bbar` is 1 - `abar`;
@@ -98,10 +102,10 @@ def _ddim_loop(f, model, predict, sz, steps: int, eta: float, progress: bool, **
     if not isinstance(steps, int) or steps < 1: raise ValueError(f'sampling needs steps >= 1; got {steps!r}')
     device, mdtype = _placement(model)
     dtype = torch.float64 if mdtype == torch.float64 else torch.float32  # the DDIM arithmetic: float32 at least
-    ts = torch.linspace(1 - 1 / steps, 0, steps, dtype=torch.float64)  # each 1/steps below the one before
+    # made on the device, not copied there: a copy from the host would make the host wait for the device
+    ts = torch.linspace(1 - 1 / steps, 0, steps, device=device, dtype=dtype)  # each 1/steps below the one before
     ab = abar(ts)
     ab1 = torch.cat([ab[1:], ab.new_ones(1)])  # after the last step, t = 0: ᾱ = 1
-    ts, ab, ab1 = (v.to(device, dtype) for v in (ts, ab, ab1))
     x = torch.randn(tuple(sz), device=device, dtype=dtype)
     preds, training = [], model.training
     model.eval()
@@ -115,7 +119,8 @@ def _ddim_loop(f, model, predict, sz, steps: int, eta: float, progress: bool, **
     return preds
 
 
-def sample(f, model: torch.nn.Module, sz, steps: int, eta: float = 1., clamp: bool = True, progress: bool = True) -> list:
+def sample(f: Callable, model: torch.nn.Module, sz: Sequence[int], steps: int, eta: float = 1., clamp: bool = True,
+           progress: bool = True) -> list[torch.Tensor]:
     """Generate images of shape `sz` from noise with `model((x, t))` predicting the noise, taking `steps` steps of
     `f` (e.g. `ddim_step`; `eta=0` is deterministic DDIM, 1 adds DDPM-like noise). Runs on the model's device, in
     its dtype, in eval mode (its mode is restored after). Returns x̂0 after each step, on the CPU: the last is the
@@ -124,7 +129,8 @@ def sample(f, model: torch.nn.Module, sz, steps: int, eta: float = 1., clamp: bo
     return [p.cpu() for p in preds]
 
 
-def cond_sample(c, f, model: torch.nn.Module, sz, steps: int, eta: float = 1., progress: bool = True) -> list:
+def cond_sample(c: int | torch.Tensor, f: Callable, model: torch.nn.Module, sz: Sequence[int], steps: int,
+                eta: float = 1., progress: bool = True) -> list[torch.Tensor]:
     """`sample` for a class-conditional model, `model((x, t, c))`: `c` is a class index for every image, or a tensor
     of one per image."""
     n = tuple(sz)[0]

@@ -213,6 +213,18 @@ def test_sample_follows_the_model_dtype_and_device():
     assert len(out) == 3 and out[-1].device.type == 'meta'
 
 
+@pytest.mark.cuda
+def test_sampling_on_a_gpu_never_waits_for_it():
+    "On CUDA: the whole loop runs without a host-device synchronisation (the last copy to the CPU aside)."
+    from miniai.diffusion import _ddim_loop
+    unet = EmbUNetModel(1, 1, nfs=(8, 16), attn_chans=4).cuda()
+    sample(ddim_step, unet, (2, 1, 8, 8), steps=2)  # warm-up: CUDA's and cuDNN's lazy set-up is not the loop's
+    torch.cuda.set_sync_debug_mode('error')
+    try: out = _ddim_loop(ddim_step, unet, lambda x, t: unet((x, t)), (2, 1, 8, 8), 4, 1., False, clamp=True)
+    finally: torch.cuda.set_sync_debug_mode(0)
+    assert len(out) == 4 and out[-1].is_cuda and torch.isfinite(out[-1]).all()
+
+
 def test_cond_sample_passes_the_class():
     target = torch.full((2, 1, 4, 4), 0.25)
     oracle = Oracle(target)
