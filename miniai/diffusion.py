@@ -66,7 +66,7 @@ def dl_ddpm(ds, bs: int = 128, xl: str | int = 'image', **kwargs) -> DataLoader:
 
 
 def ddim_step(x_t: torch.Tensor, noise: torch.Tensor, abar_t: _Sched, abar_t1: _Sched, bbar_t: _Sched, bbar_t1: _Sched,
-              eta: float, sig, clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              eta: float, sig: float, clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step from time t to the next time t1 < t, given the predicted noise: returns (x̂0, x_t1).
     x̂0 = (x_t - √(1-ᾱ_t)·noise)/√ᾱ_t (clamped to [-1, 1] if `clamp`); x_t1 = √ᾱ_t1·x̂0 + √(β̄_t1-σ²)·noise + σ·z with
     σ = eta·√(β̄_t1/β̄_t)·√(1-ᾱ_t/ᾱ_t1), set to 0 where β̄_t1 <= σ² + 0.01 (the last steps). `bbar` is 1 - `abar`;
