@@ -1,7 +1,7 @@
 """`python -m bench` (or `make bench`): every benchmark in one go, then a summary table and chart in bench/results/.
 
 Runs, in this order: data loading, framework overhead (with fastai and Lightning when installed), precision and
-memory format, FLOP counting. Each writes its own Markdown table; this collects them into `bench/results/README.md`
+memory format, FLOP counting, FID's numerics (against scipy's `sqrtm` when installed). Each writes its own Markdown table; this collects them into `bench/results/README.md`
 and draws `bench/results/overview.png` (the speed-up of each contender in each benchmark).
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
-from bench import data, flops, overhead, precision
+from bench import data, fid, flops, overhead, precision
 
 RESULTS = Path(__file__).parent / 'results'
 
@@ -29,7 +29,7 @@ def _ratios(md: str, col: int) -> dict:
 
 
 STEPS = [('data', data.main, ['--rounds', '3']), ('overhead', overhead.main, ['--rounds', '5', '--peers']),
-         ('precision', precision.main, []), ('flops', flops.main, None)]
+         ('precision', precision.main, []), ('flops', flops.main, None), ('fid', fid.main, [])]
 
 
 def main(argv=None):

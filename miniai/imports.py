@@ -38,9 +38,11 @@ from torchvision.io import ImageReadMode, read_image
 THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 'T', 'TF', 'F', 'DataLoader',
                'default_collate', 'Path', 'nn', 'tensor', 'init', 'L', 'load_dataset', 'itemgetter', 'attrgetter',
                'partial', 'wraps', 'lr_scheduler', 'optim', 'read_image', 'ImageReadMode']
-#: miniai's modules that the course's miniai does not have; their names are laid down first
+#: miniai's modules that the course's imports module does not star-import (most of them the course's miniai does not
+#: have; `fid` and `diffusion` it has, and its later lessons import them themselves); their names are laid down first
 LIBRARY_MODULES = ('ranks', 'state', 'callback', 'progress', 'lr_finder', 'fashion', 'summary', 'checkpoint',
-                   'longrun', 'loggers', 'distributed', 'interrupt', 'compile', 'averaging', 'timetoacc', 'recipe')
+                   'longrun', 'loggers', 'distributed', 'interrupt', 'compile', 'averaging', 'timetoacc', 'recipe',
+                   'fid', 'unet', 'diffusion')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')

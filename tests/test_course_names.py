@@ -104,6 +104,61 @@ COURSE = {
         'MixedPrecision': (CLS, ['n_inp']),  # the course's has no __init__ of its own: TrainCB's
         'AccelerateCB': (CLS, ['n_inp', 'mixed_precision']),
     },
+    # the two modules the course's later lessons import themselves (its imports module does not)
+    'fid': {
+        'ImageEval': (CLS, ['model', 'dls', 'cbs']),
+    },
+    'diffusion': {
+        'abar': (FN, ['t']),
+        'inv_abar': (FN, ['x']),
+        'noisify': (FN, ['x0']),
+        'collate_ddpm': (FN, ['b']),  # the course's read the image key from a notebook global; here `xl=`
+        'dl_ddpm': (FN, ['ds']),  # and the batch size too; here `bs=`
+        'timestep_embedding': (FN, ['tsteps', 'emb_dim', 'max_period']),
+        'pre_conv': (FN, ['ni', 'nf', 'ks', 'stride', 'act', 'norm', 'bias']),
+        'upsample': (FN, ['nf']),
+        'lin': (FN, ['ni', 'nf', 'act', 'norm', 'bias']),
+        'SelfAttention': (CLS, ['ni', 'attn_chans', 'transpose']),
+        'SelfAttention2D': (CLS, ['ni', 'attn_chans', 'transpose']),
+        'EmbResBlock': (CLS, ['n_emb', 'ni', 'nf', 'ks', 'act', 'norm', 'attn_chans']),
+        'saved': (FN, ['m', 'blk']),
+        'DownBlock': (CLS, ['n_emb', 'ni', 'nf', 'add_down', 'num_layers', 'attn_chans']),
+        'UpBlock': (CLS, ['n_emb', 'ni', 'prev_nf', 'nf', 'add_up', 'num_layers', 'attn_chans']),
+        'EmbUNetModel': (CLS, ['in_channels', 'out_channels', 'nfs', 'num_layers', 'attn_chans', 'attn_start']),
+        'ddim_step': (FN, ['x_t', 'noise', 'abar_t', 'abar_t1', 'bbar_t', 'bbar_t1', 'eta', 'sig', 'clamp']),
+        'sample': (FN, ['f', 'model', 'sz', 'steps', 'eta', 'clamp']),
+        'cond_sample': (FN, ['c', 'f', 'model', 'sz', 'steps', 'eta']),
+    },
+}
+
+#: (module, helper) -> its exact parameters: not exported by `import *` (private names), but the course's notebooks
+#: call them from the module (`from miniai.fid import _calc_fid`)
+COURSE_HELPERS = {
+    ('fid', '_calc_stats'): ['feats'],
+    ('fid', '_calc_fid'): ['m1', 'c1', 'm2', 'c2'],
+    ('fid', '_squared_mmd'): ['x', 'y'],
+    ('fid', '_calc_kid'): ['x', 'y', 'maxs'],
+    ('fid', '_sqrtm_newton_schulz'): ['mat', 'num_iters'],
+}
+
+#: the course's default values, where its code relies on them
+COURSE_DEFAULTS = {
+    ('fid', '_calc_kid'): {'maxs': 50},
+    ('fid', '_sqrtm_newton_schulz'): {'num_iters': 100},
+    ('fid', 'ImageEval'): {'cbs': None},
+    ('diffusion', 'timestep_embedding'): {'max_period': 10000},
+    ('diffusion', 'pre_conv'): {'ks': 3, 'stride': 1, 'act': torch.nn.SiLU, 'norm': None, 'bias': True},
+    ('diffusion', 'lin'): {'act': torch.nn.SiLU, 'norm': None, 'bias': True},
+    ('diffusion', 'SelfAttention'): {'transpose': True},
+    ('diffusion', 'EmbResBlock'): {'nf': None, 'ks': 3, 'act': torch.nn.SiLU, 'norm': torch.nn.BatchNorm2d,
+                                   'attn_chans': 0},
+    ('diffusion', 'DownBlock'): {'add_down': True, 'num_layers': 1, 'attn_chans': 0},
+    ('diffusion', 'UpBlock'): {'add_up': True, 'num_layers': 2, 'attn_chans': 0},
+    ('diffusion', 'EmbUNetModel'): {'in_channels': 3, 'out_channels': 3, 'nfs': (224, 448, 672, 896),
+                                    'num_layers': 1, 'attn_chans': 8, 'attn_start': 1},
+    ('diffusion', 'ddim_step'): {'clamp': True},
+    ('diffusion', 'sample'): {'eta': 1., 'clamp': True},
+    ('diffusion', 'cond_sample'): {'eta': 1.},
 }
 
 #: methods the course patches onto Learner (`@fc.patch`), from the module that defines them
@@ -130,10 +185,10 @@ def params(obj) -> list[str]:
 
 
 def test_the_course_list_is_complete():
-    "Ten modules, as the course's `imports` module star-imports them."
+    "Ten modules, as the course's `imports` module star-imports them, then the two its later lessons import."
     assert list(COURSE) == ['training', 'datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet',
-                            'augment', 'accel']
-    assert sum(map(len, COURSE.values())) == 68
+                            'augment', 'accel', 'fid', 'diffusion']
+    assert sum(map(len, COURSE.values())) == 88
 
 
 @pytest.mark.parametrize('mod,name', CASES, ids=[f'{m}.{n}' for m, n in CASES])
@@ -172,6 +227,20 @@ def test_values_and_specific_objects():
         assert issubclass(getattr(importlib.import_module('miniai.learner'), exc), Exception)
     act = act_gr()
     assert isinstance(act, GeneralRelu) and (act.leak, act.sub) == (0.1, 0.4)
+
+
+@pytest.mark.parametrize('mod,name', list(COURSE_HELPERS), ids=[f'{m}.{n}' for m, n in COURSE_HELPERS])
+def test_course_helper_exists_with_the_course_parameters(mod, name):
+    obj = getattr(importlib.import_module(f'miniai.{mod}'), name, None)
+    assert callable(obj), f'miniai.{mod} lacks {name}, which the course\'s notebooks call'
+    assert params(obj) == COURSE_HELPERS[(mod, name)], f'miniai.{mod}.{name}{inspect.signature(obj)}'
+
+
+@pytest.mark.parametrize('mod,name', list(COURSE_DEFAULTS), ids=[f'{m}.{n}' for m, n in COURSE_DEFAULTS])
+def test_course_defaults(mod, name):
+    sig = inspect.signature(getattr(importlib.import_module(f'miniai.{mod}'), name))
+    have = {k: sig.parameters[k].default for k in COURSE_DEFAULTS[(mod, name)]}
+    assert have == COURSE_DEFAULTS[(mod, name)], f'miniai.{mod}.{name}{sig}'
 
 
 @pytest.mark.parametrize('name', COURSE_LEARNER_METHODS)

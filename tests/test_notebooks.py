@@ -52,3 +52,6 @@ def test_notebook_runs(path):
               if 'text/markdown' in o.get('data', {})]
         assert any(m.lstrip().startswith('|') for m in md), 'learn.summary() did not render as a Markdown table'
         assert '1,226,882' in text or '1226882' in text
+    if path.stem == '07_diffusion':
+        # the FID/KID table of the samples, real images and noise, each row with its two numbers
+        for row in ('| DDIM samples | 32 |', '| real test images | 32 |', '| pure noise | 32 |'): assert row in text
