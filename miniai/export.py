@@ -186,9 +186,11 @@ class ExportedModel:
         with torch.no_grad(): return self.fn(x)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        "Pixels in [0, 1] (uint8 are divided by 255) normalised as in training, with the batch dimension added to one."
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        if x.dim() == len(self.input_shape) - 1: x = x.unsqueeze(-3)  # a grey image without its channel
+        """Pixels in [0, 1] (uint8 are divided by 255) normalised as in training: an image or a batch, grey images
+        with or without their channel dimension; the result is a batch."""
+        x, shape = (x.float() / 255 if x.dtype == torch.uint8 else x.float()), self.input_shape
+        if shape[0] == 1 and tuple(x.shape[-2:]) == shape[1:] and tuple(x.shape[-3:]) != shape: x = x.unsqueeze(-3)
+        if x.dim() == len(shape): x = x[None]
         mean, std = self.meta.get('mean'), self.meta.get('std')
         if mean is not None: x = (x - torch.as_tensor(mean).view(-1, 1, 1)) / torch.as_tensor(std).view(-1, 1, 1)
         return x.to(getattr(torch, self.meta['input_dtype']))

@@ -53,7 +53,7 @@ class ClassificationInterpretation:
         cm = self.confusion_matrix().float()
         if normalize: cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
         _, ax = plt.subplots(figsize=figsize)
-        ax.imshow(cm, cmap=cmap)
+        ax.imshow(cm.numpy(), cmap=cmap)
         names = [self._name(i) for i in range(len(self.classes))]
         ax.set_xticks(range(len(names)), names, rotation=90)
         ax.set_yticks(range(len(names)), names)
