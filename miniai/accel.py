@@ -108,8 +108,8 @@ class ChannelsLastCB(Callback):
 
 def warn_fp16_on_cpu() -> None:
     "Say, once a process, that fp16 autocast on a CPU is much slower than fp32 and that bf16 is the CPU's half type."
-    warn_once('fp16 on cpu', "fp16 autocast on a CPU runs many times slower than fp32 (8.07 s against 0.53 s for two "
-              "small epochs here): CPUs have no fast fp16 arithmetic. Use bf16 (precision_cbs('bf16') or "
+    warn_once('fp16 on cpu', "fp16 autocast on a CPU runs many times slower than fp32 (26x for a small CNN, "
+              "bench/results/fp16_cpu.md): CPUs have no fast fp16 arithmetic. Use bf16 (precision_cbs('bf16') or "
               "MixedPrecision(torch.bfloat16); '--precision bf16' on the command line), fast on CPUs with AMX or "
               "AVX-512 bf16, or fp32")
 
