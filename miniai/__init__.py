@@ -12,5 +12,6 @@ import warnings as _warnings
 _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning,
                          module=r'torch\.jit')
 
-from . import learner, summary, augment, checkpoint, inference, export  # noqa: F401,E402  (they patch Learner's methods)
+# imported for the methods they patch onto Learner
+from . import learner, summary, augment, checkpoint, inference, export  # noqa: F401,E402
 from .export import load_exported  # noqa: E402

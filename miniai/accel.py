@@ -18,7 +18,8 @@ from .learner import DeviceCB, TrainCB
 from .ranks import world_size
 from .state import match_state_layout
 
-__all__ = ['MixedPrecision', 'ChannelsLastCB', 'warn_fp16_on_cpu', 'cpu_has_bf16', 'fastest_settings', 'precision_cbs', 'SpeedPlan',
+__all__ = ['MixedPrecision', 'ChannelsLastCB', 'warn_fp16_on_cpu', 'cpu_has_bf16', 'fastest_settings', 'precision_cbs',
+           'SpeedPlan',
            'fastest_plan', 'AccelerateCB']
 
 

@@ -20,8 +20,9 @@ from torch import nn
 
 from .callback import Callback
 
-__all__ = ['ModuleForwardError', 'shape_of', 'warn_user', 'warn_once', 'takes_tuples', 'module_expects', 'forward_error', 'failed_module',
-           'device_mismatch', 'explain_forward_failure', 'loss_failure', 'NamedBatchCB', 'FirstBatchChecks']
+__all__ = ['ModuleForwardError', 'warn_user', 'warn_once', 'takes_tuples', 'shape_of', 'module_expects',
+           'forward_error', 'failed_module', 'device_mismatch', 'explain_forward_failure', 'is_nll_loss',
+           'loss_failure', 'NamedBatchCB', 'FirstBatchChecks']
 
 _warned: set = set()
 
@@ -72,11 +73,10 @@ def shape_of(x):
 def forward_error(model: nn.Module, m: nn.Module, shape, e: BaseException, batch_shape=None) -> ModuleForwardError:
     "The error for a forward pass of `model` that failed in its module `m`, which got input of `shape`."
     path = next((p for p, mod in model.named_modules() if mod is m), None) or '(model)'
-    want = module_expects(m)
-    return ModuleForwardError(
-        f"forward failed in module '{path}' ({type(m).__name__}) with input shape {shape}"
-        + (f'; it expects {want}' if want else '')
-        + (f'; the batch had shape {batch_shape}' if batch_shape is not None and batch_shape != shape else '') + f': {e}')
+    want, batch = module_expects(m), batch_shape is not None and batch_shape != shape
+    return ModuleForwardError(f"forward failed in module '{path}' ({type(m).__name__}) with input shape {shape}"
+                              + (f'; it expects {want}' if want else '')
+                              + (f'; the batch had shape {batch_shape}' if batch else '') + f': {e}')
 
 
 def failed_module(e: BaseException, model: nn.Module) -> tuple[nn.Module, object] | None:
@@ -125,6 +125,33 @@ def explain_forward_failure(learn, e: RuntimeError) -> Exception | None:
     return forward_error(learn.model, *where, e, batch_shape=shape_of(batch))
 
 
+# -- the loss -------------------------------------------------------------------------------------------------
+def _func_of(loss_func):
+    "The function or module behind `loss_func`, through `functools.partial`s."
+    while hasattr(loss_func, 'func') and hasattr(loss_func, 'keywords'): loss_func = loss_func.func
+    return loss_func
+
+
+def is_nll_loss(loss_func) -> bool:
+    "Whether `loss_func` is `nll_loss` (the function, a partial of it, or `nn.NLLLoss`), which takes log-probabilities."
+    f = _func_of(loss_func)
+    return f is F.nll_loss or isinstance(f, nn.NLLLoss)
+
+
+def loss_failure(loss_func, preds, targets, e: BaseException) -> ValueError:
+    "The error for a loss function that could not take the model's output and the targets: shapes, or devices."
+    name = getattr(_func_of(loss_func), '__name__', None) or type(_func_of(loss_func)).__name__
+    if len({str(t.device) for t in (preds, *targets) if isinstance(t, torch.Tensor)}) > 1:
+        where = ', '.join(str(t.device) for t in targets if isinstance(t, torch.Tensor))
+        return ValueError(f'loss function {name} got the model output on {preds.device} and the target on {where}: '
+                          f'DeviceCB() puts the model and every batch on one device ({e})')
+    shapes = ', '.join(str(tuple(t.shape)) if hasattr(t, 'shape') else type(t).__name__ for t in targets)
+    pshape = tuple(preds.shape) if hasattr(preds, 'shape') else type(preds).__name__
+    return ValueError(f'loss function {name} could not take the model output of shape {pshape} with target shape '
+                      f'{shapes}: {e}')
+
+
+# -- dict batches ---------------------------------------------------------------------------------------------
 class NamedBatchCB(Callback):
     """Turn each batch that is a dict (the Hugging Face way: `{'image': ..., 'label': ...}`) into the tuple the
     Learner's steps and callbacks read by position: the values of `inputs`, then those of `targets` (a key or a list
@@ -143,31 +170,7 @@ class NamedBatchCB(Callback):
         learn.batch = tuple(b[k] for k in self.keys)
 
 
-def loss_failure(loss_func, preds, targets, e: BaseException) -> ValueError:
-    "The error for a loss function that could not take the model's output and the targets: shapes, or devices."
-    name = getattr(_func_of(loss_func), '__name__', None) or type(_func_of(loss_func)).__name__
-    if len({str(t.device) for t in (preds, *targets) if isinstance(t, torch.Tensor)}) > 1:
-        where = ', '.join(str(t.device) for t in targets if isinstance(t, torch.Tensor))
-        return ValueError(f'loss function {name} got the model output on {preds.device} and the target on {where}: '
-                          f'DeviceCB() puts the model and every batch on one device ({e})')
-    shapes = ', '.join(str(tuple(t.shape)) if hasattr(t, 'shape') else type(t).__name__ for t in targets)
-    pshape = tuple(preds.shape) if hasattr(preds, 'shape') else type(preds).__name__
-    return ValueError(f'loss function {name} could not take the model output of shape {pshape} with target shape '
-                      f'{shapes}: {e}')
-
-
-# -- the first batch ------------------------------------------------------------------------------------------
-def _func_of(loss_func):
-    "The function or module behind `loss_func`, through `functools.partial`s."
-    while hasattr(loss_func, 'func') and hasattr(loss_func, 'keywords'): loss_func = loss_func.func
-    return loss_func
-
-
-def _is_nll(loss_func) -> bool:
-    f = _func_of(loss_func)
-    return f is F.nll_loss or isinstance(f, nn.NLLLoss)
-
-
+# -- the first batch ----------------------------------------------------------------------------------------
 def _step_funcs(learn, step: str) -> list:
     "The plain functions that do `step` in this fit: the Learner's own method, or those of its callbacks."
     own = getattr(type(learn), step, None)
@@ -186,8 +189,8 @@ def _classes(learn):
 
 
 class FirstBatchChecks:
-    """The Learner's look at the first batch of each fit; each handler runs once and then leaves the dispatch, and a
-    value on an accelerator is read at the end of the first epoch (see this module's docstring)."""
+    """The Learner's look at the first batch of each fit: each per-batch handler runs once and then leaves the dispatch;
+    a value on an accelerator is read at the end of the first epoch (see this module's docstring)."""
     def __init__(self, learn):
         self.learn, self._later = learn, []
         self.handlers = {'before_batch': self.before_batch, 'after_predict': self.after_predict,
@@ -252,18 +255,17 @@ class FirstBatchChecks:
         loss, preds = learn.loss, learn.preds
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and isinstance(preds, torch.Tensor)
                 and preds.is_floating_point() and preds.dim() >= 2): return
-        if _is_nll(learn.loss_func):
+        if is_nll_loss(learn.loss_func):
             lse = preds.detach().float().logsumexp(1).abs().max()
             self._read([loss.detach(), lse], self._check_nll)
 
     def _check_nll(self, loss: float, lse: float) -> None:
         if lse < 1e-2 and loss >= 0: return
         warn_user(f'nll_loss takes log-probabilities (the output of log_softmax), but the model outputs raw scores '
-                      f'(their log-sum-exp over the classes is up to {lse:.3g}, not 0; the first loss is {loss:.4g}'
-                      f'{", below 0, which no classification loss can be" if loss < 0 else ""}): use F.cross_entropy '
-                      f'on raw outputs, or end the model with nn.LogSoftmax(dim=1)')
+                  f'(their log-sum-exp over the classes is up to {lse:.3g}, not 0; the first loss is {loss:.4g}'
+                  f'{", below 0, which no classification loss can be" if loss < 0 else ""}): use F.cross_entropy on '
+                  f'raw outputs, or end the model with nn.LogSoftmax(dim=1)')
 
-    def after_epoch(self, learn):
-        self._done('after_epoch')
+    def after_epoch(self, learn):  # stays for the fit (once an epoch, with nothing left to read after the first)
         later, self._later = self._later, []
         for tensors, then in later: then(*[t.item() for t in tensors])

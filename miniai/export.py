@@ -11,9 +11,10 @@ folder holds `weights.safetensors` instead, the reason is said, and loading need
 objects (weights or constants marked as pickles; example inputs, retried with `weights_only=False` when the safe
 load fails), load compiled libraries (AOTInductor), run Python code (a file with example inputs has its
 `guards_code` executed when the module runs: tried here; symbolic expressions go through `sympy.sympify`, which
-evaluates), and call any function reachable from the `torch` module (a node's target such as `torch.os.system`). So `load_exported` reads the file once into memory and checks it before torch sees it:
-only the files `export` writes, no pickles and no example inputs, no guards code, every node an aten operation or a
-plain arithmetic one, every symbolic expression made of sizes and arithmetic. What does not pass is refused.
+evaluates), and call any function reachable from the `torch` module (a node's target such as `torch.os.system`). So
+`load_exported` reads the file once into memory and checks it before torch sees it: only the files `export` writes,
+no pickles and no example inputs, no guards code, every node an aten operation or a plain arithmetic one, every
+symbolic expression made of sizes and arithmetic. What does not pass is refused.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def _first_reason(e: BaseException) -> str:
     "Why torch.export failed, in a line: what it said first, and what that means where we know it."
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     said = f'{type(e).__name__}: {lines[0] if lines else ""}'[:240]
-    if 'data-dependent' in said: return f'its forward branches on the values of a tensor, which a graph cannot hold; {said}'
+    if 'data-dependent' in said:
+        return f'its forward branches on the values of a tensor, which a graph cannot hold; {said}'
     return said
 
 
@@ -111,8 +113,8 @@ def export(self: Learner, path, n_example: int = 2) -> Path:
 
 
 # -- checking a program before torch loads it ------------------------------------------------------------------------
-_FILES = re.compile(r'(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json'
-                    r'|data/weights/model_weights_config\.json|data/weights/weight_\d+'
+_FILES = re.compile(r'(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id'
+                    r'|models/model\.json|data/weights/model_weights_config\.json|data/weights/weight_\d+'
                     r'|data/constants/model_constants_config\.json|data/constants/tensor_\d+'
                     r'|data/sample_inputs/model\.pt|extra/[A-Za-z0-9_.-]+)')
 _TARGETS = re.compile(r'torch\.ops\.(aten|prims)\.\w+\.\w+|_operator\.(getitem|add|sub|mul|floordiv|truediv|mod|pow|neg'

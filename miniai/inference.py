@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .callback import Callback, CancelBatchException
-from .checks import _is_nll
+from .checks import is_nll_loss
 from .conv import to_device
 from .learner import Learner, looking
 from .state import unchanged
@@ -101,7 +101,7 @@ def predict(self: Learner, x: torch.Tensor, act=None) -> Prediction:
     xb = x[None] if one else x
     p = next(self.model.parameters(), None)
     if p is not None: xb = to_device(xb, p.device)  # DeviceCB, if there is one, keeps it there
-    if act is None: act = torch.exp if _is_nll(self.loss_func) else (lambda o: o.float().softmax(1))
+    if act is None: act = torch.exp if is_nll_loss(self.loss_func) else (lambda o: o.float().softmax(1))
     out = get_preds(self, dl=[(xb,)])[0]
     if out.dim() != 2:
         raise ValueError(f'predict gives classes, but the model outputs shape {tuple(out.shape)} per batch, not '

@@ -11,7 +11,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
-from .checks import _is_nll
+from .checks import is_nll_loss
 from .datasets import get_grid, show_image
 from .learner import Learner
 
@@ -36,7 +36,7 @@ class ClassificationInterpretation:
     def from_learner(cls, learn: Learner, dl=None) -> ClassificationInterpretation:
         "One pass of `learn.get_preds` over `dl` (default: the validation loader), a look that changes nothing."
         out, targs, inputs, losses = learn.get_preds(dl, with_input=True, with_loss=True)
-        probs = out.float().exp() if _is_nll(learn.loss_func) else out.float().softmax(1)
+        probs = out.float().exp() if is_nll_loss(learn.loss_func) else out.float().softmax(1)
         dls = learn.dls
         return cls(probs, targs, inputs, losses, getattr(dls, 'classes', None), getattr(dls, 'mean', None),
                    getattr(dls, 'std', None))

@@ -76,7 +76,8 @@ def _finish_then_stop(methods, learn):
 def compute_loss(loss_func, preds, *targets):
     "`loss_func(preds, *targets)`, with an error naming the loss and both shapes (or devices) when they do not fit."
     try: return loss_func(preds, *targets)
-    except (RuntimeError, ValueError, IndexError, TypeError) as e: raise loss_failure(loss_func, preds, targets, e) from e
+    except (RuntimeError, ValueError, IndexError, TypeError) as e:
+        raise loss_failure(loss_func, preds, targets, e) from e
 
 
 class Learner:

@@ -74,7 +74,7 @@ def test_history_is_kept_across_fits_with_the_fit_it_came_from(capsys, tmp_path)
     assert next(csv.reader(open(tmp_path / 'm.csv'))) == ['loss', 'epoch', 'train', 'time'], 'CSV columns unchanged'
 
 
-# -- the README's table of built-in callbacks ---------------------------------------------------------------------------
+# -- the README's table of built-in callbacks --------------------------------------------------------------------------
 def shipped_callbacks() -> dict[str, type]:
     for m in pkgutil.iter_modules(miniai.__path__): importlib.import_module(f'miniai.{m.name}')
     found, todo = {}, [Callback]

@@ -38,7 +38,8 @@ class Net(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.3))
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                  nn.Dropout(0.3))
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     def forward(self, x): return self.head(self.body(x))
 
@@ -147,7 +148,8 @@ CASES = {
                                    lambda d: next(iter(d['config'].values())).update(use_pickle=True)), 'are pickled'),
     'a pickled constant': (json_edit('model_constants_config.json', lambda d: d['config'].update(
         c={'path_name': 'opaque_obj_0', 'use_pickle': False})), 'are pickled'),
-    'example inputs': (lambda n, d: b'\x80\x02}q\x00.' if n.endswith('sample_inputs/model.pt') else d, 'example inputs'),
+    'example inputs': (lambda n, d: b'\x80\x02}q\x00.' if n.endswith('sample_inputs/model.pt') else d,
+                       'example inputs'),
     'guards code': (json_edit('models/model.json', lambda d: d.update(guards_code=["__import__('os')"])),
                     'guards code'),
     'a call of torch.os.system': (json_edit('models/model.json', lambda d: first_node(d).update(

@@ -21,7 +21,8 @@ from miniai.sgd import BatchSchedCB, EpochSchedCB
 
 def synth_dls(n_train=64, n_valid=32, bs=16, n_classes=10, classes=True):
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n_train + n_valid, 1, 8, 8, generator=g), torch.randint(0, n_classes, (n_train + n_valid,), generator=g)
+    n = n_train + n_valid
+    x, y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, n_classes, (n,), generator=g)
     y[0] = n_classes - 1  # the largest class is in the first batch
     dls = DataLoaders(TensorDataLoader(x[:n_train], y[:n_train], bs), TensorDataLoader(x[n_train:], y[n_train:], bs))
     if classes: dls.classes = [f'c{i}' for i in range(n_classes)]
@@ -44,7 +45,7 @@ def fresh_once_registry(monkeypatch):
     monkeypatch.setattr(checks, '_warned', set())
 
 
-# -- the model's output width -----------------------------------------------------------------------------------------
+# -- the model's output width ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('n_out', [12, 8])
 def test_output_width_against_the_classes_the_data_has(n_out):
     count = CountBatches()
@@ -82,7 +83,7 @@ def test_a_regression_is_not_taken_for_a_classification():
         TrainLearner(nn.Linear(4, 3), dls, F.mse_loss).fit(1)
 
 
-# -- nll_loss on raw outputs -----------------------------------------------------------------------------------------
+# -- nll_loss on raw outputs -------------------------------------------------------------------------------------------
 def test_nll_loss_on_raw_outputs_is_warned_once_a_fit():
     learn = TrainLearner(cnn(), synth_dls(), F.nll_loss, lr=0.5)
     with warnings.catch_warnings(record=True) as seen:
@@ -112,7 +113,7 @@ def test_a_negative_nll_loss_is_named():
         learn.fit(1)
 
 
-# -- fp16 on a CPU --------------------------------------------------------------------------------------------------
+# -- fp16 on a CPU -----------------------------------------------------------------------------------------------------
 FP16 = (r"^fp16 autocast on a CPU runs many times slower than fp32 .*Use bf16 \(precision_cbs\('bf16'\) or "
         r"MixedPrecision\(torch.bfloat16\); '--precision bf16' on the command line\)")
 
@@ -145,7 +146,7 @@ def test_the_command_line_says_it_before_training(monkeypatch, tmp_path):
     assert __import__('re').match(FP16, str(seen[0].message))
 
 
-# -- a schedule shorter than the fit ------------------------------------------------------------------------------------
+# -- a schedule shorter than the fit -----------------------------------------------------------------------------------
 def test_one_cycle_built_for_one_epoch_is_refused_at_before_fit_under_fit_2():
     dls, count = synth_dls(), CountBatches()
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=1e-2, total_steps=len(dls.train))
@@ -190,7 +191,7 @@ def test_an_error_raised_outside_the_model_reaches_the_caller_unchanged():
     assert info.value is err
 
 
-# -- devices ---------------------------------------------------------------------------------------------------------
+# -- devices -----------------------------------------------------------------------------------------------------------
 def test_a_model_on_another_device_than_the_batch_names_both_and_devicecb():
     "The meta device stands in for a GPU: like one, it refuses CPU inputs."
     learn = TrainLearner(cnn().to('meta'), synth_dls(), F.cross_entropy)
@@ -213,7 +214,7 @@ def test_outputs_and_targets_on_different_devices_name_both_in_the_loss_error():
                      torch.tensor([0, 1, 2, 0]))
 
 
-# -- dict batches ----------------------------------------------------------------------------------------------------
+# -- dict batches ------------------------------------------------------------------------------------------------------
 class DictLoader:
     "The Hugging Face habit: each batch a dict."
     def __init__(self, dl): self.dl = dl
@@ -257,7 +258,7 @@ def test_a_learner_of_ones_own_that_reads_dicts_is_left_alone():
     DictLearner(cnn(), dict_dls(), F.cross_entropy).fit(1)
 
 
-# -- the checks cost nothing after the first batch ----------------------------------------------------------------------
+# -- the checks cost nothing after the first batch ---------------------------------------------------------------------
 def test_the_checks_leave_the_dispatch_after_the_first_batch():
     seen = []
     class Spy(Callback):

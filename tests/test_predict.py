@@ -1,5 +1,6 @@
 """`learn.get_preds` on any loader and `learn.predict` for one item or a batch: the numbers a direct computation gives,
-through the Learner's callbacks, and a look that leaves the model, optimizer, loaders, RNGs and callbacks as they were."""
+through the Learner's callbacks, and a look that leaves the model, optimizer, loaders, RNGs and callbacks as they
+were."""
 import random
 
 import numpy as np
@@ -52,7 +53,8 @@ def test_get_preds_gives_the_models_outputs_targets_inputs_and_losses_on_the_val
 def test_get_preds_on_another_loader_and_on_one_without_targets():
     learn = trained()
     x = torch.randn(10, 1, 6, 6)
-    preds, targs = learn.get_preds(dl=[(x[:6], torch.zeros(6, dtype=torch.long)), (x[6:], torch.ones(4, dtype=torch.long))])
+    zeros, ones = torch.zeros(6, dtype=torch.long), torch.ones(4, dtype=torch.long)
+    preds, targs = learn.get_preds(dl=[(x[:6], zeros), (x[6:], ones)])
     with torch.no_grad(): want = learn.model.eval()(x)
     assert torch.allclose(preds, want, atol=1e-6) and targs.tolist() == [0] * 6 + [1] * 4
     preds, targs = learn.get_preds(dl=[(x,)])  # inputs alone: no loss, no targets
