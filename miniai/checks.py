@@ -119,8 +119,10 @@ def device_mismatch(model: nn.Module, data, cbs=()) -> str | None:
 def explain_forward_failure(learn, e: RuntimeError) -> Exception | None:
     "A clearer error for `e`, raised by the model's forward pass during a fit, or None when there is nothing to add."
     if isinstance(e, torch.OutOfMemoryError): return None
-    batch = getattr(learn, 'batch', None)
-    if (why := device_mismatch(learn.model, batch, learn.cbs)) is not None: return RuntimeError(f'{why}. ({e})')
+    batch, said = getattr(learn, 'batch', None), str(e).lower()
+    # only when torch's error is about devices: a model may move its inputs itself and fail for another reason
+    if any(w in said for w in ('device', 'cuda', 'mps')) and (why := device_mismatch(learn.model, batch, learn.cbs)):
+        return RuntimeError(f'{why}. ({e})')
     if (where := failed_module(e, learn.model)) is None: return None
     return forward_error(learn.model, *where, e, batch_shape=shape_of(batch))
 

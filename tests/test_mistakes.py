@@ -206,6 +206,14 @@ def test_a_model_on_another_device_than_the_batch_names_both_and_devicecb():
                                            r"after it moved one of them"): learn.fit(1)
 
 
+def test_a_model_that_moves_its_inputs_itself_gets_its_shape_error_not_a_device_one():
+    class ToMeta(nn.Module):
+        def forward(self, x): return x.to('meta').flatten(1)
+    learn = TrainLearner(nn.Sequential(ToMeta(), nn.Linear(50, 10)).to('meta'), synth_dls(), F.cross_entropy)
+    with pytest.raises(ModuleForwardError, match=r"^forward failed in module '1' \(Linear\) with input shape \(16, 64\); "
+                                                 r"it expects 50 input features"): learn.fit(1)
+
+
 def test_outputs_and_targets_on_different_devices_name_both_in_the_loss_error():
     from miniai.learner import compute_loss
     with pytest.raises(ValueError, match=r'^loss function cross_entropy got the model output on meta and the target '
