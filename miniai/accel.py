@@ -11,13 +11,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from .callback import Callback
+from .checks import warn_once
 from .compile import CompileCB
 from .conv import default_device, to_device
 from .learner import DeviceCB, TrainCB
 from .ranks import world_size
 from .state import match_state_layout
 
-__all__ = ['MixedPrecision', 'ChannelsLastCB', 'cpu_has_bf16', 'cuda_has_bf16', 'fastest_settings', 'precision_cbs', 'SpeedPlan',
+__all__ = ['MixedPrecision', 'ChannelsLastCB', 'warn_fp16_on_cpu', 'cpu_has_bf16', 'cuda_has_bf16', 'fastest_settings',
+           'precision_cbs', 'SpeedPlan',
            'fastest_plan', 'AccelerateCB']
 
 
@@ -57,6 +59,7 @@ class MixedPrecision(TrainCB):
         dev = _device_of(learn.model)
         self.device_type, dtype = dev.type, self._asked
         if dtype is None: dtype = torch.bfloat16 if dev.type != 'cuda' or cuda_has_bf16(dev) else torch.float16
+        if dtype == torch.float16 and dev.type == 'cpu': warn_fp16_on_cpu()
         self.dtype, self.scaler = dtype, None  # a scaler from an earlier fit is never reused
         if _needs_loss_scaling(dev.type, dtype):
             if getattr(type(learn), 'backward', None) is not None:
@@ -117,6 +120,14 @@ class ChannelsLastCB(Callback):
     def before_batch(self, learn):
         b = learn.batch
         learn.batch = (_channels_last(b[0]), *b[1:])
+
+
+def warn_fp16_on_cpu() -> None:
+    "Say, once a process, that fp16 autocast on a CPU is much slower than fp32 and that bf16 is the CPU's half type."
+    warn_once('fp16 on cpu', "fp16 autocast on a CPU runs many times slower than fp32 (26x for a small CNN, "
+              "bench/results/fp16_cpu.md): CPUs have no fast fp16 arithmetic. Use bf16 (precision_cbs('bf16') or "
+              "MixedPrecision(torch.bfloat16); '--precision bf16' on the command line), fast on CPUs with AMX or "
+              "AVX-512 bf16, or fp32")
 
 
 def cpu_has_bf16() -> bool:

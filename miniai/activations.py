@@ -108,26 +108,24 @@ class ActivationStats(HooksCallback):
     "Record mean, std and histogram of the outputs of the modules passing `mod_filter`, for the plots below."
     def __init__(self, mod_filter=fc.noop): super().__init__(append_stats, mod_filter)
 
-    def color_dim(self, figsize=(11, 5)):
+    # the plots return nothing, as the course's do: a Figure returned at the end of a Jupyter cell would show twice
+    def color_dim(self, figsize=(11, 5)) -> None:
         "Histogram of each layer's activations over the batches, as an image."
-        fig, axes = get_grid(len(self), figsize=figsize)
+        _, axes = get_grid(len(self), figsize=figsize)
         for ax, h in zip(axes.flat, self): show_image(get_hist(h), ax=ax, origin='lower', aspect='auto')
-        return fig
 
-    def dead_chart(self, figsize=(11, 5)):
+    def dead_chart(self, figsize=(11, 5)) -> None:
         "Fraction of near-zero activations per layer over the batches."
-        fig, axes = get_grid(len(self), figsize=figsize)
+        _, axes = get_grid(len(self), figsize=figsize)
         for ax, h in zip(axes.flat, self):
             ax.plot(get_min(h))
             ax.set_ylim(0, 1)
-        return fig
 
-    def plot_stats(self, figsize=(10, 4)):
+    def plot_stats(self, figsize=(10, 4)) -> None:
         "Mean and standard deviation of each layer's activations over the batches."
-        fig, axs = plt.subplots(1, 2, figsize=figsize)
+        _, axs = plt.subplots(1, 2, figsize=figsize)
         for h in self:
             for i in (0, 1): axs[i].plot(_stacked(h, i))
         axs[0].set_title('Means')
         axs[1].set_title('Stdevs')
         plt.legend(fc.L.range(self))
-        return fig

@@ -293,9 +293,10 @@ def monitor_value(learn: Learner, monitor: str):
     "The latest value of `monitor` ('valid loss', 'train accuracy', or a metric name for validation) from MetricsCB."
     stage, _, name = monitor.partition(' ') if monitor.startswith(('valid ', 'train ')) else ('valid', '', monitor)
     want = 'eval' if stage == 'valid' else 'train'
-    history = getattr(getattr(learn, 'metrics', None), 'history', None)
-    if history is None: raise ValueError(f"monitor {monitor!r} needs a MetricsCB among the Learner's callbacks")
-    for row in reversed(history):
+    metrics = getattr(learn, 'metrics', None)
+    if getattr(metrics, 'history', None) is None:
+        raise ValueError(f"monitor {monitor!r} needs a MetricsCB among the Learner's callbacks")
+    for row in reversed(metrics.rows()):  # this fit's: an earlier fit's values say nothing about this one
         if row['train'] == want:
             if name not in row: raise ValueError(f'monitor {monitor!r}: no metric {name!r}; have {sorted(row)}')
             return row[name]

@@ -171,6 +171,9 @@ def train(args: argparse.Namespace) -> dict:
     matplotlib.use('Agg')
     from .recipe import run_recipe
     import torch
+    from .accel import warn_fp16_on_cpu
+    from .conv import default_device
+    if args.precision == 'fp16' and torch.device(default_device()).type == 'cpu': warn_fp16_on_cpu()  # before any wait
     if args.threads is not None: torch.set_num_threads(args.threads)
     out = args.out = args.out or Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')  # main() reports it
     try: out.mkdir(parents=True, exist_ok=True)
@@ -185,7 +188,6 @@ def train(args: argparse.Namespace) -> dict:
                      target=args.target)
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
     res['threads'] = torch.get_num_threads()
-    from .conv import default_device
     dev = torch.device(default_device())
     res['device'] = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev.type
     if getattr(args, 'command_line', None): res['command'] = args.command_line

@@ -13,7 +13,9 @@ The loop, as it reads (each `cleanup_*` runs however its stage ends):
     after_fit                (cleanup_fit always runs)
 
 `CancelBatchException` ends the batch, `CancelEpochException` the epoch and `CancelFitException` the fit, each
-quietly; any other exception runs the cleanups and reaches the caller unchanged (a cleanup that fails meanwhile is
+quietly; a `CancelFitException` raised in `after_epoch` ends the fit once every callback has handled that
+`after_epoch` (so an epoch that finished is logged and saved whatever the order of the callback that stops); any other
+exception runs the cleanups and reaches the caller unchanged (a cleanup that fails meanwhile is
 attached to it as a note, never raised in its place). `predict`, `get_loss`, `backward`, `step` and `zero_grad` are
 methods of a Learner subclass (`TrainLearner`) or of a callback (`TrainCB`).
 """
@@ -31,6 +33,7 @@ from torch import nn, optim
 
 from .callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException, CancelFitException,
                        misspelt_events, note_failure, run_cbs, sort_cbs, to_cpu, with_cbs)
+from .checks import FirstBatchChecks, NamedBatchCB, explain_forward_failure, loss_failure, takes_tuples
 from .conv import resolve_device, to_device
 from .lr_finder import LRFinderCB
 from .progress import MetricsCB, ProgressCB
@@ -38,7 +41,8 @@ from .state import unchanged
 
 __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
            'run_cbs', 'with_cbs', 'Learner', 'TrainLearner', 'MomentumLearner', 'TrainCB', 'DeviceCB', 'to_cpu',
-           'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'LRFinderCB', 'lr_find', 'compute_loss', 'looking']
+           'MetricsCB', 'ProgressCB', 'SingleBatchCB', 'LRFinderCB', 'lr_find', 'compute_loss', 'looking',
+           'NamedBatchCB']
 
 
 def _handler_name(m) -> str:
@@ -59,15 +63,21 @@ def _run_every(methods, learn):
     raise first
 
 
+def _finish_then_stop(methods, learn):
+    "Run every `after_epoch` handler; a `CancelFitException` among them ends the fit after the last one has run."
+    stop = None
+    for m in methods:
+        try: m(learn)
+        except CancelFitException as e:
+            if stop is None: stop = e
+    if stop is not None: raise stop
+
+
 def compute_loss(loss_func, preds, *targets):
-    "`loss_func(preds, *targets)`, with an error naming the loss and both shapes when they do not fit together."
+    "`loss_func(preds, *targets)`, with an error naming the loss and both shapes (or devices) when they do not fit."
     try: return loss_func(preds, *targets)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
-        name = getattr(loss_func, '__name__', None) or type(loss_func).__name__
-        shapes = ', '.join(str(tuple(t.shape)) if hasattr(t, 'shape') else type(t).__name__ for t in targets)
-        pshape = tuple(preds.shape) if hasattr(preds, 'shape') else type(preds).__name__
-        raise ValueError(f'loss function {name} could not take the model output of shape {pshape} with target '
-                         f'shape {shapes}: {e}') from e
+        raise loss_failure(loss_func, preds, targets, e) from e
 
 
 class Learner:
@@ -81,7 +91,11 @@ class Learner:
     # -- the loop -------------------------------------------------------------------------------------------
     @with_cbs('batch')
     def _one_batch(self):
-        self._step('predict')
+        try: self._step('predict')
+        except RuntimeError as e:  # explained here, after the fact: checking every batch beforehand would cost time
+            clearer = explain_forward_failure(self, e)
+            if clearer is None: raise
+            raise clearer from e
         self.callback('after_predict')
         self._step('get_loss')
         self.callback('after_loss')
@@ -159,12 +173,14 @@ class Learner:
                               f"called{hint}", stacklevel=3)
         # callables only: a data attribute that happens to share a name (`step = 0`) is not a handler
         table = {ev: [getattr(cb, ev) for cb in cbs if callable(getattr(cb, ev, None))] for ev in EVENTS + STEPS}
+        for ev, m in FirstBatchChecks(self).handlers.items(): table[ev].append(m)
         for ev in ('cleanup_batch', 'cleanup_epoch', 'cleanup_fit'):
             if len(table[ev]) > 1: table[ev] = [partial(_run_every, table[ev])]
+        table['after_epoch'] = [partial(_finish_then_stop, table['after_epoch'])]
         steps = {}
         for s in STEPS:
             own = getattr(type(self), s, None)
-            if own is not None: steps[s] = getattr(self, s)
+            if own is not None and not getattr(own, 'step_from_callbacks', False): steps[s] = getattr(self, s)
             else:
                 if len(table[s]) > 1:
                     names = ', '.join(type(m.__self__).__name__ for m in table[s])
@@ -189,13 +205,25 @@ class Learner:
         if name in STEPS: return partial(self.callback, name)
         raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
 
+    def predict(self, x=None, act=None):
+        """With `x`: the class of `x` (one item or a batch), its probability and all probabilities, through this
+        Learner's callbacks (see `miniai.inference.predict`). Without: the loop's 'predict' step, which a plain
+        Learner takes from its callbacks (`TrainCB`)."""
+        if x is None: return self.callback('predict')
+        return self.predict_item(x, act)
+    predict.step_from_callbacks = True
+
     @property
     def training(self) -> bool: return self.model.training
 
 
 class TrainLearner(Learner):
     "A `Learner` with the usual steps: predict from `batch[0]`, loss against `batch[1]`, backward, step, zero."
-    def predict(self): self.preds = self.model(self.batch[0])
+    @takes_tuples
+    def predict(self, x=None, act=None):
+        "The 'predict' step: the model's output for `batch[0]`; with `x`, `Learner.predict` (a class for `x`)."
+        if x is not None: return Learner.predict(self, x, act)
+        self.preds = self.model(self.batch[0])
     def get_loss(self): self.loss = compute_loss(self.loss_func, self.preds, self.batch[1])
     def backward(self): self.loss.backward()
     def step(self): self.opt.step()
@@ -217,6 +245,7 @@ class MomentumLearner(TrainLearner):
 class TrainCB(Callback):
     "The training steps as a callback, for a plain `Learner`; the first `n_inp` batch items go to the model."
     def __init__(self, n_inp: int = 1): self.n_inp = n_inp
+    @takes_tuples
     def predict(self, learn): learn.preds = learn.model(*learn.batch[:self.n_inp])
     def get_loss(self, learn): learn.loss = compute_loss(learn.loss_func, learn.preds, *learn.batch[self.n_inp:])
     def backward(self, learn): learn.loss.backward()
@@ -262,11 +291,11 @@ def looking(learn: Learner, quiet: bool = True):
 
 
 def lr_find(self: Learner, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10,
-            plot: bool = True) -> float:
+            plot=True) -> float:
     """Train from `start_lr`, multiplying it by `gamma` each batch, until the loss exceeds `max_mult` times its
-    minimum; plot loss against learning rate and return the suggestion of `suggest_lr` (a tenth of the learning
-    rate at the smoothed loss's minimum). Afterwards the model, the optimizer, the data order and the RNGs are as
-    they were before."""
+    minimum; plot loss against learning rate (`plot` may be a path to save it to) and return the suggestion of
+    `suggest_lr` (a tenth of the learning rate at the smoothed loss's minimum). Afterwards the model, the optimizer,
+    the data order and the RNGs are as they were before."""
     cb = LRFinderCB(gamma=gamma, max_mult=max_mult, plot=plot)
     with looking(self): self.fit(max_epochs, lr=start_lr, cbs=cb)
     return cb.suggestion

@@ -23,7 +23,7 @@ class CSVLoggerCB(Callback):
     def after_epoch(self, learn):
         history = getattr(getattr(learn, 'metrics', None), 'history', None)
         if not history or not is_main_process(): return
-        row = history[-1]
+        row = {k: v for k, v in history[-1].items() if k != 'fit'}  # a file's rows go on across fits and resumes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         if not new:
@@ -71,7 +71,7 @@ class TensorBoardCB(Callback):
             row = history[-1]
             stage = 'train' if row['train'] == 'train' else 'valid'
             for k, v in row.items():
-                if k not in ('epoch', 'train') and isinstance(v, (int, float)):
+                if k not in ('epoch', 'train', 'fit') and isinstance(v, (int, float)):
                     self.writer.add_scalar(f'{stage}/{k}', v, row['epoch'])
         self.writer.flush()
 

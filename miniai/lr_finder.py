@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 from torch.optim.lr_scheduler import ExponentialLR
 
 from .callback import Callback, CancelEpochException, CancelFitException
+from .progress import show_or_save
 
 __all__ = ['LRFinderCB', 'suggest_lr']
 
@@ -25,8 +26,9 @@ def suggest_lr(lrs, losses, beta: float = 0.98) -> float:
 
 class LRFinderCB(Callback):
     """Multiply the learning rate by `gamma` after each training batch; stop when the loss exceeds `max_mult` times
-    its minimum or stops being finite. Skips validation. Reads the loss every batch: it is a probe, not training."""
-    def __init__(self, gamma: float = 1.3, max_mult: float = 3, plot: bool = True):
+    its minimum or stops being finite. Skips validation. Reads the loss every batch: it is a probe, not training.
+    `plot`: draw loss against learning rate at the end (True), also save it to a file (a path), or not (False)."""
+    def __init__(self, gamma: float = 1.3, max_mult: float = 3, plot=True):
         self.gamma, self.max_mult, self.show = gamma, max_mult, plot
         self.lrs, self.losses = [], []
 
@@ -60,4 +62,7 @@ class LRFinderCB(Callback):
         return ax
 
     def cleanup_fit(self, learn):
-        if self.show and self.lrs: self.plot()
+        if not (self.show and self.lrs): return
+        self.plot()
+        show_or_save(plt.gcf(), self.show, 'lr_find', "pass lr_find(plot='lr_find.png') to save it to a file, or "
+                     "plt.savefig('lr_find.png') now (it is the current figure); lr_find(plot=False) draws none")

@@ -1,19 +1,22 @@
 """Watching a fit: `MetricsCB` (metrics computed on the model's device, read once per epoch) and `ProgressCB`."""
 from __future__ import annotations
 
+import os
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from copy import copy
+from pathlib import Path
 
 import fastcore.all as fc
 import torch
-import warnings
 
 from .callback import Callback
+from .checks import warn_once
 from .ranks import is_main_process
 
-__all__ = ['MetricsCB', 'ProgressCB', 'format_time', 'quiet_torcheval']
+__all__ = ['MetricsCB', 'ProgressCB', 'format_time', 'quiet_torcheval', 'plots_show', 'show_or_save']
 
 
 @contextmanager
@@ -45,14 +48,15 @@ class MetricsCB(Callback):
     Metric state stays on the device of the model's output and is read once per epoch, so the per-batch path
     never waits for the device. Batches are handed to the metrics `flush_every` at a time (concatenated), which
     gives the same result as one update per batch at a fraction of the cost. Every epoch's values are kept, as
-    numbers, in `history`."""
+    numbers, in `history`, across fits: each row says which fit it came from (`fit`: 0 for the first), and
+    `rows()` gives one fit's."""
     skip_in_probes = True
     def __init__(self, *ms, flush_every: int = 32, **metrics):
         for o in ms: metrics[type(o).__name__] = o
         self.metrics, self.flush_every = metrics, flush_every
         self.all_metrics = copy(metrics)
         self.all_metrics['loss'] = self.loss = _mean_metric()
-        self.history, self._device = [], None
+        self.history, self._device, self.fits = [], None, 0
 
     def _log(self, d: dict) -> None:
         if is_main_process(): print(d)
@@ -62,7 +66,12 @@ class MetricsCB(Callback):
 
     def before_fit(self, learn):
         learn.metrics = self
-        self.history = []
+        self.fits += 1
+
+    def rows(self, fit: int = -1) -> list[dict]:
+        "The rows of one fit, counted like a list's items: -1 (the default) the latest, 0 the first."
+        n = fit + self.fits if fit < 0 else fit
+        return [r for r in self.history if r['fit'] == n]
 
     def before_epoch(self, learn):
         for m in self.all_metrics.values(): m.reset()
@@ -106,7 +115,7 @@ class MetricsCB(Callback):
         values = {k: self.compute(m).item() for k, m in self.all_metrics.items()}
         secs = time.perf_counter() - self._start
         stage = 'train' if learn.training else 'eval'
-        self.history.append({**values, 'epoch': learn.epoch, 'train': stage, 'time': secs})
+        self.history.append({**values, 'epoch': learn.epoch, 'train': stage, 'time': secs, 'fit': self.fits - 1})
         self._log({**{k: f'{v:.3f}' for k, v in values.items()}, 'epoch': learn.epoch, 'train': stage,
                    'time': format_time(secs)})
 
@@ -116,15 +125,39 @@ def _progress():
     return master_bar, progress_bar
 
 
+_NON_INTERACTIVE = {'agg', 'cairo', 'pdf', 'pgf', 'ps', 'svg', 'template'}
+
+
+def plots_show() -> bool:
+    "Whether a figure drawn now can be seen: in Jupyter, or where matplotlib's backend opens windows."
+    if fc.IN_NOTEBOOK: return True
+    import matplotlib
+    return matplotlib.get_backend().lower() not in _NON_INTERACTIVE
+
+
+def show_or_save(fig, plot, what: str, hint: str) -> None:
+    """Save `fig` to `plot` when it is a path; else, where no figure can be seen (a script with a non-interactive
+    backend), say so once, with `hint` on how to keep it, rather than drop it silently."""
+    if isinstance(plot, (str, os.PathLike)):
+        Path(plot).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=80, bbox_inches='tight')
+    elif not plots_show():
+        import matplotlib
+        warn_once(what, f'{what}: nothing can show the plot here (not Jupyter; matplotlib backend '
+                        f'{matplotlib.get_backend()!r}): {hint}')
+
+
 class ProgressCB(Callback):
-    """Progress bars and the metrics table: fastprogress bars in Jupyter (with a live loss plot when `plot`),
-    in a terminal a bar per epoch and one line per epoch; in a log file (not a tty) only the lines.
-    The loss shown on the bar is read at most every `refresh` seconds."""
+    """Progress bars and the metrics table: fastprogress bars in Jupyter (with a live loss plot when `plot`), in a
+    terminal a bar per epoch and one line per epoch. In a log file (not a tty) the table's lines, and a progress line
+    every `log_every` seconds (batches done, loss, rate, time left). The loss is read from the device at most every
+    `refresh` seconds on a bar and once per progress line. `plot` may be a path: the loss plot is saved there after
+    each fit (where there is no Jupyter to draw it live, it is otherwise only kept in `losses` and `val_losses`)."""
     skip_in_probes = True
     order = MetricsCB.order + 1
 
-    def __init__(self, plot: bool = False, refresh: float = 0.3):
-        self.plot, self.refresh = plot, refresh
+    def __init__(self, plot: bool | str | os.PathLike = False, refresh: float = 0.3, log_every: float = 10.):
+        self.plot, self.refresh, self.log_every = plot, refresh, log_every
         # made here too, not only in before_fit: cleanup_fit runs even when a fit failed before ours began
         self.losses, self.val_losses, self._pending, self._header, self._last = [], [], [], None, 0.
 
@@ -133,6 +166,10 @@ class ProgressCB(Callback):
         self.bars = (fc.IN_NOTEBOOK or sys.stdout.isatty()) and not self.silent
         self.losses, self.val_losses, self._pending, self._header = [], [], [], None
         self._last = 0.
+        if self.plot is True and not fc.IN_NOTEBOOK and not self.silent:
+            warn_once('ProgressCB(plot=True)', "ProgressCB(plot=True): the live loss plot needs Jupyter; here the "
+                      "losses are kept in .losses and .val_losses. Pass ProgressCB(plot='loss.png') to save the plot "
+                      "after each fit")
         if self.bars:
             master_bar, _ = _progress()
             learn.epochs = self.mbar = master_bar(learn.epochs)
@@ -150,6 +187,7 @@ class ProgressCB(Callback):
         else: print('  '.join(f'{c:<8}' for c in cells).rstrip(), flush=True)
 
     def before_epoch(self, learn):
+        self._epoch_start = self._line_at = time.perf_counter()
         if self.bars:
             _, progress_bar = _progress()
             learn.dl = progress_bar(learn.dl, leave=False, parent=self.mbar)
@@ -160,7 +198,17 @@ class ProgressCB(Callback):
         if now - self._last < self.refresh: return
         self._last = now
         if self.bars: learn.dl.comment = f'{learn.loss.item():.3f}'
+        elif not self.silent and now - self._line_at >= self.log_every: self._progress_line(learn, now)
         self._update_graph()
+
+    def _progress_line(self, learn, now: float) -> None:
+        "A line for a log: where the epoch is, the latest loss (one read from the device), the rate, the time left."
+        self._line_at, done, secs = now, learn.iter + 1, now - self._epoch_start
+        n = len(learn.dl) if hasattr(learn.dl, '__len__') else None
+        rate = done / secs if secs > 0 else 0.
+        left = f', {format_time((n - done) / rate)} left' if n and rate else ''
+        print(f'epoch {learn.epoch} {"train" if learn.training else "eval"}: {done}{f"/{n}" if n else ""} batches, '
+              f'loss {learn.loss.item():.4f}, {rate:.2f} batches/s{left}', flush=True)
 
     def _flush(self):
         if self._pending:
@@ -182,5 +230,23 @@ class ProgressCB(Callback):
             self._flush()
             self.val_losses.append((len(self.losses), learn.metrics.history[-1]['loss']))
             self._update_graph()
+
+    def plot_losses(self, ax=None) -> None:
+        "Training loss per batch and validation loss per epoch of the latest fit, on `ax` (a new figure if None)."
+        import matplotlib.pyplot as plt
+        self._flush()
+        if ax is None: _, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(self.losses, label='train (per batch)', alpha=0.7)
+        if self.val_losses: ax.plot(*zip(*self.val_losses), 'o-', label='valid (per epoch)')
+        ax.set_xlabel('batch')
+        ax.set_ylabel('loss')
+        ax.legend()
+
+    def after_fit(self, learn):
+        if isinstance(self.plot, (str, os.PathLike)) and not self.silent:
+            import matplotlib.pyplot as plt
+            self.plot_losses()
+            show_or_save(plt.gcf(), self.plot, 'ProgressCB', '')
+            plt.close(plt.gcf())
 
     def cleanup_fit(self, learn): self._flush()

@@ -72,7 +72,8 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     if precision == 'auto': precision, why = fastest_settings()
     else: why = 'chosen on the command line'
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
-    cbs = [DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB(plot=True), BatchSchedCB(sched),
+    prog = ProgressCB(plot=True if out is None else out / 'loss.png')  # a script: no live plot, a file
+    cbs = [DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), prog, BatchSchedCB(sched),
            RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]
     if tfms := augment_tfms(augment, epochs): cbs.append(augment_cb(*tfms))
     if out is not None: cbs += [SaveModelCB(out, monitor='accuracy', every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
@@ -91,14 +92,9 @@ def plot_run(learn: Learner, out: Path) -> list[Path]:
     "Save the loss curves and the learning-rate schedule of the last fit as PNGs in `out`."
     prog = next(cb for cb in learn.cbs if isinstance(cb, ProgressCB))
     rec = next(cb for cb in learn.cbs if isinstance(cb, RecorderCB))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(prog.losses, label='train (per batch)', alpha=0.7)
-    if prog.val_losses: ax.plot(*zip(*prog.val_losses), 'o-', label='valid (per epoch)')
-    ax.set_xlabel('batch')
-    ax.set_ylabel('loss')
-    ax.legend()
+    prog.plot_losses()
     paths = [out / 'loss.png', out / 'lr.png']
-    fig.savefig(paths[0], dpi=80, bbox_inches='tight')
+    plt.savefig(paths[0], dpi=80, bbox_inches='tight')
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.plot(rec.recs['lr'])
     ax.set_xlabel('batch')

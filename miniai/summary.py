@@ -14,27 +14,17 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .checks import ModuleForwardError, forward_error, shape_of as _shape
 from .learner import Learner
 from .state import unchanged
 
 __all__ = ['Summary', 'summary', 'ModuleForwardError']
 
 
-class ModuleForwardError(RuntimeError):
-    "A forward pass failed inside a module; the message names the module's path and the input shape it got."
-
-
 def _fmt(n: float) -> str:
     for unit, div in (('T', 1e12), ('G', 1e9), ('M', 1e6), ('K', 1e3)):
         if abs(n) >= div: return f'{n / div:.2f}{unit}'
     return f'{n:.0f}'
-
-
-def _shape(x):
-    if isinstance(x, torch.Tensor): return tuple(x.shape)
-    if isinstance(x, (list, tuple)) and x: return _shape(x[0])
-    if isinstance(x, dict) and x: return _shape(next(iter(x.values())))
-    return None
 
 
 @dataclass
@@ -102,7 +92,6 @@ def summary(model: nn.Module, x, depth: int = 1, train_step: bool = True) -> Sum
             x = torch.randn(*x, generator=torch.Generator().manual_seed(0))
         if p0 is not None: x = x.to(p0.device)
         rows = _rows_at_depth(model, depth)
-        names = {m: p for p, m in model.named_modules()}
         seen, stack, hooks = {}, [], []
         def pre(m, args): stack.append((m, _shape(args)))
         def post(m, args, out):
@@ -116,9 +105,7 @@ def summary(model: nn.Module, x, depth: int = 1, train_step: bool = True) -> Sum
             with torch.no_grad(), counter: model(x)
         except Exception as e:
             m, shape = stack[-1] if stack else (model, _shape(x))
-            path = names.get(m) or '(model)'
-            raise ModuleForwardError(f"forward failed in module '{path}' ({type(m).__name__}) with input shape "
-                                     f"{shape}: {e}") from e
+            raise forward_error(model, m, shape, e) from e
         finally:
             for h in hooks: h.remove()
         flops = counter.get_flop_counts()

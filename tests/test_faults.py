@@ -27,7 +27,7 @@ from miniai.datasets import DataLoaders
 from miniai.distributed import DDPCB
 from miniai.fashion import TensorDataLoader
 from miniai.interrupt import InterruptCB
-from miniai.learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB, TrainLearner
+from miniai.learner import DeviceCB, Learner, MetricsCB, NamedBatchCB, ProgressCB, TrainCB, TrainLearner
 from miniai.loggers import CSVLoggerCB, TensorBoardCB
 from miniai.longrun import EarlyStoppingCB, GradAccumCB, GradClipCB, TerminateOnNaNCB
 from miniai.recipe import make_learner
@@ -81,7 +81,7 @@ def everything_lineup(out: Path):
            MixedPrecision(torch.bfloat16), ChannelsLastCB(), SaveModelCB(out, every_epoch=True),
            CSVLoggerCB(out / 'metrics.csv'), TensorBoardCB(out / 'tb'), ActivationStats(), CapturePreds(),
            EarlyStoppingCB(patience=10), TerminateOnNaNCB(), GradClipCB(1.0), GradAccumCB(2), DDPCB(), HasLearnCB(),
-           InterruptCB(out / 'interrupted.ckpt')]
+           InterruptCB(out / 'interrupted.ckpt'), NamedBatchCB('x', 'y')]
     return Learner(tiny_model(), dls, F.cross_entropy, 1e-2, cbs=cbs, opt_func=optim.AdamW)
 
 
@@ -177,7 +177,7 @@ def test_fault_injection(event, position, lineup, exc_type, tmp_path, mid_epoch_
     check_files(tmp_path)
     # the next fit works, and leaves everything clean too
     learn.fit(2)
-    assert [r['train'] for r in learn.metrics.history] == ['train', 'eval'] * 2
+    assert [r['train'] for r in learn.metrics.rows()] == ['train', 'eval'] * 2
     stats = next(cb for cb in learn.cbs if isinstance(cb, ActivationStats))
     assert stats.hooks and all(len(h.stats[0]) for h in stats.hooks), 'hooks must work in the next fit'
     assert not hooks_left(model)
@@ -190,7 +190,7 @@ def test_the_matrix_covers_every_shipped_callback_that_can_sit_in_a_fit(tmp_path
                'SingleBatchCB': 'ends the fit after one batch', '_GrabBatch': 'ends the fit at the first batch',
                'ResumeCB': 'added by fit(resume=...): the main job line-up resumes', 'TrainCB': 'MixedPrecision is one',
                'BatchTransformCB': "the main job's augmentation is one", 'HooksCallback': 'ActivationStats is one',
-               'BaseSchedCB': 'abstract'}
+               'BaseSchedCB': 'abstract', '_Collect': 'get_preds: ends every batch after its prediction, a probe'}
     seen = {type(cb).__name__ for f in LINEUPS.values() for cb in f(tmp_path).cbs}
     shipped = {c.__name__ for c in shipped_callbacks()}
     assert shipped - seen - set(outside) == set()
