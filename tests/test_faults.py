@@ -190,7 +190,8 @@ def test_the_matrix_covers_every_shipped_callback_that_can_sit_in_a_fit(tmp_path
                'SingleBatchCB': 'ends the fit after one batch', '_GrabBatch': 'ends the fit at the first batch',
                'ResumeCB': 'added by fit(resume=...): the main job line-up resumes', 'TrainCB': 'MixedPrecision is one',
                'BatchTransformCB': "the main job's augmentation is one", 'HooksCallback': 'ActivationStats is one',
-               'BaseSchedCB': 'abstract', '_Collect': 'get_preds: ends every batch after its prediction, a probe'}
+               'BaseSchedCB': 'abstract', '_Collect': 'get_preds: ends every batch after its prediction, a probe',
+               '_InputShape': "ImageEval's probe: notes the first batch's image shape"}
     seen = {type(cb).__name__ for f in LINEUPS.values() for cb in f(tmp_path).cbs}
     shipped = {c.__name__ for c in shipped_callbacks()}
     assert shipped - seen - set(outside) == set()
