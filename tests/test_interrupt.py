@@ -182,6 +182,15 @@ def test_a_second_signal_outside_the_save_stops_at_once(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_repeated_sigterm_still_saves(tmp_path, capfd):
+    "A launcher may pass on a notice the process already got: a second SIGTERM is noted, the stop and save go on."
+    learn = make()
+    with pytest.raises(Interrupted) as info:
+        learn.fit(N_EPOCHS, cbs=[InterruptCB(tmp_path / 'i.ckpt'), SignalAt(1, 1, True, signal.SIGTERM, times=2)])
+    assert info.value.where == 'training' and read_checkpoint(tmp_path / 'i.ckpt')['position']['batch'] == 2
+    assert 'SIGTERM received again: still stopping after this batch' in capfd.readouterr().err
+
+
 def test_a_signal_after_the_last_batch_ends_the_fit_complete(tmp_path):
     class SignalInAfterFit(Callback):
         order = 0  # before InterruptCB's after_fit
