@@ -5,4 +5,5 @@ Importing the package patches the methods that live in later modules onto `Learn
 """
 __version__ = '0.1.0'
 
-from . import learner, summary, augment, checkpoint, autoresume  # noqa: F401,E402  (imported for the methods they patch onto Learner)
+# imported for the methods they patch onto Learner
+from . import learner, summary, augment, checkpoint, autoresume  # noqa: F401,E402

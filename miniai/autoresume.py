@@ -2,10 +2,10 @@
 
 The run's checkpoints are where its callbacks write them: `InterruptCB`'s file (interrupted.ckpt) and `SaveModelCB`'s
 last.ckpt, with its best.ckpt as the last resort. 'auto' takes the newest complete one, by the time it was saved; a
-damaged one is skipped with a warning and the one saved before it is used; with none, the run starts fresh. Under `torchrun` the main process
-chooses and every rank takes that same file (a rank that cannot see it is an error on every rank: the run folder must
-be shared by the nodes). So `torchrun --max-restarts N`, a requeued Slurm job or a restarted Kubernetes pod, started
-again with the same command, finish the run without a person.
+damaged one is skipped with a warning and the one saved before it is used; with none, the run starts fresh. Under
+`torchrun` the main process chooses and every rank takes that same file (a rank that cannot see it is an error on
+every rank: the run folder must be shared by the nodes). So `torchrun --max-restarts N`, a requeued Slurm job or a
+restarted Kubernetes pod, started again with the same command, finish the run without a person.
 """
 from __future__ import annotations
 

@@ -2,14 +2,16 @@
 
 Under `torchrun` a scheduler's SIGTERM reaches the ranks at slightly different moments, or only one of them. A rank
 that stopped at the batch its own signal arrived would leave the others waiting in the gradient all-reduce. Instead
-every rank puts its request into a one-number all-reduce on the CPU (`StopAgreement`, on the gloo group beside the
-training's, so it never waits for a GPU), started after each batch and read after the next: every rank learns of any
-request at the same batch, and they all stop there. Checkpoints are written once, by the main process (global rank 0),
-holding what differs per rank (random states, data order) gathered from every rank, and no rank goes on before the
-file is complete (`save_by_main`); a resumed rank takes its own part back (`this_rank`).
+every rank puts its request into a small all-reduce on the CPU (`StopAgreement`, on the gloo group beside the
+training's, so it never waits for a GPU), run in the background and read when the next one starts: every rank learns
+of any request at the same batch, and they all stop there. Checkpoints are written once, by the main process (global
+rank 0), holding what differs per rank (random states, data order) gathered from every rank, and no rank goes on
+before the file is complete (`save_by_main`); a resumed rank takes its own part back (`this_rank`).
 """
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -26,36 +28,50 @@ __all__ = ['StopAgreement', 'rank_state', 'save_by_main', 'save_together', 'this
 
 class StopAgreement:
     """Every rank calls `poll(request)` at the same point of each batch, `request` being the signal number it was
-    asked to stop by (or None). It returns the signal the ranks agreed to stop for, on every rank at the same batch:
-    the largest one any rank had asked for when the previous batch ended; None until then. Alone, it answers `request`
-    at once. The all-reduce of a round runs in the background while the next batch trains, so waiting for it costs
-    nothing in the steady state; the ranks' CPUs can drift at most one batch apart."""
-    def __init__(self):
+    asked to stop by (or None). It returns the signal the ranks agreed to stop for, on every rank at the same batch (the
+    largest any rank asked for), and None until then. Alone, it answers `request` at once.
+
+    The ranks compare notes in rounds: a round's all-reduce (stop flag and seconds per batch, on the CPU) runs in the
+    background and is read when the next round starts. Rounds start every batch at first, then every `seconds` or so:
+    every N batches, N worked out from the slowest rank's pace, the same on every rank. So a stop comes at most two
+    rounds (about 2 x `seconds`, default 0.1; `$MINIAI_STOP_CHECK_SECONDS`) after the signal, and the rounds cost next
+    to nothing however short a batch is. The ranks' CPUs drift at most a round apart."""
+    def __init__(self, seconds: float | None = None):
         self.group = cpu_group() if is_dist() and world_size() > 1 else None
-        self.agreed, self._work, self._flag = None, None, None
+        self.seconds = float(os.environ.get('MINIAI_STOP_CHECK_SECONDS', 0.1)) if seconds is None else seconds
+        self.agreed, self._work, self._flag, self.rounds = None, None, None, 0
+        self._n, self._next, self._every, self._since, self._t = 0, 0, 1, 0, time.perf_counter()
 
     def poll(self, request: int | None) -> int | None:
-        "This batch's answer (a collective when distributed: every rank calls it once per batch)."
+        "This batch's answer (when distributed every rank calls it, once per batch: its rounds are collectives)."
         if self.agreed is not None: return self.agreed
         if self.group is None:
             self.agreed = request
             return request
+        self._n += 1
+        if self._n < self._next: return None
         if self._work is not None and self._read() is not None: return self.agreed
-        self._flag = torch.tensor([request or 0], dtype=torch.int64)
+        now = time.perf_counter()
+        pace, self._t, self._since = (now - self._t) / max(1, self._n - self._since), now, self._n
+        self._flag = torch.tensor([request or 0, pace], dtype=torch.float64)
         self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        self._next, self.rounds = self._n + self._every, self.rounds + 1
         return None
 
     def _read(self) -> int | None:
         self._work.wait()
-        got, self._work = int(self._flag.item()), None
-        if got: self.agreed = got
+        (flag, pace), self._work = self._flag.tolist(), None
+        if flag: self.agreed = int(flag)
+        self._every = max(1, min(1000, int(self.seconds / pace))) if pace > 0 else 1  # the same on every rank
         return self.agreed
 
     def settle(self, request: int | None) -> int | None:
         """After the last batch (every rank calls it): the agreed signal, from the round in flight and, if that holds
         none, one last round with `request`, waited for at once."""
         if self._work is not None: self._read()
-        if self.agreed is None: self.poll(request)
+        if self.agreed is None:
+            self._next = 0
+            self.poll(request)
         if self._work is not None: self._read()
         return self.agreed
 

@@ -32,7 +32,7 @@ __all__ = ['is_dist', 'rank', 'local_rank', 'world_size', 'is_main_process', 'in
 
 _joined = None  # the default process group, when `init_distributed` made it (so it is ours to end)
 _cpu = {}  # default process group -> the gloo group beside it (`cpu_group`)
-_timeout = {'seconds': 300.}  # of the group `init_distributed` made, for the gloo group beside it
+_timeout = 300.  # seconds: that of the group `init_distributed` made, for the gloo group beside it too
 
 
 def default_backend(device) -> str:
@@ -49,17 +49,19 @@ def init_distributed(timeout: float = 300., backend: str | None = None) -> bool:
     `backend`: 'nccl' (one GPU per process) or 'gloo' (CPU processes, or several sharing a GPU); default
     `default_backend` of this process's default device. `timeout` bounds how long a collective waits for a rank that
     died, so a failure cannot hang the others."""
-    global _joined
+    global _joined, _timeout
     if is_dist(): return True
     if world_size() <= 1: return False
     if backend is None: backend = default_backend(resolve_device())
     if backend == 'nccl': torch.cuda.set_device(torch.device(resolve_device('cuda')))
-    if os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0' and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+    restarted = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') != '0'
+    if restarted and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
         warnings.warn('torchrun restarted this job, its workers sharing the rendezvous store (the default): they may '
                       'read the addresses of the processes that died and fail to connect (PyTorch issue #135712). Set '
-                      'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of torchrun', RuntimeWarning, stacklevel=2)
+                      'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the environment of torchrun', RuntimeWarning,
+                      stacklevel=2)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-    if dist.is_initialized(): _joined, _timeout['seconds'] = dist.group.WORLD, timeout
+    if dist.is_initialized(): _joined, _timeout = dist.group.WORLD, timeout
     return True
 
 
@@ -79,7 +81,7 @@ def cpu_group():
     world = dist.group.WORLD
     if world not in _cpu:
         _cpu.clear()  # an earlier default group's: gone with it
-        _cpu[world] = dist.new_group(backend='gloo', timeout=timedelta(seconds=_timeout['seconds']))
+        _cpu[world] = dist.new_group(backend='gloo', timeout=timedelta(seconds=_timeout))
     return _cpu[world]
 
 
@@ -191,7 +193,9 @@ class DDPCB(Callback):
             learn.dl.sampler.set_epoch(learn.epoch)
 
     def cleanup_fit(self, learn):
-        if not getattr(self, 'active', False): return
+        if not getattr(self, 'active', False):
+            end_distributed()  # joined early (fit(resume='auto') chose a checkpoint) by a fit that failed before ours
+            return
         # before_fit may have failed part-way: undo only what it did
         if getattr(self, 'plain', None) is not None: learn.model = self.plain  # the plain module again
         for name, dl in getattr(self, 'orig', {}).items(): setattr(learn.dls, name, dl)

@@ -7,8 +7,9 @@ job) only set a flag; after the batch under way is complete, the callback saves 
 checkpoint is written waits for it (the file is never left half-written); a second Ctrl-C at any other time stops at
 once, without saving, while a repeated SIGTERM is only noted (a launcher may pass on a scheduler's notice that reached
 the process already; SIGKILL is the way to stop without the save). Under `torchrun` every rank stops after the same
-batch, wherever the signal arrived (`miniai.cluster.StopAgreement`), and one checkpoint holds them all. `SignalGuard` keeps the handlers for a whole script (the command line uses it), so that a
-signal before or after the fit stops the script with `Interrupted` too, not with a traceback or without a word.
+batch, wherever the signal arrived (`miniai.cluster.StopAgreement`), and one checkpoint holds them all. `SignalGuard`
+keeps the handlers for a whole script (the command line uses it), so that a signal before or after the fit stops the
+script with `Interrupted` too, not with a traceback or without a word.
 """
 from __future__ import annotations
 
@@ -198,6 +199,6 @@ def drills_from_env(var: str = 'MINIAI_DRILL') -> list[DrillCB]:
             r, e, b = (int(v) for v in where.split(':'))
             drills.append(DrillCB(signal.Signals[name.upper()], r, e, b))
         except (KeyError, ValueError):
-            raise ValueError(f'{var}={os.environ[var]!r}: {item!r} is not SIGNAL@RANK:EPOCH:BATCH, e.g. SIGTERM@1:1:2') \
-                from None
+            raise ValueError(f'{var}={os.environ[var]!r}: {item!r} is not SIGNAL@RANK:EPOCH:BATCH, e.g. '
+                             f'SIGTERM@1:1:2') from None
     return drills

@@ -77,7 +77,7 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     else: why = 'chosen on the command line'
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
     cbs = [DeviceCB(), DDPCB(), MetricsCB(accuracy=MulticlassAccuracy()), ProgressCB(plot=True), BatchSchedCB(sched),
-           RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]  # DDPCB: a no-op unless under torchrun
+           RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]  # DDPCB: a no-op outside torchrun
     if tfms := augment_tfms(augment, epochs): cbs.append(augment_cb(*tfms))
     if out is not None: cbs += [SaveModelCB(out, monitor='accuracy', every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
     if out is not None: cbs.append(InterruptCB(out / 'interrupted.ckpt'))  # Ctrl-C/SIGTERM: save there and stop

@@ -84,5 +84,6 @@ learn.fit(1)
 save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, os.path.join(out, 'weights.safetensors'))
 json.dump(metrics.history, open(os.path.join(out, 'history.json'), 'w'))
 where = {'model': str(next(learn.model.parameters()).device), 'data': str(dls.train.device),
-         'backend': looks.backend, 'group_ended': not dist.is_initialized(), 'saw_checkpoint': getattr(looks, 'saw', None)}
+         'backend': looks.backend, 'group_ended': not dist.is_initialized(),
+         'saw_checkpoint': getattr(looks, 'saw', None)}
 json.dump(where, open(os.path.join(out, 'where.json'), 'w'))

@@ -26,12 +26,7 @@ from miniai.sgd import BatchSchedCB
 N_EPOCHS, BS, N = 3, 16, 64  # 4 training batches an epoch
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def make(out, extra=()):
@@ -98,8 +93,8 @@ def test_auto_starts_fresh_then_takes_the_newest_checkpoint_and_skips_a_damaged_
 def test_auto_needs_to_know_where_the_run_saves(tmp_path):
     learn = make(tmp_path)
     learn.cbs = [cb for cb in learn.cbs if not isinstance(cb, (SaveModelCB, InterruptCB))]
-    with pytest.raises(ValueError, match=r"fit\(resume='auto'\) looks for the run's checkpoints where its InterruptCB and "
-                                         "SaveModelCB write them, but this fit has neither"):
+    with pytest.raises(ValueError, match=r"fit\(resume='auto'\) looks for the run's checkpoints where its "
+                                         r"InterruptCB and SaveModelCB write them, but this fit has neither"):
         learn.fit(1, resume='auto')
     assert not any(isinstance(cb, AutoResumeCB) for cb in learn.cbs)
 

@@ -47,11 +47,13 @@ def torchrun(out: Path, *args, launcher=(), drill=None) -> subprocess.CompletedP
 
 def two_ranks(out: Path, drill: str) -> list[subprocess.CompletedProcess]:
     """The main job as the two processes torchrun would start (the same variables), started here so that each one's
-    exit code is seen as it is (torchrun reports only the first failure)."""
+    exit code is seen as it is (torchrun reports only the first failure). The ranks compare notes after every batch
+    (`MINIAI_STOP_CHECK_SECONDS=0`), so where they stop follows from where the signals land, whatever the machine's
+    speed; the other runs keep the default pace, which the ranks work out together."""
     port, procs = free_port(), []
     for r in (0, 1):
         env = {**ENV, 'MINIAI_DRILL': drill, 'MASTER_ADDR': '127.0.0.1', 'MASTER_PORT': str(port), 'RANK': str(r),
-               'LOCAL_RANK': str(r), 'WORLD_SIZE': '2', 'LOCAL_WORLD_SIZE': '2'}
+               'LOCAL_RANK': str(r), 'WORLD_SIZE': '2', 'LOCAL_WORLD_SIZE': '2', 'MINIAI_STOP_CHECK_SECONDS': '0'}
         procs.append(subprocess.Popen([sys.executable, *map(str, JOB), '--out', str(out)], stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env))
     res = []
@@ -124,8 +126,9 @@ def test_a_rank_killed_mid_epoch_restarts_by_itself_and_ends_bitwise_as_uninterr
     --resume auto takes last.ckpt (epoch 0) and the run ends on the uninterrupted weights. One metrics.csv row per epoch
     and stage, and the time-to-target clock goes on from the checkpoint's reading."""
     out = tmp_path / 'run'
-    r = torchrun(out, '--resume', 'auto', drill='SIGKILL@1:1:1', launcher=[
-        '--nnodes', '1', '--max-restarts', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint', f'127.0.0.1:{free_port()}'])
+    launcher = ['--nnodes', '1', '--max-restarts', '1', '--rdzv-backend', 'c10d', '--rdzv-endpoint',
+                f'127.0.0.1:{free_port()}']
+    r = torchrun(out, '--resume', 'auto', drill='SIGKILL@1:1:1', launcher=launcher)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('miniai: no checkpoint to resume from') == 1, 'the first attempt starts fresh'
     assert r.stdout.count(f'miniai: resuming from {out / "last.ckpt"}') == 1, 'the restart goes on from last.ckpt'

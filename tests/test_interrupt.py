@@ -22,12 +22,7 @@ from miniai.sgd import BatchSchedCB, EpochSchedCB
 N_EPOCHS, BS, N_TRAIN = 3, 16, 64  # 4 training batches an epoch
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def data(shuffle=True):
