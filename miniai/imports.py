@@ -40,7 +40,8 @@ THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 
                'partial', 'wraps', 'lr_scheduler', 'optim', 'read_image', 'ImageReadMode']
 #: miniai's modules that the course's miniai does not have; their names are laid down first
 LIBRARY_MODULES = ('ranks', 'state', 'callback', 'progress', 'lr_finder', 'fashion', 'summary', 'checkpoint',
-                   'longrun', 'loggers', 'distributed', 'interrupt', 'compile', 'averaging', 'timetoacc', 'recipe')
+                   'longrun', 'loggers', 'distributed', 'cluster', 'interrupt', 'autoresume', 'compile', 'averaging',
+                   'timetoacc', 'recipe')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')

@@ -88,8 +88,8 @@ def uninterrupted(tmp_path_factory):
 
 def test_sigterm_at_different_batches_stops_every_rank_after_the_same_one_and_resumes_bitwise(uninterrupted, tmp_path):
     """A scheduler's SIGTERM reaches rank 0 after batch 1 of epoch 1 and rank 1 after batch 2: both stop after batch 2
-    (the agreement is read a batch after it starts), write one checkpoint and exit 143; going on from it under
-    torchrun with --resume auto ends on the uninterrupted run's weights, bitwise."""
+    (a round of the agreement every batch here, each read a batch after it starts), write one checkpoint and exit 143;
+    going on from it under torchrun with --resume auto ends on the uninterrupted run's weights, bitwise."""
     out = tmp_path / 'run'
     ranks = two_ranks(out, 'SIGTERM@0:1:1,SIGTERM@1:1:2')
     assert [r.returncode for r in ranks] == [143, 143], [r.stderr[-2000:] for r in ranks]
