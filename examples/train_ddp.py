@@ -8,7 +8,8 @@
 
 The batch size given is the global one: each of N processes gets bs/N images per step, so results match a single
 process at the same global batch. Each process trains on its own device, `default_device()`: cuda:LOCAL_RANK, or
-the CPU with MINIAI_DEVICE=cpu; the data lives there too.
+the CPU with MINIAI_DEVICE=cpu; the data lives there too. For runs that are stopped and go on by themselves (Slurm,
+Kubernetes, torchrun --max-restarts) see `python -m miniai train --resume auto` and examples/slurm.sbatch.
 """
 import argparse
 
@@ -20,7 +21,7 @@ from miniai.accel import fastest_settings, precision_cbs
 from miniai.activations import set_seed
 from miniai.checkpoint import SaveModelCB
 from miniai.conv import default_device
-from miniai.distributed import DDPCB, is_main_process, world_size
+from miniai.distributed import DDPCB, is_main_process, rank, world_size
 from miniai.fashion import fashion_dls
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
 from miniai.resnet import fashion_resnet
@@ -35,7 +36,8 @@ p.add_argument('--out', default='runs/ddp')
 a = p.parse_args()
 
 set_seed(42)
-dls = fashion_dls(bs=a.bs // world_size(), n_train=a.n_train, seed=42)
+# sharded by global rank here (DDPCB would too): the one-cycle schedule below counts this rank's batches
+dls = fashion_dls(bs=a.bs // world_size(), n_train=a.n_train, seed=42, rank=rank(), world_size=world_size())
 setting, why = fastest_settings(default_device())
 if is_main_process(): print(f'{world_size()} process(es), rank 0 on {default_device()}; precision: {setting} ({why})')
 sched = lambda opt: optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.epochs * len(dls.train))

@@ -13,5 +13,5 @@ _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated'
                          module=r'torch\.jit')
 
 # imported for the methods they patch onto Learner
-from . import learner, summary, augment, checkpoint, inference, export  # noqa: F401,E402
+from . import learner, summary, augment, checkpoint, autoresume, inference, export  # noqa: F401,E402
 from .export import load_exported  # noqa: E402

@@ -325,9 +325,9 @@ class AccelerateCB(TrainCB):
                 dl.rank, dl.world_size = acc.process_index, n
         metrics = getattr(learn, 'metrics', None)
         if n > 1 and metrics is not None:
-            from .distributed import _synced_compute
-            self._undo.append(_keep_attrs(metrics, ('compute',)))
-            metrics.compute = _synced_compute
+            from .distributed import _measured_anywhere, _synced_compute
+            self._undo.append(_keep_attrs(metrics, ('compute', 'measured')))
+            metrics.compute, metrics.measured = _synced_compute, _measured_anywhere
         if hasattr(type(learn), 'save'): learn.save = self._unwrapped_save(learn)
         dev = acc.device  # made concrete, so batches already there compare equal ('cpu:0' would copy every batch)
         if dev.type == 'cpu': dev = torch.device('cpu')

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from safetensors.torch import save_file
 
 from .accel import MixedPrecision
 from .callback import Callback, CancelBatchException, CancelEpochException, callback_states, load_callback_states
-from .ranks import is_main_process
+from .cluster import save_together, this_rank
+from .ranks import is_main_process, world_size
 from .learner import Learner
 from .sgd import BaseSchedCB
 from .state import match_state_layout, plain_keys, plain_state_dict, rng_state, set_rng_state
@@ -122,7 +124,8 @@ def save_checkpoint(learn: Learner, path, **extra) -> Path:
              'scheds': [cb.schedo.state_dict() for cb in _sched_cbs(learn)], 'rng': _rng(),
              'data': learn.dls.train.state_dict() if hasattr(getattr(learn.dls, 'train', None), 'state_dict') else None,
              'history': getattr(getattr(learn, 'metrics', None), 'history', None), 'amp': _amp_states(learn),
-             'callbacks': cb_states, 'callbacks_needed': cbs_needed, **extra}
+             'callbacks': cb_states, 'callbacks_needed': cbs_needed, 'world_size': world_size(),
+             'saved_at': time.time(), **extra}
     tensors = {}
     meta = _encode(state, 'ckpt', tensors)
     _atomic_save(tensors, meta, path)
@@ -159,12 +162,11 @@ def mid_epoch_position(learn: Learner) -> dict:
 def save_mid_epoch(learn: Learner, path, rng: dict | None = None) -> Path:
     """Save `learn` part-way through epoch `learn.epoch`, at the end of batch `learn.iter`, so that `fit(n,
     resume=path)` goes on with the next batch (during validation: with the whole validation, after the epoch's
-    training); `rng`: generator states taken earlier (`rng_snapshot`) to store instead of the current ones. Only the
-    main process writes."""
+    training); `rng`: generator states taken earlier (`rng_snapshot`) to store instead of the current ones. Called on
+    every rank at once (see `save_together`)."""
     e = learn.epoch
     extra = {'position': mid_epoch_position(learn), 'epoch': e - 1 if e else None}  # 'epoch': the last one finished
-    if rng is not None: extra['rng'] = rng
-    return _learn_save(learn, path, **extra)
+    return save_together(learn, path, rng, **extra)
 
 
 def _resume_mid_epoch(learn: Learner, ck: dict, path) -> tuple[int, int]:
@@ -242,7 +244,7 @@ class ResumeCB(Callback):
         # The optimizer's state is loaded at the first before_epoch, once every before_fit has run: `load_state_dict`
         # puts it on the parameters' device and dtype as they are then, so a model that DeviceCB (or any callback)
         # moves after this one finds its state beside it. Building a scheduler also resets the learning rate.
-        ck = load_into(learn, self.path, with_opt=False)
+        ck = this_rank(load_into(learn, self.path, with_opt=False), self.path)
         self._scheds, self._opt = ck['scheds'], ck.get('opt')
         if ck.get('position') is not None:
             self._mid = (*_resume_mid_epoch(learn, ck, self.path), ck['position']['phase'])
@@ -305,7 +307,8 @@ def monitor_value(learn: Learner, monitor: str):
 
 class SaveModelCB(Callback):
     """After each epoch, write `dir/last.ckpt` (with `every_epoch`) and `dir/best.ckpt` when `monitor` improves
-    (lower for names with 'loss' in them, higher otherwise, unless `mode` says). Only the main process writes."""
+    (lower for names with 'loss' in them, higher otherwise, unless `mode` says). Only the main process writes; the
+    other ranks wait for it."""
     skip_in_probes = True
     order = 20  # after MetricsCB has logged the epoch
 
@@ -321,8 +324,8 @@ class SaveModelCB(Callback):
         v = monitor_value(learn, self.monitor) if self.save_best else None
         better = v is not None and (self.best is None or (v < self.best if self.mode == 'min' else v > self.best))
         if better: self.best = v  # before saving last.ckpt, so that a run resumed from it knows this epoch's value
-        if self.every_epoch: learn.save(self.dir / 'last.ckpt')
-        if better: learn.save(self.dir / 'best.ckpt', best={'monitor': self.monitor, 'value': v})
+        if self.every_epoch: save_together(learn, self.dir / 'last.ckpt')
+        if better: save_together(learn, self.dir / 'best.ckpt', best={'monitor': self.monitor, 'value': v})
 
     def checkpoint_state(self) -> dict:
         "The best value so far: a resumed run overwrites best.ckpt only when it beats the run before the stop."

@@ -3,13 +3,16 @@
 Errors a user can fix (missing or damaged data, an unusable checkpoint, bad options) are reported in one line,
 `miniai: error: ...`, with exit code 2; `--debug` or `MINIAI_DEBUG=1` shows their traceback. Anything else is a bug
 and shows its traceback. Ctrl-C or SIGTERM stops at the next batch, saves, prints the command that goes on, and
-exits with 130 or 143 (see `miniai.interrupt`)."""
+exits with 130 or 143 (see `miniai.interrupt`). Under `torchrun` it trains data-parallel, every rank stopping after
+the same batch, and only global rank 0 prints and writes; `--resume auto` goes on from the run folder's newest
+checkpoint, so a restarted or requeued job finishes by itself (README, "On a cluster")."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 import traceback
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser('train', help='train a ResNet on Fashion-MNIST and save checkpoint, metrics and plots',
                        formatter_class=_Help)
     t.add_argument('--epochs', type=_positive(int), default=8, help='passes over the 60000 training images')
-    t.add_argument('--bs', type=_positive(int), default=256, help='batch size')
+    t.add_argument('--bs', type=_positive(int), default=256,
+                   help='batch size, the global one: under torchrun each of the N processes takes bs/N a step')
     t.add_argument('--lr', type=_positive(float), default=1e-2, help='peak learning rate of the one-cycle schedule')
     t.add_argument('--model', choices=('fashion_resnet', 'fashion_resnet_wide', 'seed002_resnet', 'resnet9',
                                        'resnet9_small'), default='resnet9_small',
@@ -71,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'auto' picks the fastest safe setting for this machine (bf16 autocast and channels-last on "
                         "CPUs with AMX/AVX-512 bf16, mixed precision on CUDA); 'fp32' is the plain path")
     t.add_argument('--out', type=Path, default=None, help='run folder (default: runs/<timestamp>)')
-    t.add_argument('--resume', type=Path, default=None, help='checkpoint to continue from (e.g. runs/X/last.ckpt)')
+    t.add_argument('--resume', type=lambda s: s if s == 'auto' else Path(s), default=None,
+                   help="checkpoint to continue from (e.g. runs/X/last.ckpt), or 'auto': the newest complete one in "
+                        "--out (interrupted.ckpt, last.ckpt, best.ckpt; a damaged one is skipped), or a fresh start "
+                        "when there is none (for jobs that are restarted or requeued)")
     t.add_argument('--seed', type=int, default=42, help='random seed (data order, initial weights, augmentation)')
     t.add_argument('--augment', choices=('auto', 'none', 'flip', 'crop-flip', 'full'), default='auto',
                    help="batch augmentation: 'full' is crop (pad 2), flip and random erasing; 'auto' picks what "
@@ -104,7 +111,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     args.command_line = 'python -m miniai ' + shlex.join(argv)
-    if args.resume is not None and not args.resume.exists():
+    if args.resume == 'auto' and args.out is None:
+        parser.error('--resume auto needs --out DIR: the run folder to look for checkpoints in')
+    elif args.resume not in (None, 'auto') and not args.resume.exists():
         parser.error(f'--resume: no checkpoint at {args.resume}')
     from .interrupt import Interrupted, SignalGuard
     debug = getattr(args, 'debug', False) or os.environ.get('MINIAI_DEBUG', '') not in ('', '0')
@@ -112,8 +121,11 @@ def main(argv=None) -> int:
         with SignalGuard():
             if args.command == 'train': train(args)
     except Interrupted as e:
+        # exiting already: a late notice (torchrun passing on another rank's exit) must not turn this exit into a kill
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if debug: traceback.print_exc()
-        _report_interrupt(e, argv, args.out)
+        from .ranks import is_main_process
+        if is_main_process(): _report_interrupt(e, argv, args.out)
         return e.exit_code
     except Exception as e:
         hint = _user_error_hint(e)
@@ -154,10 +166,15 @@ def _continue_command(argv: list[str], out: Path, ckpt: Path) -> str:
 
 def _report_interrupt(e, argv: list[str], out: Path | None) -> None:
     "Say where an interrupted run stopped, what was saved and the command that goes on with it."
+    from .ranks import world_size
     say = lambda m: print(f'miniai: {m}', file=sys.stderr, flush=True)
-    say(e.describe())
+    say(e.describe() + (f' (all {world_size()} processes stopped after that batch)' if world_size() > 1 and
+                        e.checkpoint is not None else ''))
     last = out / 'last.ckpt' if out is not None and (out / 'last.ckpt').is_file() else None
-    if e.checkpoint is not None: say(f'to continue: {_continue_command(argv, out, e.checkpoint)}')
+    if e.checkpoint is not None and world_size() > 1:
+        say(f'to continue: start it again under torchrun with the same processes: '
+            f'{_continue_command(argv, out, "auto")}')
+    elif e.checkpoint is not None: say(f'to continue: {_continue_command(argv, out, e.checkpoint)}')
     elif e.where == 'at once' and last is not None:
         say(f'the last finished epoch is in {last}; to continue from it: {_continue_command(argv, out, last)}')
     elif e.where == 'after training' and last is not None:
@@ -170,13 +187,21 @@ def train(args: argparse.Namespace) -> dict:
     import matplotlib
     matplotlib.use('Agg')
     from .recipe import run_recipe
+    from .ranks import is_main_process, world_size
     import torch
     from .accel import warn_fp16_on_cpu
     from .conv import default_device
     if args.precision == 'fp16' and torch.device(default_device()).type == 'cpu': warn_fp16_on_cpu()  # before any wait
     if args.threads is not None: torch.set_num_threads(args.threads)
+    if world_size() > 1 and args.out is None:
+        raise _UserError(f'under torchrun ({world_size()} processes) give --out DIR, the same folder for every node '
+                         f'(a shared one across machines): the run folder the processes save to and resume from')
+    if args.bs % world_size():
+        raise _UserError(f'--bs {args.bs} is the global batch size and must divide evenly among the {world_size()} '
+                         f'processes (each takes bs/{world_size()} a step)')
     out = args.out = args.out or Path('runs') / datetime.now().strftime('%Y%m%d-%H%M%S')  # main() reports it
-    try: out.mkdir(parents=True, exist_ok=True)
+    try:
+        if is_main_process(): out.mkdir(parents=True, exist_ok=True)  # only global rank 0 writes there
     except OSError as e:
         raise _UserError(f'--out {out}: cannot make the run folder there ({e.strerror}); choose another') from e
     start = time.perf_counter()
@@ -186,6 +211,7 @@ def train(args: argparse.Namespace) -> dict:
                      label_smoothing=args.label_smoothing, drop=args.drop,
                      average=None if args.average == 'none' else args.average, ema_decay=args.ema_decay,
                      target=args.target)
+    if not is_main_process(): return res
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
     res['threads'] = torch.get_num_threads()
     dev = torch.device(default_device())

@@ -4,9 +4,12 @@ During a fit with `InterruptCB`, SIGINT (Ctrl-C) and SIGTERM (what a cluster's s
 job) only set a flag; after the batch under way is complete, the callback saves a checkpoint of that exact point
 (weights, optimizer, schedulers, RNGs, the data order of the epoch and the batch within it) and raises `Interrupted`.
 `fit(n, resume=path)` then goes on to the very weights an uninterrupted run ends with. A second signal while the
-checkpoint is written waits for it (the file is never left half-written); a second signal at any other time stops at
-once, without saving. `SignalGuard` keeps the handlers for a whole script (the command line uses it), so that a
-signal before or after the fit stops the script with `Interrupted` too, not with a traceback or without a word.
+checkpoint is written waits for it (the file is never left half-written); a second Ctrl-C at any other time stops at
+once, without saving, while a repeated SIGTERM is only noted (a launcher may pass on a scheduler's notice that reached
+the process already; SIGKILL is the way to stop without the save). Under `torchrun` every rank stops after the same
+batch, wherever the signal arrived (`miniai.cluster.StopAgreement`), and one checkpoint holds them all. `SignalGuard`
+keeps the handlers for a whole script (the command line uses it), so that a signal before or after the fit stops the
+script with `Interrupted` too, not with a traceback or without a word.
 """
 from __future__ import annotations
 
@@ -20,8 +23,10 @@ from pathlib import Path
 
 from .callback import Callback
 from .checkpoint import mid_epoch_position, rng_snapshot, save_mid_epoch
+from .cluster import StopAgreement
+from .ranks import rank, world_size
 
-__all__ = ['Interrupted', 'SignalGuard', 'InterruptCB', 'active_guard', 'signal_name']
+__all__ = ['Interrupted', 'SignalGuard', 'InterruptCB', 'DrillCB', 'drills_from_env', 'active_guard', 'signal_name']
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -55,11 +60,12 @@ class Interrupted(KeyboardInterrupt):
 
 def _say(msg: str) -> None:
     "Print from a signal handler: through sys.stderr (so notebooks show it), or the raw fd if that write is busy."
+    line = f'miniai: {f"rank {rank()}: " if world_size() > 1 else ""}{msg}\n'
     try:
-        sys.stderr.write(f'miniai: {msg}\n')
+        sys.stderr.write(line)
         sys.stderr.flush()
     except (RuntimeError, OSError, ValueError):  # a reentrant write into the buffer the signal interrupted
-        os.write(2, f'miniai: {msg}\n'.encode())
+        os.write(2, line.encode())
 
 
 _guards: list = []  # the guards in force, innermost last
@@ -73,10 +79,11 @@ def active_guard() -> SignalGuard | None:
 class SignalGuard:
     """A context manager: while in force, SIGINT and SIGTERM ask a fit with `InterruptCB` to stop at the next batch
     boundary and save; outside such a fit (or at a second signal) they raise `Interrupted` at once. The previous
-    handlers are put back on exit. Signals can only be caught in the main thread: elsewhere it does nothing."""
+    handlers are put back on exit. Signals can only be caught in the main thread: elsewhere it does nothing. Once a
+    stop with a checkpoint is on its way (`stopping`), later signals are only noted."""
     def __init__(self, signals=SIGNALS):
         self.signals, self._old = tuple(signals), {}
-        self.requested, self.saving, self.training, self.trained = None, False, False, False
+        self.requested, self.saving, self.training, self.trained, self.stopping = None, False, False, False, False
 
     def __enter__(self) -> SignalGuard:
         if threading.current_thread() is not threading.main_thread():
@@ -94,13 +101,17 @@ class SignalGuard:
 
     def _handle(self, signum, frame):
         name = signal_name(signum)
-        if self.saving:
-            _say(f'{name} received while the checkpoint is being written: stopping as soon as it is complete')
+        if self.saving or self.stopping:
+            _say(f'{name} received while the checkpoint is being written: stopping as soon as it is complete'
+                 if self.saving else f'{name} received: already stopping, with the checkpoint saved')
             return
         if self.training and self.requested is None:
             self.requested = signum
-            _say(f'{name} received: stopping after this batch and saving a checkpoint (send it again to stop at once, '
-                 f'without saving)')
+            _say(f'{name} received: stopping after this batch and saving a checkpoint' +
+                 (' (press Ctrl-C again to stop at once, without saving)' if signum == signal.SIGINT else ''))
+            return
+        if self.training and signum != signal.SIGINT:
+            _say(f'{name} received again: still stopping after this batch (SIGKILL stops without saving)')
             return
         raise Interrupted(signum, 'at once' if self.training else 'after training' if self.trained
                           else 'before training')
@@ -116,17 +127,19 @@ class SignalGuard:
 class InterruptCB(Callback):
     """On SIGINT or SIGTERM during the fit, finish the batch under way, save a checkpoint of that point to `path` and
     raise `Interrupted` (see this module's docstring); `fit(n, resume=path)` goes on from there. Uses the `SignalGuard`
-    in force, or puts one in force for the duration of the fit."""
+    in force, or puts one in force for the duration of the fit. Under `torchrun` the ranks agree on the batch to stop
+    after (a signal reaching any rank stops all of them there) and write one checkpoint holding every rank's state."""
     order = 90  # after every other after_batch: the batch is complete (metrics, schedulers, records) when it stops
     skip_in_probes = True  # a probe (lr_find, TTA) is not training: there a signal stops at once, changing nothing
 
     def __init__(self, path='interrupted.ckpt'):
-        self.path, self._guard, self._own, self._rng = Path(path), None, None, None
+        self.path, self._guard, self._own, self._rng, self._agree = Path(path), None, None, None, None
 
     def before_fit(self, learn):
         self._guard = active_guard()
         if self._guard is None: self._guard = self._own = SignalGuard().__enter__()
         self._guard.training, self._rng = True, None
+        self._agree = StopAgreement()  # after DDPCB (order 10) has joined the process group
 
     def before_epoch(self, learn):
         if learn.training: self._rng = None
@@ -137,19 +150,55 @@ class InterruptCB(Callback):
         if learn.training: self._rng = rng_snapshot()
 
     def after_batch(self, learn):
-        g = self._guard
-        if g is None or g.requested is None: return
+        g, agree = self._guard, self._agree
+        if g is None or agree is None: return
+        signum = agree.poll(g.requested)  # every rank, every batch: the same answer at the same batch on all of them
+        if signum is None: return
         if getattr(getattr(learn, 'opt', None), 'pending', 0): return  # GradAccumCB: stop once its step is taken
-        with g.writing(): path = save_mid_epoch(learn, self.path, rng=None if learn.training else self._rng)
-        raise Interrupted(g.requested, 'training', path, mid_epoch_position(learn))
+        with g.writing():  # on every rank: a signal meanwhile waits for the file
+            path = save_mid_epoch(learn, self.path, rng=None if learn.training else self._rng)
+            g.stopping = True
+        raise Interrupted(signum, 'training', path, mid_epoch_position(learn))
 
     def after_fit(self, learn):
-        g = self._guard
-        if g is not None and g.requested is not None:  # it came after the last batch: the fit is complete
-            raise Interrupted(g.requested, 'after training')
+        g, agree = self._guard, self._agree
+        if g is None or agree is None: return
+        signum = agree.settle(g.requested)
+        if signum is not None: raise Interrupted(signum, 'after training')  # after the last batch: the fit is complete
 
     def cleanup_fit(self, learn):
-        g, own, self._guard, self._own = self._guard, self._own, None, None
+        g, own, self._guard, self._own, self._agree = self._guard, self._own, None, None, None
         if g is None: return
-        g.training, g.trained, g.requested = False, True, None
+        g.training, g.trained, g.requested, g.stopping = False, True, None, False
         if own is not None: own.__exit__(None, None, None)
+
+
+class DrillCB(Callback):
+    """A fire drill for preemption: after training batch `batch` (counted from 0) of epoch `epoch`, global rank `rank`
+    sends itself `signum`, as a scheduler would (SIGKILL included), in the first attempt of a job only (torchrun's
+    TORCHELASTIC_RESTART_COUNT 0 or unset), so a restarted job goes on undisturbed. See `drills_from_env`."""
+    order = InterruptCB.order - 1  # the signal is in before InterruptCB looks at this batch
+    skip_in_probes = True
+
+    def __init__(self, signum: int, rank: int, epoch: int, batch: int):
+        self.signum, self.at = signum, (rank, epoch, batch)
+
+    def after_batch(self, learn):
+        if not learn.training or (rank(), learn.epoch, learn.iter) != self.at: return
+        if os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0': os.kill(os.getpid(), self.signum)
+
+
+def drills_from_env(var: str = 'MINIAI_DRILL') -> list[DrillCB]:
+    """The drills `$MINIAI_DRILL` asks for: comma-separated `SIGNAL@RANK:EPOCH:BATCH`, e.g. 'SIGTERM@1:1:2' (global
+    rank 1 gets SIGTERM after batch 2 of epoch 1) or 'SIGKILL@0:0:5'. The main job reads it, to rehearse a
+    preemption or a lost node and check that the job goes on."""
+    drills = []
+    for item in filter(None, (x.strip() for x in os.environ.get(var, '').split(','))):
+        try:
+            name, _, where = item.partition('@')
+            r, e, b = (int(v) for v in where.split(':'))
+            drills.append(DrillCB(signal.Signals[name.upper()], r, e, b))
+        except (KeyError, ValueError):
+            raise ValueError(f'{var}={os.environ[var]!r}: {item!r} is not SIGNAL@RANK:EPOCH:BATCH, e.g. '
+                             f'SIGTERM@1:1:2') from None
+    return drills

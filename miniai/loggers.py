@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -14,16 +15,38 @@ __all__ = ['CSVLoggerCB', 'TensorBoardCB']
 
 class CSVLoggerCB(Callback):
     """Append a row per epoch (train and eval) with every metric from `MetricsCB` to `path`; the header is written
-    once, so a resumed run goes on in the same file. Only the main process writes."""
+    once, so a resumed run goes on in the same file, and the rows a crashed run logged after the checkpoint it resumes
+    from are dropped (it does those epochs again): one row per epoch and stage. Only the main process writes."""
     skip_in_probes = True
     order = 20
 
-    def __init__(self, path='metrics.csv'): self.path = Path(path)
+    def __init__(self, path='metrics.csv'): self.path, self._resumed = Path(path), False
+
+    def checkpoint_state(self) -> dict:
+        "Only where it logs: a fit resumed from the checkpoint is told so (`load_checkpoint_state`)."
+        return {'path': str(self.path)}
+
+    def load_checkpoint_state(self, state: dict) -> None: self._resumed = True
+
+    def _drop_redone(self, row: dict) -> None:
+        "Drop the rows at or after `row`'s epoch and stage: a run that went back to a checkpoint logs them again."
+        if not self.path.exists(): return
+        with open(self.path, newline='') as f: rows = list(csv.reader(f))
+        if not rows or 'epoch' not in rows[0] or 'train' not in rows[0]: return
+        e, t = rows[0].index('epoch'), rows[0].index('train')
+        key = lambda epoch, stage: (int(float(epoch)), stage != 'train')
+        keep = [r for r in rows[1:] if len(r) == len(rows[0]) and key(r[e], r[t]) < key(row['epoch'], row['train'])]
+        if len(keep) == len(rows) - 1: return
+        tmp = self.path.with_name(f'.{self.path.name}.tmp')
+        with open(tmp, 'w', newline='') as f: csv.writer(f).writerows([rows[0], *keep])
+        os.replace(tmp, self.path)
 
     def after_epoch(self, learn):
         history = getattr(getattr(learn, 'metrics', None), 'history', None)
         if not history or not is_main_process(): return
         row = {k: v for k, v in history[-1].items() if k != 'fit'}  # a file's rows go on across fits and resumes
+        if self._resumed: self._drop_redone(row)
+        self._resumed = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists() or self.path.stat().st_size == 0
         if not new:
@@ -36,6 +59,8 @@ class CSVLoggerCB(Callback):
             if new: w.writerow(list(row))
             w.writerow([f'{v:.6g}' if isinstance(v, float) else v for v in row.values()])
             f.flush()
+
+    def cleanup_fit(self, learn): self._resumed = False
 
 
 class TensorBoardCB(Callback):

@@ -63,6 +63,9 @@ class MetricsCB(Callback):
 
     #: how a metric's value is read at the end of an epoch; `DDPCB` swaps in one that merges all ranks' states
     compute = staticmethod(lambda m: m.compute())
+    #: whether the epoch measured any batch, given this process's loss weight; `DDPCB` swaps in one that asks every
+    #: rank, so that all of them enter the merging `compute` or none does (one returning early would hang the others)
+    measured = staticmethod(lambda weight: weight > 0)
 
     def before_fit(self, learn):
         learn.metrics = self
@@ -111,7 +114,7 @@ class MetricsCB(Callback):
 
     def after_epoch(self, learn):
         self._flush()
-        if float(self.loss.weights) == 0: return  # nothing was measured (cancelled before a batch ended)
+        if not self.measured(float(self.loss.weights)): return  # nothing was measured (cancelled before a batch ended)
         values = {k: self.compute(m).item() for k, m in self.all_metrics.items()}
         secs = time.perf_counter() - self._start
         stage = 'train' if learn.training else 'eval'

@@ -1,5 +1,7 @@
 """The main job's recipe: a ResNet on Fashion-MNIST with one-cycle AdamW, augmentation, the fastest safe precision,
-checkpoints, a metrics CSV, plots, and test-time augmentation. `python -m miniai train` runs it."""
+checkpoints, a metrics CSV, plots, and test-time augmentation. `python -m miniai train` runs it, alone or under
+`torchrun` (data-parallel with `DDPCB`: the batch size is the global one, each process takes its share, and only
+global rank 0 prints and writes)."""
 from __future__ import annotations
 
 from functools import partial
@@ -14,11 +16,13 @@ from .activations import set_seed
 from .augment import RandCropPad, RandErase, RandFlip, augment_cb, tta
 from .averaging import WeightAverageCB
 from .checkpoint import SaveModelCB
+from .distributed import DDPCB
 from .fashion import fashion_dls
-from .interrupt import InterruptCB
+from .interrupt import InterruptCB, drills_from_env
 from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 from .loggers import CSVLoggerCB
 from .progress import quiet_torcheval
+from .ranks import is_main_process, rank, world_size
 from .resnet import fashion_resnet, fashion_resnet9, seed002_resnet
 from .sgd import BatchSchedCB, RecorderCB
 from .timetoacc import TimeToAccuracyCB
@@ -73,8 +77,8 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     else: why = 'chosen on the command line'
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
     prog = ProgressCB(plot=True if out is None else out / 'loss.png')  # a script: no live plot, a file
-    cbs = [DeviceCB(), MetricsCB(accuracy=MulticlassAccuracy()), prog, BatchSchedCB(sched),
-           RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]
+    cbs = [DeviceCB(), DDPCB(), MetricsCB(accuracy=MulticlassAccuracy()), prog, BatchSchedCB(sched),
+           RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]  # DDPCB: a no-op outside torchrun
     if tfms := augment_tfms(augment, epochs): cbs.append(augment_cb(*tfms))
     if out is not None: cbs += [SaveModelCB(out, monitor='accuracy', every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
     if out is not None: cbs.append(InterruptCB(out / 'interrupted.ckpt'))  # Ctrl-C/SIGTERM: save there and stop
@@ -109,27 +113,37 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
                wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = 'ema',
                ema_decay: float = 0.999, target: float | None = 0.94) -> dict:
-    "Train, evaluate (with TTA) and save under `out`; returns the final metrics."
-    out = Path(out)
+    """Train, evaluate (with TTA) and save under `out`; returns the final metrics. `resume`: a checkpoint, or 'auto'
+    (the newest in `out`, else a fresh start). Under `torchrun`, `bs` is the global batch size (each of the N processes
+    takes bs/N a step, so nothing else changes with N), and only global rank 0 prints and writes."""
+    out, n_procs = Path(out), world_size()
+    if bs % n_procs:
+        raise ValueError(f'batch size {bs} is the global one and must divide evenly among the {n_procs} processes')
     set_seed(seed)
-    dls = fashion_dls(bs=bs, n_train=n_train, n_valid=n_valid, seed=seed)
+    # sharded by global rank here, not only by DDPCB: the schedule's length and a resume's checks count its batches
+    dls = fashion_dls(bs=bs // n_procs, n_train=n_train, n_valid=n_valid, seed=seed, rank=rank(), world_size=n_procs)
     if augment == 'auto': augment = augment_for(epochs)
     learn, chosen = make_learner(build_model(model, drop), dls, epochs, lr, precision, augment, out, wd=wd,
                                  label_smoothing=label_smoothing, average=average, ema_decay=ema_decay, target=target)
+    learn.cbs += drills_from_env()  # $MINIAI_DRILL: rehearse a preemption (a signal at a given rank and batch)
+    if n_procs > 1: set_seed(seed + rank())  # the same initial weights, then each rank augments from its own stream
     tfms = ', '.join(type(t).__name__ for t in augment_tfms(augment)) or 'none'
-    print(f'Model: {model}; precision: {chosen}; batch {bs}, {epochs} epochs, one-cycle AdamW at lr {lr}, weight '
-          f'decay {wd}; label smoothing {label_smoothing}; augmentation: {tfms}; seed {seed}'
-          + {None: '', 'ema': f'; EMA of the weights (decay {ema_decay})',
-             'swa': '; SWA over the last quarter'}[average])
-    if summary: print(learn.summary(), '\n', sep='')
+    batch = f'batch {bs}' + (f' (global: {bs // n_procs} per process on {n_procs} processes)' if n_procs > 1 else '')
+    say = print if is_main_process() else lambda *a, **k: None
+    say(f'Model: {model}; precision: {chosen}; {batch}, {epochs} epochs, one-cycle AdamW at lr {lr}, weight '
+        f'decay {wd}; label smoothing {label_smoothing}; augmentation: {tfms}; seed {seed}'
+        + {None: '', 'ema': f'; EMA of the weights (decay {ema_decay})',
+           'swa': '; SWA over the last quarter'}[average], flush=True)
+    if summary and is_main_process(): print(learn.summary(), '\n', sep='')
     learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
     res = {'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
            'augment': augment, 'wd': wd, 'label_smoothing': label_smoothing, 'drop': drop,
-           'average': average, 'accuracy': last['accuracy'], 'loss': last['loss']}
+           'average': average, 'accuracy': last['accuracy'], 'loss': last['loss'], 'processes': n_procs}
     if (clock := next((cb for cb in learn.cbs if isinstance(cb, TimeToAccuracyCB)), None)) is not None:
         res.update(target=target, time_to_target=None if clock.reached is None else clock.reached['seconds'],
                    epochs_to_target=None if clock.reached is None else clock.reached['epoch'] + 1, curve=clock.curve)
+    if not is_main_process(): return res  # the others trained; rank 0 evaluates and writes
     if use_tta: res['tta_accuracy'] = tta(learn)['tta_accuracy']
     learn.save(out / 'final.ckpt')
     plot_run(learn, out)

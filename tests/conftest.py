@@ -8,3 +8,12 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason='needs a CUDA GPU (torch.cuda.is_available() is False here)')
     for item in items:
         if 'cuda' in item.keywords: item.add_marker(skip)
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "Torch on one thread for a module's tests (small models: faster, and steadier on a shared machine)."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,13 +1,17 @@
 """One training epoch for the distributed tests; the same script runs alone or under torchrun.
 
-    python ddp_job.py OUT [--global-bs 128] [--raise-at-batch N] [--device D] [--backend gloo|nccl]
+    python ddp_job.py OUT [--global-bs 128] [--raise-at-batch N] [--device D] [--backend gloo|nccl] [--slow-save S]
+                      [--no-valid-on-rank1] [--timeout T]
 
 Without --device the model and data go where the library puts them by default (`$MINIAI_DEVICE`, else this
 process's GPU, else the CPU). Writes OUT/rank{R}/: weights.safetensors, history.json, where.json (the model's and
-data's devices, the backend) and (through SaveModelCB, rank 0 only) last.ckpt."""
+data's devices, the backend) and (through SaveModelCB, rank 0 only) last.ckpt. With --slow-save, rank 0 takes S seconds
+more to write each checkpoint and where.json also says whether rank 1 found it complete once its save returned; with
+--no-valid-on-rank1, rank 1 runs none of its validation batches (as if its shard were empty)."""
 import argparse
 import json
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -16,8 +20,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
+import miniai.checkpoint as ck
 from miniai.activations import set_seed
-from miniai.callback import Callback
+from miniai.callback import Callback, CancelBatchException
 from miniai.checkpoint import SaveModelCB
 from miniai.distributed import DDPCB, rank, world_size
 from miniai.fashion import fashion_dls
@@ -29,6 +34,9 @@ p.add_argument('--global-bs', type=int, default=128)
 p.add_argument('--raise-at-batch', type=int, default=None)
 p.add_argument('--device', default=None)
 p.add_argument('--backend', default=None)
+p.add_argument('--slow-save', type=float, default=0.)
+p.add_argument('--no-valid-on-rank1', action='store_true')
+p.add_argument('--timeout', type=float, default=60.)
 a = p.parse_args()
 torch.set_num_threads(1)
 set_seed(0)
@@ -39,18 +47,43 @@ class FailOnRank1(Callback):
         if rank() == 1 and learn.iter == a.raise_at_batch: raise RuntimeError(f'rank 1 fails at batch {learn.iter}')
 
 
+class NoValidOnRank1(Callback):
+    def before_batch(self, learn):
+        if rank() == 1 and not learn.training: raise CancelBatchException()
+
+
+class LooksForTheCheckpoint(Callback):
+    "On rank 1, right after SaveModelCB's save returned: is rank 0's last.ckpt there, complete? And the backend."
+    order = SaveModelCB.order + 1
+    def before_epoch(self, learn): self.backend = dist.get_backend() if dist.is_initialized() else None
+    def after_epoch(self, learn):
+        if learn.training or rank() != 1: return
+        try: self.saw = ck.read_checkpoint(os.path.join(a.out, 'rank0', 'last.ckpt'))['epoch'] == learn.epoch
+        except ck.CheckpointError: self.saw = False
+
+
+if a.slow_save and rank() == 0:
+    real_save = ck._atomic_save
+    def slow_save(*args, **kwargs):
+        time.sleep(a.slow_save)
+        return real_save(*args, **kwargs)
+    ck._atomic_save = slow_save
+
 out = os.path.join(a.out, f'rank{rank()}')
 os.makedirs(out, exist_ok=True)
 dls = fashion_dls(bs=a.global_bs // world_size(), n_train=2048, n_valid=1000, seed=0, device=a.device)
 model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
 metrics = MetricsCB(accuracy=MulticlassAccuracy())
-cbs = [DeviceCB(a.device), metrics, ProgressCB(), DDPCB(timeout=60, backend=a.backend),
-       SaveModelCB(out, every_epoch=True)]
+looks = LooksForTheCheckpoint()
+cbs = [DeviceCB(a.device), metrics, ProgressCB(), DDPCB(timeout=a.timeout, backend=a.backend),
+       SaveModelCB(out, every_epoch=True), looks]
 if a.raise_at_batch is not None: cbs.append(FailOnRank1())
+if a.no_valid_on_rank1: cbs.append(NoValidOnRank1())
 learn = TrainLearner(model, dls, F.cross_entropy, lr=0.1, cbs=cbs)
 learn.fit(1)
 save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, os.path.join(out, 'weights.safetensors'))
 json.dump(metrics.history, open(os.path.join(out, 'history.json'), 'w'))
 where = {'model': str(next(learn.model.parameters()).device), 'data': str(dls.train.device),
-         'backend': dist.get_backend() if dist.is_initialized() else None}
+         'backend': looks.backend, 'group_ended': not dist.is_initialized(),
+         'saw_checkpoint': getattr(looks, 'saw', None)}
 json.dump(where, open(os.path.join(out, 'where.json'), 'w'))

@@ -43,6 +43,7 @@ def test_help_explains_every_option():
                                       (['train', '--bs', 'big'], "expected an integer, got 'big'"),
                                       (['train', '--precision', 'fp64'], "invalid choice: 'fp64'"),
                                       (['train', '--resume', '/nonexistent.ckpt'], 'no checkpoint at'),
+                                      (['train', '--resume', 'auto'], '--resume auto needs --out DIR'),
                                       (['train', '--augment', 'heavy'], "invalid choice: 'heavy'"),
                                       (['train', '--label-smoothing', '1.5'], 'must be in [0, 1), got 1.5'),
                                       (['train', '--drop', 'x'], "expected a number, got 'x'"),
@@ -184,6 +185,19 @@ def test_user_errors_are_one_line_and_exit_2(case, tmp_path, monkeypatch, capsys
     assert err.startswith('miniai: error: ') and err.count('\n') == 1 and 'Traceback' not in err, err
     assert says in err, err
     print(f'\n{case}: {err.strip()}')
+
+
+def test_under_torchrun_the_main_job_needs_a_run_folder_and_a_batch_that_divides(tmp_path, monkeypatch, capsys):
+    "--bs is the global batch size: each of the N processes takes bs/N, so N must divide it; say so, in one line."
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert main(['train', '--epochs', 1]) == 2
+    assert 'under torchrun (2 processes) give --out DIR, the same folder for every node' in capsys.readouterr().err
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    assert main(['train', '--bs', 64, '--out', tmp_path / 'run']) == 2
+    err = capsys.readouterr().err
+    assert '--bs 64 is the global batch size and must divide evenly among the 3 processes' in err
+    assert err.count('\n') == 1
+    assert not (tmp_path / 'run').exists(), 'nothing was written'
 
 
 @needs_data

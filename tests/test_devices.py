@@ -135,6 +135,25 @@ def test_miniai_device_names_the_device(machine, monkeypatch):
         default_device()
 
 
+def test_ranks_sharing_one_gpu_through_miniai_device_get_gloo_not_nccl(machine, fake_ddp, monkeypatch):
+    "Issue 19 item 8: MINIAI_DEVICE=cuda:0 with two processes picked NCCL, which refuses two ranks on one device."
+    import miniai.distributed as d
+    machine(1, local_rank=1, n_procs=2)
+    monkeypatch.setenv('MINIAI_DEVICE', 'cuda:0')
+    learn = SimpleNamespace(model=FakeModel(), dls=tiny_dls(), cbs=[DeviceCB(), DDPCB()])
+    for cb in learn.cbs: cb.before_fit(learn)
+    assert learn.model.module.device == torch.device('cuda:0')
+    assert fake_ddp == {'backend': 'gloo', 'device_ids': [0]}
+    assert d.default_backend('cuda:0') == 'gloo'
+    d.init_distributed()  # the default when no callback chose: the same rule
+    assert fake_ddp['backend'] == 'gloo'
+    monkeypatch.setenv('MINIAI_DEVICE', 'cuda')  # each process its own GPU: NCCL
+    assert d.default_backend('cuda:1') == 'nccl'
+    machine(1, local_rank=0, n_procs=1)
+    monkeypatch.setenv('MINIAI_DEVICE', 'cuda:0')  # one process on a named GPU: NCCL is fine
+    assert d.default_backend('cuda:0') == 'nccl'
+
+
 def test_ddpcb_refuses_a_model_off_this_ranks_gpu(machine, fake_ddp):
     machine(2, local_rank=1, n_procs=2)
     def before_fit(model, cbs):

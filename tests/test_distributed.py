@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
     single = subprocess.run([sys.executable, str(JOB), out / 'single'], capture_output=True, text=True, timeout=120,
                             env=environ(CPU))
     assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(out / 'double', env=CPU)
+    double = torchrun(out / 'double', '--slow-save', 1, env=CPU)  # rank 0 takes a second more to write a checkpoint
     assert double.returncode == 0, double.stderr[-3000:]
     return out, single, double
 
@@ -88,7 +88,20 @@ def test_only_rank0_prints_and_writes(runs):
 def test_the_cpu_way_out_runs_gloo_on_the_cpu(runs):
     out, _, _ = runs
     for r in (0, 1):
-        assert json.load(open(out / f'double/rank{r}/where.json')) == {'model': 'cpu', 'data': 'cpu', 'backend': 'gloo'}
+        where = json.load(open(out / f'double/rank{r}/where.json'))
+        assert (where['model'], where['data'], where['backend']) == ('cpu', 'cpu', 'gloo')
+
+
+def test_every_rank_waits_until_rank_0_has_written_the_checkpoint(runs):
+    "Rank 0 writes a second slower than usual: rank 1 looks for the file as soon as its SaveModelCB returns."
+    out, _, _ = runs
+    assert json.load(open(out / 'double/rank1/where.json'))['saw_checkpoint'] is True
+
+
+def test_the_process_group_ddpcb_joined_ends_with_the_fit(runs):
+    "Issue 19 item 8: it was never destroyed (a leak, and a warning at exit)."
+    out, _, _ = runs
+    assert all(json.load(open(out / f'double/rank{r}/where.json'))['group_ended'] for r in (0, 1))
 
 
 def test_a_checkpoint_written_inside_ddp_loads_into_a_plain_model(runs):
@@ -106,3 +119,60 @@ def test_a_failing_rank_stops_the_run(tmp_path):
     r = torchrun(tmp_path, '--raise-at-batch', 3, '--device', 'cpu', '--backend', 'gloo', timeout=150)
     assert r.returncode != 0
     assert 'rank 1 fails at batch 3' in r.stderr + r.stdout
+
+
+def test_a_rank_that_measured_no_batch_does_not_hang_the_others(tmp_path):
+    """Issue 19 item 8: MetricsCB returned early on a rank that saw no batch while the others waited for it in the
+    merging collective (until the timeout). Every rank must take part: here rank 1 runs none of its validation."""
+    r = torchrun(tmp_path, '--no-valid-on-rank1', '--timeout', 20, env=CPU, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    h0, h1 = (json.load(open(tmp_path / f'rank{i}/history.json')) for i in (0, 1))
+    assert [row['train'] for row in h0] == ['train', 'eval'] and h0 == [{**row, 'time': h0[i]['time']} for i, row in
+                                                                        enumerate(h1)], 'both ranks report the same'
+
+
+@pytest.fixture
+def one_process_torchrun(monkeypatch):
+    "This process as rank 0 of a torchrun job as DDPCB sees it before joining: WORLD_SIZE 2 until the group exists."
+    import miniai.distributed as d
+    import torch.distributed as dist
+    for k, v in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), RANK='0', LOCAL_RANK='0',
+                     WORLD_SIZE='1').items(): monkeypatch.setenv(k, v)
+    monkeypatch.setattr(d, 'world_size', lambda: dist.get_world_size() if dist.is_initialized() else 2)
+    yield dist
+    if dist.is_initialized(): dist.destroy_process_group()
+
+
+def tiny_learner(cbs):
+    from miniai.datasets import DataLoaders
+    from miniai.fashion import TensorDataLoader
+    from miniai.learner import MetricsCB, TrainLearner
+    import torch.nn.functional as F
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    dls = DataLoaders(TensorDataLoader(x, y, bs=8), TensorDataLoader(x, y, bs=8))
+    return TrainLearner(nn.Linear(4, 2), dls, F.cross_entropy, lr=0.1, cbs=[MetricsCB(), *cbs])
+
+
+def test_ddpcb_ends_the_group_it_joined_even_after_an_error(one_process_torchrun):
+    "Issue 19 item 8: DDPCB joined the process group and never left it, after a fit or after an error."
+    from miniai.callback import Callback
+    from miniai.distributed import DDPCB
+    dist = one_process_torchrun
+    seen = []
+    class Spy(Callback):
+        def before_epoch(self, learn): seen.append(dist.is_initialized())
+    learn = tiny_learner([DDPCB(backend='gloo'), Spy()])
+    learn.fit(1)
+    assert seen == [True, True] and not dist.is_initialized(), 'joined during the fit, left after it'
+    class Boom(Callback):
+        def after_batch(self, learn): raise RuntimeError('boom')
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[Boom()])
+    assert not dist.is_initialized(), 'left after an error too'
+
+
+def test_ddpcb_leaves_a_group_the_user_made(one_process_torchrun):
+    from miniai.distributed import DDPCB
+    dist = one_process_torchrun
+    dist.init_process_group('gloo')
+    tiny_learner([DDPCB()]).fit(1)
+    assert dist.is_initialized(), "the user's group is the user's to end"

@@ -26,7 +26,7 @@ from miniai.checkpoint import CheckpointError, SaveModelCB, read_checkpoint, sav
 from miniai.datasets import DataLoaders
 from miniai.distributed import DDPCB
 from miniai.fashion import TensorDataLoader
-from miniai.interrupt import InterruptCB
+from miniai.interrupt import DrillCB, InterruptCB
 from miniai.learner import DeviceCB, Learner, MetricsCB, NamedBatchCB, ProgressCB, TrainCB, TrainLearner
 from miniai.loggers import CSVLoggerCB, TensorBoardCB
 from miniai.longrun import EarlyStoppingCB, GradAccumCB, GradClipCB, TerminateOnNaNCB
@@ -36,13 +36,7 @@ from miniai.sgd import BatchSchedCB, EpochSchedCB, HasLearnCB, RecorderCB
 ALL_EVENTS = EVENTS + STEPS
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny bf16 models run ten times slower with two OpenMP threads on a shared machine."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # tiny bf16 models run ten times slower on two threads
 
 
 class Boom(Exception): pass
@@ -81,7 +75,8 @@ def everything_lineup(out: Path):
            MixedPrecision(torch.bfloat16), ChannelsLastCB(), SaveModelCB(out, every_epoch=True),
            CSVLoggerCB(out / 'metrics.csv'), TensorBoardCB(out / 'tb'), ActivationStats(), CapturePreds(),
            EarlyStoppingCB(patience=10), TerminateOnNaNCB(), GradClipCB(1.0), GradAccumCB(2), DDPCB(), HasLearnCB(),
-           InterruptCB(out / 'interrupted.ckpt'), NamedBatchCB('x', 'y')]
+           InterruptCB(out / 'interrupted.ckpt'), NamedBatchCB('x', 'y'),
+           DrillCB(signal.SIGTERM, rank=99, epoch=0, batch=0)]  # a rank absent: never fires
     return Learner(tiny_model(), dls, F.cross_entropy, 1e-2, cbs=cbs, opt_func=optim.AdamW)
 
 
@@ -189,6 +184,8 @@ def test_the_matrix_covers_every_shipped_callback_that_can_sit_in_a_fit(tmp_path
     outside = {'LRFinderCB': 'ends every epoch at validation and the fit when the loss grows: a probe',
                'SingleBatchCB': 'ends the fit after one batch', '_GrabBatch': 'ends the fit at the first batch',
                'ResumeCB': 'added by fit(resume=...): the main job line-up resumes', 'TrainCB': 'MixedPrecision is one',
+               'AutoResumeCB': "added by fit(resume='auto'), a ResumeCB choosing its file: a line-up's next fit would "
+                               "find the first one complete",
                'BatchTransformCB': "the main job's augmentation is one", 'HooksCallback': 'ActivationStats is one',
                'BaseSchedCB': 'abstract', '_Collect': 'get_preds: ends every batch after its prediction, a probe',
                '_InputShape': "ImageEval's probe: notes the first batch's image shape"}
@@ -214,7 +211,7 @@ def instance_of(cls, tmp: Path):
     args = {'BaseSchedCB': (sched,), 'BatchSchedCB': (sched,), 'EpochSchedCB': (sched,), 'GradClipCB': (1.,),
             'GradAccumCB': (2,), 'HooksCallback': (append_stats,), 'BatchTransformCB': (lambda b: b,),
             'ResumeCB': (tmp / 'x.ckpt',), 'InterruptCB': (tmp / 'i.ckpt',), 'SaveModelCB': (tmp,),
-            'CSVLoggerCB': (tmp / 'm.csv',), 'TensorBoardCB': (tmp / 'tb',)}
+            'CSVLoggerCB': (tmp / 'm.csv',), 'TensorBoardCB': (tmp / 'tb',), 'DrillCB': (signal.SIGTERM, 99, 0, 0)}
     return cls(*args.get(cls.__name__, ()), **({'lr': lambda cb: 0} if cls is RecorderCB else {}))
 
 

@@ -22,12 +22,7 @@ from miniai.sgd import BatchSchedCB, EpochSchedCB
 N_EPOCHS, BS, N_TRAIN = 3, 16, 64  # 4 training batches an epoch
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def data(shuffle=True):
@@ -180,6 +175,15 @@ def test_a_second_signal_outside_the_save_stops_at_once(tmp_path):
     assert info.value.where == 'at once' and info.value.checkpoint is None and 'nothing was saved' in str(info.value)
     assert not (tmp_path / 'i.ckpt').exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_repeated_sigterm_still_saves(tmp_path, capfd):
+    "A launcher may pass on a notice the process already got: a second SIGTERM is noted, the stop and save go on."
+    learn = make()
+    with pytest.raises(Interrupted) as info:
+        learn.fit(N_EPOCHS, cbs=[InterruptCB(tmp_path / 'i.ckpt'), SignalAt(1, 1, True, signal.SIGTERM, times=2)])
+    assert info.value.where == 'training' and read_checkpoint(tmp_path / 'i.ckpt')['position']['batch'] == 2
+    assert 'SIGTERM received again: still stopping after this batch' in capfd.readouterr().err
 
 
 def test_a_signal_after_the_last_batch_ends_the_fit_complete(tmp_path):
