@@ -23,6 +23,7 @@ import torch
 from .conv import pins_by_default, resolve_device
 from .data import TensorDataLoader, cache_root, channel_stats, subset
 from .datasets import DataLoaders
+from .images import png_bytes
 
 __all__ = ['CLASSES', 'DEBIAN_DIR', 'FILES', 'FashionMNISTNotFound', 'IDXError', 'find_fashion_mnist', 'read_idx',
            'fashion_arrays', 'load_fashion_mnist', 'TensorDataLoader', 'fashion_dls']
@@ -153,27 +154,10 @@ def _content_key(source) -> str:
     return h.hexdigest()[:16]
 
 
-_PNG_HEAD = b'\x89PNG\r\n\x1a\n'
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data))
-
-
-def _pngs(x: torch.Tensor) -> list[bytes]:
-    "Grey PNGs of `x` [N,H,W] uint8, written directly: about twice as fast as PIL for 70000 tiny images."
-    n, h, w = x.shape
-    rows = np.zeros((n, h, w + 1), np.uint8)  # each PNG row starts with its filter type, 0 = none
-    rows[:, :, 1:] = x.numpy()
-    head = _PNG_HEAD + _png_chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0))
-    tail = _png_chunk(b'IEND', b'')
-    return [head + _png_chunk(b'IDAT', zlib.compress(r.tobytes(), 6)) + tail for r in rows]
-
-
 def _build(arrays: dict):
     import datasets as hf
     feats = hf.Features({'image': hf.Image(), 'label': hf.ClassLabel(names=CLASSES)})
-    return hf.DatasetDict({s: hf.Dataset.from_dict({'image': [{'bytes': b, 'path': None} for b in _pngs(x)],
+    return hf.DatasetDict({s: hf.Dataset.from_dict({'image': [{'bytes': b, 'path': None} for b in png_bytes(x)],
                                                     'label': y.tolist()}, features=feats)
                            for s, (x, y) in arrays.items()})
 
