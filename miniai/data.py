@@ -97,7 +97,7 @@ class TensorDataLoader:
         "The uint8 images `xb` as this loader's batches hold them: normalised float32 (unchanged without mean/std)."
         if self._scale is None: return xb
         if xb.device != self._scale.device: xb = xb.to(self._scale.device, non_blocking=True)
-        return xb.float().mul_(self._scale).sub_(self._shift)
+        return torch.mul(xb, self._scale).sub_(self._shift)  # the multiply reads uint8 and writes float: one pass
 
     def _n_items(self) -> int: return len(self.x) // self.world_size
 
@@ -114,7 +114,7 @@ class TensorDataLoader:
 
     def __iter__(self):
         idx = self._order()  # drawn here, not at the first batch, so `iter()` alone counts as an epoch
-        take = pinned_rows if self.pin_memory else lambda t, b: t[b]
+        take = pinned_rows if self.pin_memory else _rows
         return ((self.normalise(take(self.x, b)), take(self.y, b)) for b in idx.split(self.bs)[:len(self)])
 
     def state_dict(self) -> dict:
@@ -140,6 +140,11 @@ class TensorDataLoader:
 
     def __repr__(self): return (f'TensorDataLoader({len(self.x)} items, bs={self.bs}, {len(self)} batches, '
                                 f'shuffle={self.shuffle}, device={self.x.device})')
+
+
+def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    # index_select copies whole rows; `t[idx]` gathers element by element, about twice as slow on a CPU
+    return torch.index_select(t, 0, idx)
 
 
 def channel_stats(x: torch.Tensor, what: str = 'images', chunk: int = 4096) -> tuple[tuple, tuple]:

@@ -17,7 +17,7 @@ from torch import nn
 from miniai import images as images_mod
 from miniai.callback import Callback
 from miniai.cli import main
-from miniai.data import ImageDataError, TensorDataLoader
+from miniai.data import ImageDataError
 from miniai.datasets import DataLoaders
 from miniai.fashion import CLASSES, FILES, fashion_arrays, fashion_dls, find_fashion_mnist
 from miniai.images import folder_images, png_bytes, write_image_folder
