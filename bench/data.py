@@ -152,21 +152,26 @@ def folder_rows(name: str, root: Path, n_pixels: int, size: int, pad: int, bs: i
         tv = torchvision_loader(root, bs, size, pad, dls.mean, dls.std)
         scan = time.perf_counter() - start
         ours = nn.Sequential(RandCropPad(pad), RandFlip())
-        n = len(dls.train.x)
-        times = {'tv': [], 'ours': []}
+        n, threads = len(dls.train.x), torch.get_num_threads()
+        times = {'tv': [], threads: [], 1: []}
         folder_epoch(dls.train, ours, n)  # warm-up of ours only: a torchvision epoch starts its workers afresh anyway
         for _ in range(rounds):
             times['tv'].append(folder_epoch(tv, lambda x: x, n))
-            times['ours'].append(folder_epoch(dls.train, ours, n))
+            for t in (threads, 1):
+                torch.set_num_threads(t)
+                times[t].append(folder_epoch(dls.train, ours, n))
+            torch.set_num_threads(threads)
         mem = memory_probe(root, Path(cache), bs, pad)
-    tv_epoch, our_epoch = statistics.median(times['tv']), statistics.median(times['ours'])
+    tv_epoch = statistics.median(times['tv'])
     met = lambda ok: 'yes' if ok else '**no**'
     mb = lambda b: f'{b / 1e6:,.1f} MB'
+    epochs = [f'| | one epoch, crop + flip ({n:,} images), miniai on {t} thread{"s" if t > 1 else ""} | '
+              f'{tv_epoch:.1f} s ({n / tv_epoch:,.0f}/s) | {e:.2f} s ({n / e:,.0f}/s) | {tv_epoch / e:.0f}x faster | '
+              f'>= 20x | {met(tv_epoch >= 20 * e)} |' for t in dict.fromkeys((threads, 1))
+              for e in [statistics.median(times[t])]]
     return [f'| {name} | first load (decode + cache) | ImageFolder scan {scan:.2f} s | {first:.1f} s | '
             f'{first / tv_epoch:.2f}x one torchvision epoch | <= 2x | {met(first <= 2 * tv_epoch)} |',
-            f'| | cached start | ImageFolder scan {scan:.2f} s | {cached:.2f} s | | | |',
-            f'| | one epoch, crop + flip ({n:,} images) | {tv_epoch:.1f} s ({n / tv_epoch:,.0f}/s) | {our_epoch:.2f} s '
-            f'({n / our_epoch:,.0f}/s) | {tv_epoch / our_epoch:.0f}x faster | >= 20x | {met(tv_epoch >= 20 * our_epoch)} |',
+            f'| | cached start | ImageFolder scan {scan:.2f} s | {cached:.2f} s | | | |', *epochs,
             f'| | memory held (fresh process) | | {mb(mem["held"])} for {mb(n_pixels)} of pixels; resident: +{mb(mem["anon"])} '
             f'anonymous, +{mb(mem["file"])} mapped file | {mem["held"] / n_pixels:.3f}x | <= 1.1x | '
             f'{met(mem["held"] <= 1.1 * n_pixels)} |']
@@ -184,8 +189,8 @@ def folder_table(rounds: int, bs: int, workdir: Path | None) -> str:
         if tmp is not None: shutil.rmtree(tmp, ignore_errors=True)
     return '\n'.join([f'{FOLDER_TITLE}: folders of PNGs, miniai `DataLoaders.from_folder` against torchvision '
                       f'`ImageFolder` + `DataLoader(num_workers=2, pin_memory=True)` (no GPU here: pinning does '
-                      f'nothing), batch {bs}, CPU, median of {rounds} alternated epochs; torch {torch.__version__}, '
-                      f'{torch.get_num_threads()} threads', '',
+                      f'nothing; its workers run one thread each), batch {bs}, CPU, median of {rounds} alternated '
+                      f'epochs; torch {torch.__version__}, {torch.get_num_threads()} threads; times in seconds', '',
                       '| data set | step | torchvision | miniai | miniai against torchvision | target | met |',
                       '|---|---|---|---|---|---|---|', *rows])
 
