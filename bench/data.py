@@ -1,7 +1,7 @@
 """Data loading: the fast tensor loader against the course's per-item pipeline, and folders of images (your own data)
 against torchvision's ImageFolder + DataLoader, each side by side in one run.
 
-    python -m bench.data [--rounds 3] [--folder-rounds 2] [--workdir DIR] [--only tensor|folders]
+    python -m bench.data [--rounds 3] [--folder-rounds 2] [--workdir DIR] [--only tensor|folders] [--threads N]
 
 1. The course's pipeline: `load_fashion_mnist()['train'].with_transform(...)` turning each PIL image into a
    normalised tensor, batched by a `torch.utils.data.DataLoader` with `collate_dict` (what `DataLoaders.from_dd`
@@ -224,7 +224,11 @@ def main(argv=None):
     p.add_argument('--folder-bs', type=int, default=512)
     p.add_argument('--workdir', type=Path, default=None, help='where to write the PNG folders (default: a temp dir)')
     p.add_argument('--only', choices=('tensor', 'folders'), default=None)
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch's CPU threads for miniai's side (default: torch's choice; on a busy machine 1 is "
+                        "often faster, since two threads wait for each other in every parallel region)")
     a = p.parse_args(argv)
+    if a.threads is not None: torch.set_num_threads(a.threads)
     parts = []
     if a.only != 'folders': parts.append(tensor_table(a.rounds, a.bs))
     if a.only != 'tensor': parts.append(folder_table(a.folder_rounds, a.folder_bs, a.workdir))

@@ -39,8 +39,9 @@ THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 
                'default_collate', 'Path', 'nn', 'tensor', 'init', 'L', 'load_dataset', 'itemgetter', 'attrgetter',
                'partial', 'wraps', 'lr_scheduler', 'optim', 'read_image', 'ImageReadMode']
 #: miniai's modules that the course's miniai does not have; their names are laid down first
-LIBRARY_MODULES = ('ranks', 'state', 'callback', 'progress', 'lr_finder', 'fashion', 'summary', 'checkpoint',
-                   'longrun', 'loggers', 'distributed', 'interrupt', 'compile', 'averaging', 'timetoacc', 'recipe')
+LIBRARY_MODULES = ('ranks', 'state', 'callback', 'progress', 'lr_finder', 'data', 'images', 'hf_images', 'fashion',
+                   'summary', 'checkpoint', 'longrun', 'loggers', 'distributed', 'interrupt', 'compile', 'averaging',
+                   'timetoacc', 'recipe')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')
