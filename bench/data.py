@@ -172,8 +172,8 @@ def folder_rows(name: str, root: Path, n_pixels: int, size: int, pad: int, bs: i
     return [f'| {name} | first load (decode + cache) | ImageFolder scan {scan:.2f} s | {first:.1f} s | '
             f'{first / tv_epoch:.2f}x one torchvision epoch | <= 2x | {met(first <= 2 * tv_epoch)} |',
             f'| | cached start | ImageFolder scan {scan:.2f} s | {cached:.2f} s | | | |', *epochs,
-            f'| | memory held (fresh process) | | {mb(mem["held"])} for {mb(n_pixels)} of pixels; resident: +{mb(mem["anon"])} '
-            f'anonymous, +{mb(mem["file"])} mapped file | {mem["held"] / n_pixels:.3f}x | <= 1.1x | '
+            f'| | memory held (fresh process) | | {mb(mem["held"])} for {mb(n_pixels)} of pixels; resident: '
+            f'+{mb(mem["anon"])} anonymous, +{mb(mem["file"])} mapped file | {mem["held"] / n_pixels:.3f}x | <= 1.1x | '
             f'{met(mem["held"] <= 1.1 * n_pixels)} |']
 
 

@@ -2,8 +2,8 @@
 
 Every transform here draws its random choices per image but works on the whole batch at once with masks and
 indexing, so its cost does not grow with a Python loop over images. They take batches [N, C, H, W] of any channel
-count and size, uint8 or float, and run where the batch is (on the GPU when the data lives there). (torchvision's `transforms.v2` also runs on
-whole batches, through `BatchTransformCB`, but draws one choice for the whole batch.)
+count and size, uint8 or float, and run where the batch is (on the GPU when the data lives there). (torchvision's
+`transforms.v2` also runs on whole batches, through `BatchTransformCB`, but draws one choice for the whole batch.)
 """
 from __future__ import annotations
 

@@ -257,7 +257,8 @@ def read_images(path: Path, key: str, verify: bool = True) -> tuple[ImageSet | N
             if head.get('key') != key: return None, 'stale'
             shape = tuple(head['shape'])
             n_pix, n = int(np.prod(shape)), shape[0]
-            if n_pix + 8 * n + n_head + 16 != size: return None, f'{size} bytes, the header says {n_pix + 8 * n + n_head + 16}'
+            if n_pix + 8 * n + n_head + 16 != size:
+                return None, f'{size} bytes, the header says {n_pix + 8 * n + n_head + 16}'
             f.seek(n_pix)
             lab = f.read(8 * n)
         if zlib.crc32(lab) != head['crc_labels']: return None, 'labels checksum mismatch'

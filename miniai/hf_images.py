@@ -37,7 +37,7 @@ def is_image_dd(dd) -> bool:
 
 
 def _arrow_batches(parts: list, img: str, what: str):
-    "`batches(lo, hi)` over the splits `parts` [(name, ds)] in turn: (start, items, names) with encoded or decoded images."
+    "`batches(lo, hi)` over the splits `parts` [(name, ds)] in turn: (start, items, names), images encoded or decoded."
     import datasets as hf
     def batches(lo, hi):
         start = 0

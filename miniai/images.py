@@ -123,8 +123,13 @@ def _locked(path: Path):
     "Hold an exclusive lock on `path` (POSIX), so processes started together (torchrun) build a cache once."
     try: import fcntl
     except ImportError: fcntl = None  # Windows: no lock; concurrent builds are still safe, only wasteful
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, 'a') as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, 'a')
+    except OSError as e:
+        raise ImageDataError(f'cannot write in the image cache\'s folder {path.parent} ({e.strerror or e}); set '
+                             f'MINIAI_CACHE to a writable folder') from None
+    with f:
         if fcntl: fcntl.flock(f, fcntl.LOCK_EX)
         try: yield
         finally:
@@ -138,7 +143,10 @@ def _cached(file: Path, key: str, build) -> ImageSet:
         if images is not None: return images
         if why not in ('missing', 'stale'):
             warnings.warn(f'miniai: rebuilding the damaged image cache {file} ({why})', stacklevel=4)
-        build(file)
+        try: build(file)
+        except OSError as e:  # the images were read: this is the cache's folder (not writable, or full)
+            raise ImageDataError(f'cannot write the image cache {file} ({e.strerror or e}); set MINIAI_CACHE to a '
+                                 f'folder with room for it') from None
         images, why = read_images(file, key)
     if images is None: raise RuntimeError(f'the image cache {file} just written does not read back ({why})')
     return images
@@ -179,7 +187,7 @@ def _images_under(folder: str, skipped: list) -> list[tuple[str, int, int]]:
     "(path, size, mtime_ns) of every image below `folder`, in name order; other files go to `skipped`."
     found = []
     with os.scandir(folder) as it: entries = sorted(it, key=lambda e: e.name)
-    for e in entries:  # os.scandir and strings, not pathlib: a cached start lists 60,000 files in a fraction of a second
+    for e in entries:  # os.scandir and strings, not pathlib: a cached start lists 60,000 files in under a second
         if e.name.startswith('.'): continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints)
         if e.is_dir(): found += _images_under(e.path, skipped)
         elif not e.name.lower().endswith(IMAGE_SUFFIXES): skipped.append(e.path)

@@ -28,8 +28,8 @@ from .resnet import fashion_resnet, resnet9, seed002_resnet
 from .sgd import BatchSchedCB, RecorderCB
 from .timetoacc import TimeToAccuracyCB
 
-__all__ = ['MODELS', 'AUGMENTS', 'augment_for', 'build_model', 'augment_tfms', 'recipe_dls', 'make_learner', 'run_recipe',
-           'plot_run']
+__all__ = ['MODELS', 'AUGMENTS', 'augment_for', 'build_model', 'augment_tfms', 'recipe_dls', 'make_learner',
+           'run_recipe', 'plot_run']
 
 MODELS = {'fashion_resnet': partial(fashion_resnet, drop=0.1),
           'fashion_resnet_wide': partial(fashion_resnet, nfs=(32, 64, 128, 256, 512, 512), drop=0.1),

@@ -126,8 +126,9 @@ def test_from_dd_reads_uint8_array_columns_in_batches(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (40, 6, 5, 3), generator=g, dtype=torch.uint8)  # HWC, as arrays usually are
     feats = hf.Features({'img': hf.Array3D((6, 5, 3), 'uint8'), 'label': hf.Value('int64')})
-    dd = hf.DatasetDict({s: hf.Dataset.from_dict({'img': x[i:i + 20].numpy(), 'label': list(range(i // 20, 20 + i // 20))},
-                                                 features=feats) for s, i in (('train', 0), ('valid', 20))})
+    split = lambda i: hf.Dataset.from_dict({'img': x[i:i + 20].numpy(), 'label': list(range(i // 20, 20 + i // 20))},
+                                           features=feats)
+    dd = hf.DatasetDict(train=split(0), valid=split(20))
     dd.save_to_disk(str(tmp_path / 'dd'))
     dls = DataLoaders.from_dd(hf.load_from_disk(str(tmp_path / 'dd')), 8, device='cpu')
     assert torch.equal(dls.train.x, x[:20].permute(0, 3, 1, 2)) and dls.classes == [str(i) for i in range(21)]

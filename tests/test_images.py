@@ -41,7 +41,8 @@ def fashion_folder(tmp_path_factory):
     arr = fashion_arrays()
     gen = torch.Generator().manual_seed(SEED)  # the draws fashion_dls makes for its subsets, in its order
     it, iv = torch.randperm(60000, generator=gen)[:N_TRAIN], torch.randperm(10000, generator=gen)[:N_VALID]
-    sub = {'train': (arr['train'][0][it], arr['train'][1][it], it), 'test': (arr['test'][0][iv], arr['test'][1][iv], iv)}
+    sub = {'train': (arr['train'][0][it], arr['train'][1][it], it),
+           'test': (arr['test'][0][iv], arr['test'][1][iv], iv)}
     root = tmp_path_factory.mktemp('fashion_png')
     for split, (x, y, _) in sub.items(): write_image_folder(root, x, y, CLASSES, split)
     return root, sub
@@ -67,7 +68,8 @@ def test_fashion_mnist_as_pngs_reads_back_bitwise(fashion_folder):
         assert [dls.classes[i] for i in dl.y] == [CLASSES[i].replace('/', '_') for i in y[order]], 'labels'
     # statistics of the training split, exact; the loaders hold the pixels once (no float copy)
     raw = sub['train'][0].double() / 255
-    assert dls.mean[0] == pytest.approx(raw.mean().item(), abs=1e-7) and dls.std[0] == pytest.approx(raw.std().item(), abs=1e-7)
+    assert dls.mean[0] == pytest.approx(raw.mean().item(), abs=1e-7)
+    assert dls.std[0] == pytest.approx(raw.std().item(), abs=1e-7)
     held = sum(t.nbytes for dl in (dls.train, dls.valid) for t in (dl.x, dl.y))
     assert held <= 1.1 * (N_TRAIN + N_VALID) * 28 * 28
     xb, yb = next(iter(dls.train))
@@ -213,9 +215,15 @@ def test_each_bad_input_is_one_error_naming_the_file_or_folder(tmp_path, capsys)
                         bad(tmp_path / '8', no_valid))
     with pytest.raises(ImageDataError, match=r'^.*/nowhere: no such folder$'):
         DataLoaders.from_folder(tmp_path / 'nowhere')
+    (tmp_path / 'a_file').write_text('x')  # a cache folder that cannot be made (running as root, modes do not stop it)
+    with pytest.MonkeyPatch.context() as m, pytest.raises(ImageDataError, match=r"cannot write in the image cache's "
+                                                                                r'folder .*/a_file/images .*MINIAI_CACHE'):
+        m.setenv('MINIAI_CACHE', str(tmp_path / 'a_file'))
+        DataLoaders.from_folder(tmp_path / '1' / 'bad', valid_pct=0.5)
     # files that are not images are skipped and counted, in one line
     root = tmp_path / 'extras'
-    write_image_folder(root, torch.arange(64, dtype=torch.uint8).view(4, 1, 4, 4), torch.tensor([0, 1, 0, 1]), ['a', 'b'])
+    x = torch.arange(64, dtype=torch.uint8).view(4, 1, 4, 4)
+    write_image_folder(root, x, torch.tensor([0, 1, 0, 1]), ['a', 'b'])
     (root / 'train/a/notes.txt').write_text('x')
     (root / 'train/README.md').write_text('x')
     capsys.readouterr()
