@@ -148,8 +148,9 @@ def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def channel_stats(x: torch.Tensor, what: str = 'images', chunk: int = 4096) -> tuple[tuple, tuple]:
-    """Per-channel mean and (sample) std of uint8 images `x` [N, C, ...] as fractions of 255, exact (from value counts,
-    a chunk of images at a time, so a memory-mapped set is read once and never copied whole), rounded to float32."""
+    """Per-channel mean and std of uint8 images `x` [N, C, ...] as fractions of 255, exact (from value counts, a chunk
+    of images at a time, so a memory-mapped set is read once and never copied whole), rounded to float32. The std
+    divides by the pixel count (not count - 1), so a set and the same set repeated have the same statistics."""
     if x.dtype != torch.uint8 or x.dim() < 2: raise ValueError(f'channel_stats: uint8 [N, C, ...], got {x.dtype}')
     counts = torch.zeros(x.shape[1], 256, dtype=torch.int64)
     for i in range(0, len(x), chunk):
@@ -163,7 +164,7 @@ def channel_stats(x: torch.Tensor, what: str = 'images', chunk: int = 4096) -> t
             raise ImageDataError(f'{what}: every training pixel of channel {c} is the same; the data cannot be '
                                  f'normalised')
         means.append(float(np.float32(s1 / (255 * n))))
-        stds.append(float(np.float32(((s2 * n - s1 * s1) / (n * (n - 1))) ** 0.5 / 255)))
+        stds.append(float(np.float32(((s2 * n - s1 * s1) / (n * n)) ** 0.5 / 255)))
     return tuple(means), tuple(stds)
 
 
