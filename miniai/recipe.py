@@ -54,8 +54,12 @@ def build_model(name: str, drop: float | None = None, in_channels: int = 1, n_cl
     """A fresh model by name (see `MODELS`) for images of `in_channels` channels and `size` pixels (the larger side;
     the ResNet-9s pool large images down first) in `n_classes` classes, with dropout `drop` before the head if given."""
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    kw = dict(in_channels=in_channels, n_classes=n_classes, **({} if drop is None else {'drop': drop}))
-    if size is not None and 'size' in inspect.signature(MODELS[name]).parameters: kw['size'] = size
+    takes = inspect.signature(MODELS[name]).parameters
+    kw = {} if drop is None else {'drop': drop}
+    for k, v, default in (('in_channels', in_channels, 1), ('n_classes', n_classes, 10), ('size', size, None)):
+        if k in takes and v is not None: kw[k] = v
+        elif v != default and k != 'size':  # a model made for Fashion-MNIST's shape only (one added to MODELS)
+            raise ValueError(f'model {name!r} takes no {k}, so it cannot be built for {k}={v}')
     return MODELS[name](**kw)
 
 

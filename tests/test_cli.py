@@ -276,3 +276,12 @@ def test_every_model_is_built_for_the_datas_channels_size_and_classes(name):
     model = build_model(name, in_channels=3, n_classes=4, size=32).eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     assert build_model(name).eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10), "Fashion-MNIST's by default"
+
+
+def test_a_model_made_for_fashion_mnist_only_is_refused_for_other_data(monkeypatch):
+    from torch import nn
+    from miniai import recipe
+    monkeypatch.setitem(recipe.MODELS, 'tiny', lambda: nn.Linear(784, 10))  # takes no in_channels or n_classes
+    assert isinstance(recipe.build_model('tiny', size=28), nn.Linear)
+    with pytest.raises(ValueError, match="model 'tiny' takes no in_channels, so it cannot be built for in_channels=3"):
+        recipe.build_model('tiny', in_channels=3)
