@@ -269,20 +269,23 @@ def test_one_epoch_on_the_folder_matches_the_fashion_mnist_path(fashion_folder, 
     root, sub = fashion_folder
     subset_as_idx(tmp_path, sub)
     monkeypatch.setenv('MINIAI_DATA', str(tmp_path))
+    # one thread: two stall in every parallel region when other jobs share the two cores (seconds become a minute)
     common = ['--epochs', 1, '--bs', 64, '--seed', SEED, '--average', 'none', '--no-tta', '--no-summary',
-              '--model', MODEL]
+              '--model', MODEL, '--threads', 1]
     fash = fashion_dls(bs=64, n_train=N_TRAIN, n_valid=N_VALID, seed=SEED, device='cpu')
     fold = DataLoaders.from_folder(root, bs=64, device='cpu', seed=SEED)
     assert torch.equal(fash.train.x, fold.train.x), 'the same images in the same order'
     assert torch.equal(fash.train.y, fold.train.y), 'the same labels: the folders sort in label order'
     assert (fash.mean, fash.std) == (fold.mean[0], fold.std[0]), 'the same statistics: so the same batches'
-    res = {}
-    for name, data in (('fashion', ['--data', 'fashion', '--n-train', N_TRAIN, '--n-valid', N_VALID]),
-                       ('folder', ['--data', root])):
-        with contextlib.redirect_stdout(io.StringIO()) as out:
-            assert main(['train', *data, *common, '--out', tmp_path / name]) == 0
-        res[name] = json.loads((tmp_path / name / 'result.json').read_text())
-        assert res[name]['data'] == str(data[1]) and f'Data: {data[1]} ({N_TRAIN} training and' in out.getvalue()
+    res, threads = {}, torch.get_num_threads()
+    try:
+        for name, data in (('fashion', ['--data', 'fashion', '--n-train', N_TRAIN, '--n-valid', N_VALID]),
+                           ('folder', ['--data', root])):
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                assert main(['train', *data, *common, '--out', tmp_path / name]) == 0
+            res[name] = json.loads((tmp_path / name / 'result.json').read_text())
+            assert res[name]['data'] == str(data[1]) and f'Data: {data[1]} ({N_TRAIN} training and' in out.getvalue()
+    finally: torch.set_num_threads(threads)
     assert res['fashion']['accuracy'] > 0.6, 'one epoch learned something'
     assert abs(res['folder']['accuracy'] - res['fashion']['accuracy']) <= 0.01, res
 
