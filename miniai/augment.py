@@ -1,8 +1,9 @@
 """Batch augmentation (per image, vectorised), capturing predictions, showing batches, and test-time augmentation.
 
 Every transform here draws its random choices per image but works on the whole batch at once with masks and
-indexing, so its cost does not grow with a Python loop over images. (torchvision's `transforms.v2` also runs on
-whole batches, through `BatchTransformCB`, but draws one choice for the whole batch.)
+indexing, so its cost does not grow with a Python loop over images. They take batches [N, C, H, W] of any channel
+count and size, uint8 or float, and run where the batch is (on the GPU when the data lives there). (torchvision's
+`transforms.v2` also runs on whole batches, through `BatchTransformCB`, but draws one choice for the whole batch.)
 """
 from __future__ import annotations
 
@@ -50,12 +51,13 @@ class RandCropPad(nn.Module):
         _check_images(x, 'RandCropPad')
         n, c, h, w = x.shape
         p, dev = self.pad, x.device
-        xp = nn.functional.pad(x, (p, p, p, p))
-        rows = torch.arange(h, device=dev) + torch.randint(0, 2 * p + 1, (n, 1), device=dev)  # (N, H)
-        cols = torch.arange(w, device=dev) + torch.randint(0, 2 * p + 1, (n, 1), device=dev)  # (N, W)
-        bi = torch.arange(n, device=dev)[:, None, None, None]
-        ci = torch.arange(c, device=dev)[None, :, None, None]
-        return xp[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+        dy, dx = (torch.randint(0, 2 * p + 1, (n,), device=dev) for _ in range(2))
+        xp = nn.functional.pad(x, (p, p, p, p)).contiguous()
+        hp, wp = h + 2 * p, w + 2 * p
+        # a view whose row k is the [C, H, W] window starting at flat position k of the padded batch; the crops are
+        # the rows at each image's start, copied whole by index_select (no per-element gather, no device sync)
+        windows = xp.as_strided(((n - 1) * c * hp * wp + 2 * p * (wp + 1) + 1, c, h, w), (1, hp * wp, wp, 1))
+        return torch.index_select(windows, 0, torch.arange(n, device=dev) * (c * hp * wp) + dy * wp + dx)
 
 
 def _boxes(x, pct: float, max_num: int, where: str):
@@ -81,9 +83,9 @@ def rand_erase(x: torch.Tensor, pct: float = 0.2, max_num: int = 4) -> torch.Ten
     """Replace up to `max_num` boxes (each `pct` of the image's height and width) per image with noise of the batch's
     mean and std, clamped to the batch's range."""
     masks, *_ = _boxes(x, pct, max_num, 'rand_erase')
-    mask = masks.any(0)
-    noise = torch.randn_like(x) * x.std() + x.mean()
-    return torch.where(mask, noise.clamp(x.min(), x.max()), x)
+    xf = x if x.is_floating_point() else x.float()  # uint8 images get noise rounded back to uint8
+    noise = (torch.randn_like(xf) * xf.std() + xf.mean()).clamp(xf.min(), xf.max())
+    return torch.where(masks.any(0), noise if x.is_floating_point() else noise.round().to(x.dtype), x)
 
 
 def rand_copy(x: torch.Tensor, pct: float = 0.2, max_num: int = 4) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The main job: `python -m miniai train` trains a ResNet on Fashion-MNIST with the fastest safe settings.
+"""The main job: `python -m miniai train` trains a ResNet on Fashion-MNIST, or on your own images (`--data PATH`),
+with the fastest safe settings.
 
 Errors a user can fix (missing or damaged data, an unusable checkpoint, bad options) are reported in one line,
 `miniai: error: ...`, with exit code 2; `--debug` or `MINIAI_DEBUG=1` shows their traceback. Anything else is a bug
@@ -56,12 +57,22 @@ class _Help(argparse.HelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     "The command line's parser (`miniai train --help`)."
-    p = _Parser(prog='miniai', description='miniai: train on Fashion-MNIST from the command line.')
+    p = _Parser(prog='miniai', description='miniai: train on Fashion-MNIST or your own images from the command line.')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
-    t = sub.add_parser('train', help='train a ResNet on Fashion-MNIST and save checkpoint, metrics and plots',
+    t = sub.add_parser('train', help='train a ResNet on Fashion-MNIST or your images; save checkpoint, metrics, plots',
                        formatter_class=_Help)
-    t.add_argument('--epochs', type=_positive(int), default=8, help='passes over the 60000 training images')
+    t.add_argument('--data', default='fashion',
+                   help="'fashion' (Fashion-MNIST), or the path of a folder of images (a folder per class, in train/ "
+                        "and valid/ or test/, or see --valid-pct) or of a Hugging Face DatasetDict saved with "
+                        "save_to_disk")
+    t.add_argument('--size', type=_positive(int), default=None,
+                   help='resize images to SIZE x SIZE (scaled to cover it, centre cropped); needed when their sizes '
+                        'differ')
+    t.add_argument('--valid-pct', type=_checked(float, lambda v: 0 < v < 1, 'in (0, 1)'), default=None,
+                   help='hold out this fraction of a folder\'s images for validation (seeded by --seed), for a folder '
+                        'without valid/ or test/')
+    t.add_argument('--epochs', type=_positive(int), default=8, help='passes over the training images')
     t.add_argument('--bs', type=_positive(int), default=256,
                    help='batch size, the global one: under torchrun each of the N processes takes bs/N a step')
     t.add_argument('--lr', type=_positive(float), default=1e-2, help='peak learning rate of the one-cycle schedule')
@@ -143,8 +154,9 @@ class _UserError(Exception): "An error in what the user asked for, reported in o
 def _user_error_hint(e: BaseException) -> str | None:
     "What to add to the message of an error the user can fix; None for anything else (a bug: show the traceback)."
     from .checkpoint import CheckpointError
+    from .data import ImageDataError
     from .fashion import FashionMNISTNotFound, IDXError
-    if isinstance(e, (FashionMNISTNotFound, _UserError)): return ''  # their messages say what to do
+    if isinstance(e, (FashionMNISTNotFound, ImageDataError, _UserError)): return ''  # their messages say what to do
     if isinstance(e, IDXError):
         return ("Replace the file (Debian's dataset-fashion-mnist package has good copies), or set MINIAI_DATA to a "
                 "folder with good ones.")
@@ -210,7 +222,7 @@ def train(args: argparse.Namespace) -> dict:
                      n_train=args.n_train, n_valid=args.n_valid, summary=args.summary, wd=args.wd,
                      label_smoothing=args.label_smoothing, drop=args.drop,
                      average=None if args.average == 'none' else args.average, ema_decay=args.ema_decay,
-                     target=args.target)
+                     target=args.target, data=args.data, size=args.size, valid_pct=args.valid_pct)
     if not is_main_process(): return res
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
     res['threads'] = torch.get_num_threads()

@@ -1,4 +1,5 @@
-"""`DataLoaders`, collation of dictionary datasets, and showing images."""
+"""`DataLoaders` (from a Hugging Face `DatasetDict` or a folder of images), collation of dictionary datasets, and
+showing images."""
 from __future__ import annotations
 
 import math
@@ -39,13 +40,51 @@ class DataLoaders:
             raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)} loader(s)')
         self.train, self.valid = dls[:2]
 
+    # miniai.images and miniai.hf_images build on this module, so the constructors below import them when called
+
     @classmethod
     def from_dd(cls, dd, batch_size: int, as_tuple: bool = True, **kwargs) -> 'DataLoaders':
-        "Data loaders over the splits of a `DatasetDict` `dd`, batches collated to tuples of its features."
+        """Data loaders over the splits of a `DatasetDict` `dd`, batches collated to tuples of its features. A `dd` of
+        images and labels with no transform (`miniai.hf_images.is_image_dd`) takes the fast path instead: uint8 tensors
+        decoded once and cached, normalised per batch (`miniai.hf_images.dd_dls`; DataLoader-only options such as
+        `num_workers` are not needed there). A transformed `dd` goes item by item through its transform."""
+        from .hf_images import dd_dls, is_image_dd
+        if as_tuple and 'collate_fn' not in kwargs and is_image_dd(dd):
+            return dd_dls(dd, batch_size, **{k: v for k, v in kwargs.items() if k not in _WORKER_OPTIONS})
         if as_tuple: kwargs.setdefault('collate_fn', collate_dict(next(iter(dd.values()))))
         return cls(*get_dls(*dd.values(), bs=batch_size, **kwargs))
 
+    @classmethod
+    def from_folder(cls, path, train: str = 'train', valid: str = 'valid', valid_pct: float | None = None,
+                    size=None, bs: int = 64, device=None, seed: int | None = None, **kwargs) -> 'DataLoaders':
+        """Data loaders over a folder of images, a folder per class (`path/train/<class>/*.png`, and `path/valid` or
+        `path/test`; or `valid_pct` of the images held out by a split seeded with `seed`), decoded once and cached as
+        uint8, memory-mapped; `size` resizes (see `miniai.images.folder_images`; `kwargs` go to
+        `miniai.data.image_dls`). The result has `.classes`, `.mean`, `.std` and `show_batch()`."""
+        from .images import folder_dls
+        return folder_dls(path, train, valid, valid_pct, size, bs=bs, device=device, seed=seed, **kwargs)
+
+    vocab = property(lambda self: self.classes, doc="The class names (fastai's name for `classes`).")
+
+    def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs):
+        "Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class names."
+        xb, yb = next(iter(self.train))
+        xb, yb = xb[:max_n].detach().float().cpu(), yb[:max_n].cpu()
+        if xb.dim() == 4 and getattr(self, 'mean', None) is not None:  # undo the loader's normalisation
+            c = xb.shape[1]
+            mean, std = (torch.tensor(v, dtype=torch.float32).reshape(-1)[:c].expand(c).view(-1, 1, 1)
+                         for v in (self.mean, self.std))
+            xb = (xb * std + mean).clamp(0, 1)
+        names = getattr(self, 'classes', None)
+        titles = [names[int(y)] if names is not None else str(int(y)) for y in yb]
+        return show_images(xb, ncols=ncols or min(len(xb), 3), titles=titles, **kwargs)
+
     def __repr__(self): return f'DataLoaders(train={len(self.train)} batches, valid={len(self.valid)} batches)'
+
+
+#: torch DataLoader options that mean nothing to the tensor loaders of `from_dd`'s fast path
+_WORKER_OPTIONS = ('num_workers', 'persistent_workers', 'prefetch_factor', 'worker_init_fn', 'multiprocessing_context',
+                   'timeout', 'generator')
 
 
 @fc.delegates(plt.Axes.imshow)

@@ -1,4 +1,4 @@
-"""Fashion-MNIST: finding, checking, caching and loading it, and the fast in-memory loader for training.
+"""Fashion-MNIST: finding, checking, caching and loading it, and its fast loaders for training (`fashion_dls`).
 
 Sources, in order: the `path` argument, `$MINIAI_DATA`, Debian's `dataset-fashion-mnist` folder, then the Hugging
 Face hub (for users who are online). The IDX files are checked (magic number, shape, sizes, counts, label range)
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
-from .conv import default_device, pinned_rows, pins_by_default
+from .conv import pins_by_default, resolve_device
+from .data import TensorDataLoader, cache_root, channel_stats, subset
 from .datasets import DataLoaders
+from .images import png_bytes
 
 __all__ = ['CLASSES', 'DEBIAN_DIR', 'FILES', 'FashionMNISTNotFound', 'IDXError', 'find_fashion_mnist', 'read_idx',
            'fashion_arrays', 'load_fashion_mnist', 'TensorDataLoader', 'fashion_dls']
@@ -153,33 +154,12 @@ def _content_key(source) -> str:
     return h.hexdigest()[:16]
 
 
-_PNG_HEAD = b'\x89PNG\r\n\x1a\n'
-
-
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data))
-
-
-def _pngs(x: torch.Tensor) -> list[bytes]:
-    "Grey PNGs of `x` [N,H,W] uint8, written directly: about twice as fast as PIL for 70000 tiny images."
-    n, h, w = x.shape
-    rows = np.zeros((n, h, w + 1), np.uint8)  # each PNG row starts with its filter type, 0 = none
-    rows[:, :, 1:] = x.numpy()
-    head = _PNG_HEAD + _png_chunk(b'IHDR', struct.pack('>IIBBBBB', w, h, 8, 0, 0, 0, 0))
-    tail = _png_chunk(b'IEND', b'')
-    return [head + _png_chunk(b'IDAT', zlib.compress(r.tobytes(), 6)) + tail for r in rows]
-
-
 def _build(arrays: dict):
     import datasets as hf
     feats = hf.Features({'image': hf.Image(), 'label': hf.ClassLabel(names=CLASSES)})
-    return hf.DatasetDict({s: hf.Dataset.from_dict({'image': [{'bytes': b, 'path': None} for b in _pngs(x)],
+    return hf.DatasetDict({s: hf.Dataset.from_dict({'image': [{'bytes': b, 'path': None} for b in png_bytes(x)],
                                                     'label': y.tolist()}, features=feats)
                            for s, (x, y) in arrays.items()})
-
-
-def _cache_root(cache_dir=None) -> Path:
-    return Path(cache_dir or os.environ.get('MINIAI_CACHE') or Path.home() / '.cache' / 'miniai').expanduser()
 
 
 def load_fashion_mnist(path=None, cache_dir=None):
@@ -187,7 +167,7 @@ def load_fashion_mnist(path=None, cache_dir=None):
     import datasets as hf
     source = _source(path)
     if source == 'hub': return _hub()
-    cache = _cache_root(cache_dir) / f'fashion_mnist-{_CACHE_FORMAT}-{_content_key(source)}'
+    cache = cache_root(cache_dir) / f'fashion_mnist-{_CACHE_FORMAT}-{_content_key(source)}'
     if cache.exists():
         try: return hf.load_from_disk(str(cache))
         except Exception as e:  # damaged after it was written (a cleaner removed files): build it again
@@ -208,97 +188,11 @@ def load_fashion_mnist(path=None, cache_dir=None):
     return hf.load_from_disk(str(cache))
 
 
-class TensorDataLoader:
-    """Batches `(x[idx], y[idx])` of tensors held in memory, taken by indexing, not item by item.
-
-    Every batch is a fresh tensor, so changing it in place never changes the data. When shuffled, each epoch gets a
-    new order from the loader's own generator (`seed`, or drawn once from torch's global RNG at construction, so
-    `set_seed` makes it reproducible); `state_dict` holds that generator and the epochs drawn, to repeat the coming
-    orders. `device` keeps the whole set there. With `world_size` > 1, every rank (all given the same seed) draws the
-    same permutation and takes its interleaved slice `rank::world_size` of the first `world_size * (n //
-    world_size)` items: disjoint parts, equally many batches on every rank, the last `n % world_size` items of
-    each epoch's order left out. `pin_memory` (CPU-held data, CUDA model) gathers batches into pinned memory."""
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int = 1024, shuffle: bool = False,
-                 drop_last: bool = False, seed: int | None = None, device=None, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False):
-        if len(x) != len(y): raise ValueError(f'TensorDataLoader: {len(x)} inputs but {len(y)} targets')
-        if bs < 1: raise ValueError(f'TensorDataLoader: bs must be >= 1, got {bs}')
-        if not 0 <= rank < world_size: raise ValueError(f'TensorDataLoader: rank {rank} not in [0, {world_size})')
-        if device is not None: x, y = x.to(device), y.to(device)
-        if pin_memory and (x.device.type != 'cpu' or not torch.cuda.is_available()):
-            raise ValueError(f'TensorDataLoader: pin_memory=True is for CPU-held data trained on a CUDA GPU; the data '
-                             f'is on {x.device} and torch sees {"a" if torch.cuda.is_available() else "no"} CUDA GPU')
-        self.x, self.y, self.bs, self.shuffle, self.drop_last = x, y, bs, shuffle, drop_last
-        self.pin_memory = pin_memory
-        self.rank, self.world_size = rank, world_size
-        self.dataset = TensorDataset(x, y)
-        if seed is None and shuffle: seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        self.seed, self.epochs_drawn = seed, 0
-        self.gen = torch.Generator().manual_seed(seed or 0)
-        self._epoch_gen = None  # the generator's state before the latest epoch's order was drawn
-
-    batch_size = property(lambda self: self.bs)
-    device = property(lambda self: self.x.device)
-
-    def _n_items(self) -> int: return len(self.x) // self.world_size
-
-    def __len__(self) -> int:
-        n = self._n_items()
-        return n // self.bs if self.drop_last else -(-n // self.bs)
-
-    def _order(self) -> torch.Tensor:
-        if self.shuffle: self._epoch_gen = self.gen.get_state()  # to draw this epoch's order again after a stop
-        idx = torch.randperm(len(self.x), generator=self.gen) if self.shuffle else torch.arange(len(self.x))
-        self.epochs_drawn += 1
-        if self.world_size > 1: idx = idx[:self._n_items() * self.world_size][self.rank::self.world_size]
-        return idx.to(self.x.device)
-
-    def __iter__(self):
-        idx = self._order()  # drawn here, not at the first batch, so `iter()` alone counts as an epoch
-        take = pinned_rows if self.pin_memory else lambda t, b: t[b]
-        return ((take(self.x, b), take(self.y, b)) for b in idx.split(self.bs)[:len(self)])
-
-    def state_dict(self) -> dict:
-        """The generator's state and how many epochs were drawn: enough to repeat the coming epochs' order; and its
-        state before the latest epoch was drawn (`epoch_gen`), to repeat that epoch's order too."""
-        return {'gen': self.gen.get_state(), 'epochs_drawn': self.epochs_drawn, 'seed': self.seed,
-                'epoch_gen': self._epoch_gen}
-
-    def load_state_dict(self, sd: dict, repeat_epoch: bool = False) -> None:
-        """Restore what `state_dict` returned, so the next epochs come in the same order as they did then; with
-        `repeat_epoch`, the next epoch is the one under way when it was taken, in the same order (to go on with an
-        epoch that was stopped part-way)."""
-        self.seed, self._epoch_gen = sd.get('seed', self.seed), sd.get('epoch_gen')
-        if not repeat_epoch:
-            self.gen.set_state(sd['gen'])
-            self.epochs_drawn = sd['epochs_drawn']
-            return
-        if self.shuffle:
-            if self._epoch_gen is None:
-                raise ValueError('TensorDataLoader.load_state_dict: this state holds no epoch under way to repeat')
-            self.gen.set_state(self._epoch_gen)
-        self.epochs_drawn = max(0, sd['epochs_drawn'] - 1)
-
-    def __repr__(self): return (f'TensorDataLoader({len(self.x)} items, bs={self.bs}, {len(self)} batches, '
-                                f'shuffle={self.shuffle}, device={self.x.device})')
-
-
-@lru_cache(maxsize=1)
-def _normalised(source) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    "Both splits as float [N,1,28,28], normalised with the training set's mean and std: once per process."
-    arr = _arrays(source)
-    mean, std = (v.item() for v in torch.std_mean(arr['train'][0].float().div_(255))[::-1])
-    if std == 0: raise ValueError('fashion_dls: every training pixel is the same; the data cannot be normalised')
-    norm = lambda x: x.float().mul_(1 / (255 * std)).sub_(mean / std).unsqueeze(1)
-    return norm(arr['train'][0]), norm(arr['test'][0]), mean, std
-
-
-def _subset(x, y, n, gen, what):
-    "The first `n` items of a seeded permutation: a random subset with every class present in proportion."
-    if n is None or n >= len(x): return x, y
-    if n < 1: raise ValueError(f'fashion_dls: {what} must be >= 1, got {n}')
-    idx = torch.randperm(len(x), generator=gen)[:n]
-    return x[idx], y[idx]
+@lru_cache(maxsize=2)
+def _stats(source) -> tuple[float, float]:
+    "Mean and std of the training pixels (as fractions of 255): once per process."
+    (mean,), (std,) = channel_stats(_arrays(source)['train'][0].unsqueeze(1), 'fashion_dls')
+    return mean, std
 
 
 def fashion_dls(bs: int = 1024, path=None, device=None, shuffle: bool = True, drop_last: bool = False,
@@ -306,22 +200,24 @@ def fashion_dls(bs: int = 1024, path=None, device=None, shuffle: bool = True, dr
                 rank: int = 0, world_size: int = 1, pin_memory: bool | None = None) -> DataLoaders:
     """Training and test loaders of normalised float images [N,1,28,28] and int64 labels, ready for a Learner.
 
-    Both splits are normalised with the full training set's mean and std (as `.mean`/`.std` of [0,1] pixels on the
-    result; `.classes` holds the names). `n_train`/`n_valid` take a random subset chosen by `seed` (0 when None),
-    for quick runs; `rank`/`world_size` shard both loaders (see `TensorDataLoader`). The data lives on `device`,
-    default `default_device()` (where `DeviceCB()` and `def_device` put the model: no copy per batch). With
-    `device='cpu'` on a CUDA machine, batches come in pinned memory (`pin_memory`) so that copying them is async."""
-    device = default_device() if device is None else device
+    The loaders hold the uint8 pixels (55 MB for both splits) and normalise each batch where it lives, with the full
+    training set's mean and std (as `.mean`/`.std` of [0,1] pixels on the result; `.classes` holds the names).
+    `n_train`/`n_valid` take a random subset chosen by `seed` (0 when None), for quick runs; `rank`/`world_size`
+    shard both loaders (see `TensorDataLoader`). The data lives on `device`, default `default_device()` (where
+    `DeviceCB()` and `def_device` put the model: no copy per batch); 'cuda' means this process's GPU under torchrun.
+    With `device='cpu'` on a CUDA machine, batches come in pinned memory (`pin_memory`) so that copying them is
+    async."""
+    device = resolve_device(device)
     pin_memory = pins_by_default(device) if pin_memory is None else pin_memory
     source = _source(path)
-    xt, xv, mean, std = _normalised(source)
-    yt, yv = _arrays(source)['train'][1], _arrays(source)['test'][1]
+    mean, std = _stats(source)
+    (xt, yt), (xv, yv) = _arrays(source)['train'], _arrays(source)['test']
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
-    xt, yt = _subset(xt, yt, n_train, gen, 'n_train')
-    xv, yv = _subset(xv, yv, n_valid, gen, 'n_valid')
-    train = TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, device=device,
-                             rank=rank, world_size=world_size, pin_memory=pin_memory)
-    valid = TensorDataLoader(xv, yv, bs, device=device, rank=rank, world_size=world_size, pin_memory=pin_memory)
+    xt, yt = subset(xt, yt, n_train, gen, 'fashion_dls: n_train')
+    xv, yv = subset(xv, yv, n_valid, gen, 'fashion_dls: n_valid')
+    kw = dict(device=device, rank=rank, world_size=world_size, pin_memory=pin_memory, mean=mean, std=std)
+    train = TensorDataLoader(xt.unsqueeze(1), yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **kw)
+    valid = TensorDataLoader(xv.unsqueeze(1), yv, bs, **kw)
     dls = DataLoaders(train, valid)
     dls.mean, dls.std, dls.classes = mean, std, CLASSES
     return dls

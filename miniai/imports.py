@@ -40,9 +40,10 @@ THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 
                'partial', 'wraps', 'lr_scheduler', 'optim', 'read_image', 'ImageReadMode']
 #: miniai's modules that the course's imports module does not star-import (most of them the course's miniai does not
 #: have; `fid` and `diffusion` it has, and its later lessons import them themselves); their names are laid down first
-LIBRARY_MODULES = ('ranks', 'state', 'callback', 'progress', 'lr_finder', 'fashion', 'summary', 'checkpoint',
-                   'longrun', 'loggers', 'distributed', 'cluster', 'interrupt', 'autoresume', 'compile', 'averaging',
-                   'timetoacc', 'recipe', 'fid', 'unet', 'diffusion', 'checks', 'inference', 'interpret', 'export')
+LIBRARY_MODULES = ('ranks', 'state', 'callback', 'progress', 'lr_finder', 'data', 'images', 'hf_images', 'fashion',
+                   'summary', 'checkpoint', 'longrun', 'loggers', 'distributed', 'cluster', 'interrupt', 'autoresume',
+                   'compile', 'averaging', 'timetoacc', 'recipe', 'fid', 'unet', 'diffusion', 'checks', 'inference',
+                   'interpret', 'export')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')

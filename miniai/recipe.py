@@ -1,9 +1,10 @@
-"""The main job's recipe: a ResNet on Fashion-MNIST with one-cycle AdamW, augmentation, the fastest safe precision,
-checkpoints, a metrics CSV, plots, and test-time augmentation. `python -m miniai train` runs it, alone or under
-`torchrun` (data-parallel with `DDPCB`: the batch size is the global one, each process takes its share, and only
-global rank 0 prints and writes)."""
+"""The main job's recipe: a ResNet on Fashion-MNIST, or on your own images (a folder or a saved Hugging Face dataset),
+with one-cycle AdamW, augmentation, the fastest safe precision, checkpoints, a metrics CSV, plots, and test-time
+augmentation. `python -m miniai train` runs it, alone or under `torchrun` (data-parallel with `DDPCB`: the batch size
+is the global one, each process takes its share, and only global rank 0 prints and writes)."""
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from pathlib import Path
 
@@ -16,23 +17,27 @@ from .activations import set_seed
 from .augment import RandCropPad, RandErase, RandFlip, augment_cb, tta
 from .averaging import WeightAverageCB
 from .checkpoint import SaveModelCB
+from .data import ImageDataError
 from .distributed import DDPCB
 from .fashion import fashion_dls
+from .hf_images import dd_dls, is_image_dd
+from .images import folder_dls
 from .interrupt import InterruptCB, drills_from_env
 from .learner import DeviceCB, Learner, MetricsCB, ProgressCB, TrainCB
 from .loggers import CSVLoggerCB
 from .progress import quiet_torcheval
 from .ranks import is_main_process, rank, world_size
-from .resnet import fashion_resnet, fashion_resnet9, seed002_resnet
+from .resnet import fashion_resnet, resnet9, seed002_resnet
 from .sgd import BatchSchedCB, RecorderCB
 from .timetoacc import TimeToAccuracyCB
 
-__all__ = ['MODELS', 'AUGMENTS', 'augment_for', 'build_model', 'augment_tfms', 'make_learner', 'run_recipe', 'plot_run']
+__all__ = ['MODELS', 'AUGMENTS', 'augment_for', 'build_model', 'augment_tfms', 'recipe_dls', 'make_learner',
+           'run_recipe', 'plot_run']
 
 MODELS = {'fashion_resnet': partial(fashion_resnet, drop=0.1),
           'fashion_resnet_wide': partial(fashion_resnet, nfs=(32, 64, 128, 256, 512, 512), drop=0.1),
           'seed002_resnet': partial(seed002_resnet, act=nn.ReLU, norm=nn.BatchNorm2d, pool=True),
-          'resnet9': partial(fashion_resnet9, c=64), 'resnet9_small': partial(fashion_resnet9, c=32)}
+          'resnet9': partial(resnet9, c=64), 'resnet9_small': partial(resnet9, c=32)}
 
 
 AUGMENTS = {'none': lambda: [], 'flip': lambda: [RandFlip()],
@@ -47,10 +52,18 @@ def augment_for(epochs: int) -> str:
     return 'flip' if epochs <= 5 else 'crop-flip' if epochs <= 20 else 'full'
 
 
-def build_model(name: str, drop: float | None = None) -> nn.Module:
-    "A fresh model by name (see `MODELS`), with dropout `drop` before the head if given."
+def build_model(name: str, drop: float | None = None, in_channels: int = 1, n_classes: int = 10,
+                size: int | None = None) -> nn.Module:
+    """A fresh model by name (see `MODELS`) for images of `in_channels` channels and `size` pixels (the larger side;
+    the ResNet-9s pool large images down first) in `n_classes` classes, with dropout `drop` before the head if given."""
     if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    return MODELS[name]() if drop is None else MODELS[name](drop=drop)
+    takes = inspect.signature(MODELS[name]).parameters
+    kw = {} if drop is None else {'drop': drop}
+    for k, v, default in (('in_channels', in_channels, 1), ('n_classes', n_classes, 10), ('size', size, None)):
+        if k in takes and v is not None: kw[k] = v
+        elif v != default and k != 'size':  # a model made for Fashion-MNIST's shape only (one added to MODELS)
+            raise ValueError(f'model {name!r} takes no {k}, so it cannot be built for {k}={v}')
+    return MODELS[name](**kw)
 
 
 def augment_tfms(augment: str | bool, epochs: int | None = None) -> list[nn.Module]:
@@ -63,6 +76,23 @@ def augment_tfms(augment: str | bool, epochs: int | None = None) -> list[nn.Modu
     if augment not in AUGMENTS:
         raise ValueError(f"unknown augmentation {augment!r}; choose one of auto, {', '.join(AUGMENTS)}")
     return AUGMENTS[augment]()
+
+
+def recipe_dls(data: str = 'fashion', bs: int = 256, n_train=None, n_valid=None, seed: int = 42, size=None,
+               valid_pct: float | None = None, rank: int = 0, world_size: int = 1):
+    """The main job's data: Fashion-MNIST for 'fashion'; else `data` is a path, to a Hugging Face `DatasetDict` saved
+    with `save_to_disk` or to a folder of images (a folder per class, see `DataLoaders.from_folder`). `rank` and
+    `world_size` shard both loaders (each process of a torchrun job takes its part of every epoch)."""
+    shard = dict(rank=rank, world_size=world_size)
+    if data == 'fashion': return fashion_dls(bs=bs, n_train=n_train, n_valid=n_valid, seed=seed, **shard)
+    path, kw = Path(data).expanduser(), dict(seed=seed, n_train=n_train, n_valid=n_valid, size=size, **shard)
+    if not (path / 'dataset_dict.json').is_file(): return folder_dls(path, valid_pct=valid_pct, bs=bs, **kw)
+    import datasets as hf
+    dd = hf.load_from_disk(str(path))
+    if not is_image_dd(dd):
+        raise ImageDataError(f'{path}: a saved Hugging Face DatasetDict, but not of images (an Image column) and '
+                             f'labels (a ClassLabel or integer label column), in two or more splits')
+    return dd_dls(dd, bs, **kw)
 
 
 def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: str | bool = 'full',
@@ -112,24 +142,30 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
                augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
                wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = 'ema',
-               ema_decay: float = 0.999, target: float | None = 0.94) -> dict:
-    """Train, evaluate (with TTA) and save under `out`; returns the final metrics. `resume`: a checkpoint, or 'auto'
-    (the newest in `out`, else a fresh start). Under `torchrun`, `bs` is the global batch size (each of the N processes
-    takes bs/N a step, so nothing else changes with N), and only global rank 0 prints and writes."""
+               ema_decay: float = 0.999, target: float | None = 0.94, data: str = 'fashion', size=None,
+               valid_pct: float | None = None) -> dict:
+    """Train on `data` (see `recipe_dls`), evaluate (with TTA) and save under `out`; returns the final metrics.
+    `resume`: a checkpoint, or 'auto' (the newest in `out`, else a fresh start). Under `torchrun`, `bs` is the global
+    batch size (each of the N processes takes bs/N a step, so nothing else changes with N), and only global rank 0
+    prints and writes."""
     out, n_procs = Path(out), world_size()
     if bs % n_procs:
         raise ValueError(f'batch size {bs} is the global one and must divide evenly among the {n_procs} processes')
     set_seed(seed)
     # sharded by global rank here, not only by DDPCB: the schedule's length and a resume's checks count its batches
-    dls = fashion_dls(bs=bs // n_procs, n_train=n_train, n_valid=n_valid, seed=seed, rank=rank(), world_size=n_procs)
+    dls = recipe_dls(data, bs // n_procs, n_train, n_valid, seed, size, valid_pct, rank=rank(), world_size=n_procs)
     if augment == 'auto': augment = augment_for(epochs)
-    learn, chosen = make_learner(build_model(model, drop), dls, epochs, lr, precision, augment, out, wd=wd,
+    (n, c, *hw), n_classes = dls.train.x.shape, len(dls.classes)
+    net = build_model(model, drop, in_channels=c, n_classes=n_classes, size=max(hw))
+    learn, chosen = make_learner(net, dls, epochs, lr, precision, augment, out, wd=wd,
                                  label_smoothing=label_smoothing, average=average, ema_decay=ema_decay, target=target)
     learn.cbs += drills_from_env()  # $MINIAI_DRILL: rehearse a preemption (a signal at a given rank and batch)
     if n_procs > 1: set_seed(seed + rank())  # the same initial weights, then each rank augments from its own stream
     tfms = ', '.join(type(t).__name__ for t in augment_tfms(augment)) or 'none'
     batch = f'batch {bs}' + (f' (global: {bs // n_procs} per process on {n_procs} processes)' if n_procs > 1 else '')
     say = print if is_main_process() else lambda *a, **k: None
+    say(f'Data: {data} ({n} training and {len(dls.valid.x)} validation images, {c}x{"x".join(map(str, hw))}, '
+        f'{n_classes} classes)')
     say(f'Model: {model}; precision: {chosen}; {batch}, {epochs} epochs, one-cycle AdamW at lr {lr}, weight '
         f'decay {wd}; label smoothing {label_smoothing}; augmentation: {tfms}; seed {seed}'
         + {None: '', 'ema': f'; EMA of the weights (decay {ema_decay})',
@@ -137,7 +173,7 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
     if summary and is_main_process(): print(learn.summary(), '\n', sep='')
     learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
-    res = {'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
+    res = {'data': str(data), 'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
            'augment': augment, 'wd': wd, 'label_smoothing': label_smoothing, 'drop': drop,
            'average': average, 'accuracy': last['accuracy'], 'loss': last['loss'], 'processes': n_procs}
     if (clock := next((cb for cb in learn.cbs if isinstance(cb, TimeToAccuracyCB)), None)) is not None:

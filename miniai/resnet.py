@@ -1,6 +1,7 @@
 """ResNets: the course's `ResBlock` (average-pool shortcut) and models, and a torchvision-sized ResNet family."""
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import fastcore.all as fc
@@ -8,7 +9,8 @@ from torch import nn
 
 from .init import GeneralRelu, conv
 
-__all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_resnet', 'fashion_resnet9', 'BasicBlock',
+__all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_resnet', 'resnet9', 'fashion_resnet9',
+           'BasicBlock',
            'Bottleneck',
            'ResNet', 'resnet18', 'resnet34', 'resnet50']
 
@@ -49,13 +51,14 @@ def fashion_resnet(nfs=(16, 32, 64, 128, 256, 512), act=act_gr, norm=nn.BatchNor
     return nn.Sequential(*layers)
 
 
-def seed002_resnet(act=nn.ReLU, nfs=(8, 16, 32, 64, 128, 256), norm=None, pool: bool = False) -> nn.Sequential:
+def seed002_resnet(act=nn.ReLU, nfs=(8, 16, 32, 64, 128, 256), norm=None, pool: bool = False,
+                   in_channels: int = 1, n_classes: int = 10) -> nn.Sequential:
     """The two models of the ResNet walk-through (seed 002): `pool=False` ends with a 1x1-output conv and Flatten
-    (1,247,362 parameters), `pool=True` with `GlobalAvgPool`, Flatten and Linear (1,226,882)."""
-    layers = [ResBlock(1, nfs[0], stride=1, act=act, norm=norm)]
+    (1,247,362 parameters; 28x28 inputs only), `pool=True` with `GlobalAvgPool`, Flatten and Linear (1,226,882)."""
+    layers = [ResBlock(in_channels, nfs[0], stride=1, act=act, norm=norm)]
     layers += [ResBlock(nfs[i], nfs[i + 1], stride=2, act=act, norm=norm) for i in range(len(nfs) - 1)]
-    head = ([GlobalAvgPool(), nn.Flatten(), nn.Linear(nfs[-1], 10)] if pool else
-            [conv(nfs[-1], 10, act=None, norm=False, bias=True), nn.Flatten()])
+    head = ([GlobalAvgPool(), nn.Flatten(), nn.Linear(nfs[-1], n_classes)] if pool else
+            [conv(nfs[-1], n_classes, act=None, norm=False, bias=True), nn.Flatten()])
     return nn.Sequential(*layers, *head)
 
 
@@ -71,15 +74,24 @@ class _Residual(nn.Module):
     def forward(self, x): return x + self.f(x)
 
 
-def fashion_resnet9(c: int = 64, drop: float = 0., in_channels: int = 1, n_classes: int = 10) -> nn.Sequential:
-    """A ResNet-9 as in the fast CIFAR-10 training records, sized for 28x28 images: a stem of `c` channels, then
-    three stages that double the channels and max-pool (28 -> 14 -> 7 -> 3), with a residual pair of convolutions
-    after the first and the last; global max pooling, dropout and a bias-free linear head followed by BatchNorm.
-    Most of its work is at 14x14 and below, so it is cheap per image for its width (see `learn.summary()`)."""
-    return nn.Sequential(_cbr(in_channels, c), _cbr(c, 2 * c), nn.MaxPool2d(2), _Residual(2 * c),
-                         _cbr(2 * c, 4 * c), nn.MaxPool2d(2), _cbr(4 * c, 8 * c), nn.MaxPool2d(2), _Residual(8 * c),
-                         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(drop),
+def resnet9(c: int = 64, drop: float = 0., in_channels: int = 3, n_classes: int = 10,
+            size: int | None = None) -> nn.Sequential:
+    """A ResNet-9 as in the fast CIFAR-10 training records, for images of any channel count and size: a stem of `c`
+    channels, then three stages that double the channels and max-pool (32 -> 16 -> 8 -> 4, 28 -> 14 -> 7 -> 3), with
+    a residual pair of convolutions after the first and the last; global max pooling, dropout and a bias-free linear
+    head followed by BatchNorm. Images larger than 64 pixels (`size`, their larger side) are max-pooled after the
+    stem down to 64 or less first, so the cost per image stays near the small-image network's."""
+    extra = max(0, math.ceil(math.log2(size / 64))) if size else 0
+    return nn.Sequential(_cbr(in_channels, c), *[nn.MaxPool2d(2) for _ in range(extra)], _cbr(c, 2 * c),
+                         nn.MaxPool2d(2), _Residual(2 * c), _cbr(2 * c, 4 * c), nn.MaxPool2d(2), _cbr(4 * c, 8 * c),
+                         nn.MaxPool2d(2), _Residual(8 * c), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(drop),
                          nn.Linear(8 * c, n_classes, bias=False), nn.BatchNorm1d(n_classes))
+
+
+def fashion_resnet9(c: int = 64, drop: float = 0., in_channels: int = 1, n_classes: int = 10) -> nn.Sequential:
+    """`resnet9` for Fashion-MNIST (28x28 grey, 10 classes): most of its work is at 14x14 and below, so it is cheap
+    per image for its width (see `learn.summary()`)."""
+    return resnet9(c, drop, in_channels, n_classes)
 
 
 def _cbn(ni, nf, ks, stride, act=True):

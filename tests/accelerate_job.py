@@ -63,7 +63,7 @@ save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.jo
 json.dump(metrics.history, open(os.path.join(out, 'history.json'), 'w'))
 
 # 2. torch DataLoaders over the same images, which Accelerate shards (one shared shuffle, from a seeded generator)
-tds, vds = (TensorDataset(dl.x, dl.y) for dl in (dls.train, dls.valid))
+tds, vds = (TensorDataset(dl.normalise(dl.x), dl.y) for dl in (dls.train, dls.valid))  # held as uint8
 tdls = DataLoaders(DataLoader(tds, batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(0)),
                    DataLoader(vds, batch_size=bs))
 model, state2 = fit(tdls, [])

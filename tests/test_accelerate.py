@@ -147,7 +147,7 @@ class Spy(Callback):
 
 def test_the_learner_is_given_back_and_reusable(tmp_path):
     dls = small_dls()
-    tds = TensorDataset(dls.train.x, dls.train.y)
+    tds = TensorDataset(dls.train.normalise(dls.train.x), dls.train.y)  # the loader holds uint8
     tdls = DataLoaders(DataLoader(tds, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(0)),
                        dls.valid)
     train, spy, cb = tdls.train, Spy(), AccelerateCB(mixed_precision='bf16')

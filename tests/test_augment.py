@@ -143,3 +143,22 @@ def test_show_image_batch_shows_augmented_training_inputs():
     assert len([ax for ax in fig.axes if ax.images]) == 6
     assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
     plt.close('all')
+
+
+@pytest.mark.parametrize('tfm', [RandFlip(), RandCropPad(2), RandErase(), RandCopy()],
+                         ids=['flip', 'crop', 'erase', 'copy'])
+def test_augmentations_take_uint8_batches_of_any_channel_count_and_size(tfm):
+    "One choice per image, the same for each of its channels; uint8 in, uint8 out, and the same choices as for float."
+    x = torch.randint(0, 256, (32, 3, 12, 9), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    torch.manual_seed(0)
+    y = tfm(x)
+    torch.manual_seed(0)
+    yf = tfm(x.float())
+    assert y.dtype == torch.uint8 and y.shape == x.shape and not torch.equal(y, x)
+    if isinstance(tfm, RandErase):  # the same boxes; the noise rounded to whole levels (a few land on the old value)
+        boxes, changed = yf != x.float(), y != x
+        assert not (changed & ~boxes).any() and changed.sum() > 0.9 * boxes.sum()
+    else: assert torch.equal(y.float(), yf)
+    if isinstance(tfm, RandCropPad):  # every channel moved by the image's one offset
+        moved = [torch.equal(y[i], x[i]) for i in range(32)]
+        assert not all(moved) and torch.equal(RandCropPad(0)(x), x)

@@ -28,7 +28,7 @@ def cli(*args, timeout=300):
 def test_help_explains_every_option():
     text = build_parser()._subparsers._group_actions[0].choices['train'].format_help()
     for opt in ('--epochs', '--bs', '--lr', '--model', '--precision', '--out', '--resume', '--seed', '--augment',
-                '--wd', '--label-smoothing', '--drop', '--threads'):
+                '--wd', '--label-smoothing', '--drop', '--threads', '--data', '--size', '--valid-pct'):
         assert opt in text
     # defaults are shown where they say something, never as 'None' or as a flag's True/False
     assert '(default: 8)' in text and '(default: 0.05)' in text and '(default: ema)' in text
@@ -282,3 +282,20 @@ def test_ctrl_c_mid_epoch_saves_and_exits_130(tmp_path):
     assert f"saved to {tmp_path / 'run' / 'interrupted.ckpt'}" in r.stderr
     assert read_checkpoint(tmp_path / 'run' / 'interrupted.ckpt')['position']['epoch'] == 1
     assert '--resume ' + str(tmp_path / 'run' / 'interrupted.ckpt') in r.stderr
+
+
+@pytest.mark.parametrize('name', ['fashion_resnet', 'seed002_resnet', 'resnet9', 'resnet9_small'])
+def test_every_model_is_built_for_the_datas_channels_size_and_classes(name):
+    from miniai.recipe import build_model
+    model = build_model(name, in_channels=3, n_classes=4, size=32).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    assert build_model(name).eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10), "Fashion-MNIST's by default"
+
+
+def test_a_model_made_for_fashion_mnist_only_is_refused_for_other_data(monkeypatch):
+    from torch import nn
+    from miniai import recipe
+    monkeypatch.setitem(recipe.MODELS, 'tiny', lambda: nn.Linear(784, 10))  # takes no in_channels or n_classes
+    assert isinstance(recipe.build_model('tiny', size=28), nn.Linear)
+    with pytest.raises(ValueError, match="model 'tiny' takes no in_channels, so it cannot be built for in_channels=3"):
+        recipe.build_model('tiny', in_channels=3)

@@ -204,6 +204,21 @@ def test_cpu_batches_for_a_gpu_are_gathered_into_pinned_memory(machine, monkeypa
     assert pins_by_default('cpu') and not pins_by_default('cuda')
 
 
+def test_data_asked_for_cuda_lands_on_this_ranks_gpu_under_torchrun(machine, monkeypatch):
+    """Issue 19, item 4: `TensorDataLoader(device='cuda')` and `fashion_dls(device='cuda')` resolve the device as
+    DeviceCB does, so under torchrun rank 1's copy of the data goes to cuda:1, not to cuda:0 before set_device."""
+    machine(2, local_rank=1, n_procs=2)
+    moves = recorded_moves(monkeypatch)  # no GPU here: record where the data would go
+    x, y = torch.zeros(6, 1, 2, 2, dtype=torch.uint8), torch.arange(6)
+    TensorDataLoader(x, y, bs=2, device='cuda', mean=0.5, std=0.25)
+    TensorDataLoader(x.float(), y, bs=2, device=torch.device('cuda'))
+    assert moves == [('cuda:1', False)] * 4
+    if find_fashion_mnist() is None: return
+    moves.clear()
+    fashion_dls(bs=64, n_train=128, n_valid=64, device='cuda')
+    assert moves == [('cuda:1', False)] * 4, 'both splits, images and labels'
+
+
 @needs_data
 def test_fashion_data_lives_on_the_default_device(monkeypatch):
     monkeypatch.setenv('MINIAI_DEVICE', 'meta')  # a device that is not the CPU, available everywhere

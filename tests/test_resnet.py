@@ -58,3 +58,14 @@ def test_fashion_resnet_shapes():
 def test_blocks_shapes():
     assert BasicBlock(64, 128, stride=2)(torch.randn(1, 64, 8, 8)).shape == (1, 128, 4, 4)
     assert Bottleneck(256, 64)(torch.randn(1, 256, 8, 8)).shape == (1, 256, 8, 8)
+
+
+def test_resnet9_fits_any_channels_size_and_classes():
+    from miniai.resnet import fashion_resnet9, resnet9
+    m = resnet9(8, in_channels=3, n_classes=5).eval()
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 5) and m(torch.randn(2, 3, 20, 36)).shape == (2, 5)
+    assert n_params(fashion_resnet9(8)) == n_params(resnet9(8, in_channels=1, n_classes=10))
+    pools = lambda m: sum(isinstance(l, nn.MaxPool2d) for l in m)
+    big = resnet9(8, in_channels=3, n_classes=5, size=224).eval()
+    assert pools(resnet9(8, size=64)) == 3 and pools(big) == 5, '224 is pooled to 56 before the first stage'
+    assert big(torch.randn(1, 3, 224, 224)).shape == (1, 5) and n_params(big) == n_params(resnet9(8, n_classes=5))
