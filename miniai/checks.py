@@ -22,6 +22,7 @@ from .callback import Callback
 
 __all__ = ['ModuleForwardError', 'warn_user', 'warn_once', 'takes_tuples', 'shape_of', 'module_expects',
            'forward_error', 'failed_module', 'device_mismatch', 'explain_forward_failure', 'is_nll_loss',
+           'is_classification_loss',
            'loss_failure', 'NamedBatchCB', 'FirstBatchChecks']
 
 _warned: set = set()
@@ -140,6 +141,13 @@ def is_nll_loss(loss_func) -> bool:
     return f is F.nll_loss or isinstance(f, nn.NLLLoss)
 
 
+def is_classification_loss(loss_func) -> bool:
+    """Whether `loss_func` is cross-entropy or `nll_loss` (functions, partials of them, or their modules): a loss that
+    takes one output per class. Other losses may pair class labels with outputs of another width (embeddings)."""
+    f = _func_of(loss_func)
+    return f is F.cross_entropy or isinstance(f, nn.CrossEntropyLoss) or is_nll_loss(loss_func)
+
+
 def loss_failure(loss_func, preds, targets, e: BaseException) -> ValueError:
     "The error for a loss function that could not take the model's output and the targets: shapes, or devices."
     name = getattr(_func_of(loss_func), '__name__', None) or type(_func_of(loss_func)).__name__
@@ -235,6 +243,9 @@ class FirstBatchChecks:
                 and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
                 and preds.dim() >= 2 and y.dim() == preds.dim() - 1 and len(y) == len(preds)):
             return  # not the (N, C, ...) outputs and (N, ...) class indices of a classification
+        # only for a loss that takes a score per class: a feature extractor or a metric-learning loss may pair
+        # class labels with outputs of any width (ImageEval's features, embeddings)
+        if not is_classification_loss(learn.loss_func): return
         n_out, classes = preds.shape[1], _classes(learn)
         if classes is not None and len(classes) != n_out:
             raise ValueError(f'the model outputs {n_out} values per item, but the data has {len(classes)} classes '

@@ -31,7 +31,8 @@ def interp(learn): return ClassificationInterpretation.from_learner(learn)
 
 
 def direct(learn):
-    xv, yv = learn.dls.valid.x, learn.dls.valid.y
+    dl = learn.dls.valid
+    xv, yv = dl.normalise(dl.x), dl.y  # the loader holds uint8 pixels and normalises them per batch
     with torch.no_grad(): out = learn.model.eval()(xv)
     return out, yv
 
@@ -74,8 +75,9 @@ def test_the_plots_show_class_names_and_un_normalised_images_once(learn, interp)
     losses, idx = interp.top_losses(6)
     assert len(images) == 6
     dls = learn.dls
-    first = (learn.dls.valid.x[idx[0]] * dls.std + dls.mean).clamp(0, 1)[0]
-    assert torch.allclose(torch.as_tensor(images[0].get_array()), first, atol=1e-6), 'shown as pixels in [0, 1]'
+    first = dls.valid.x[idx[0]][0].float() / 255  # the image's own pixels, in [0, 1]
+    assert torch.allclose(torch.as_tensor(images[0].get_array()), first, atol=1e-5), 'shown as its pixels'
+    assert dls.std != 1 and dls.mean != 0, 'so the plot had to un-normalise the batch'
     p, a = interp.preds[idx[0]].item(), interp.targs[idx[0]].item()
     assert images[0].axes.get_title() == (f'{CLASSES[p]} ({interp.probs[idx[0], p]:.2f})\n{CLASSES[a]} / '
                                           f'{losses[0]:.2f}')

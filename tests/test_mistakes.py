@@ -83,6 +83,16 @@ def test_a_regression_is_not_taken_for_a_classification():
         TrainLearner(nn.Linear(4, 3), dls, F.mse_loss).fit(1)
 
 
+def test_outputs_of_another_width_for_a_loss_that_is_not_per_class_are_left_alone():
+    "Embeddings against class labels (a metric-learning loss), or features looked at through a probe (ImageEval)."
+    def spread(emb, y): return -torch.cdist(emb, emb).mean() + 0 * y.sum()  # a stand-in metric-learning loss
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        TrainLearner(cnn(n_out=32), synth_dls(), spread).fit(1)
+    assert checks.is_classification_loss(partial(F.cross_entropy, label_smoothing=0.1))
+    assert checks.is_classification_loss(nn.NLLLoss()) and not checks.is_classification_loss(spread)
+
+
 # -- nll_loss on raw outputs -------------------------------------------------------------------------------------------
 def test_nll_loss_on_raw_outputs_is_warned_once_a_fit():
     learn = TrainLearner(cnn(), synth_dls(), F.nll_loss, lr=0.5)
