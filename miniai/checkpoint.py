@@ -1,4 +1,4 @@
-"""Checkpoints that resume exactly and load safely: one safetensors file, its structure as JSON in the header.
+"""Checkpoints that resume exactly and load safely (the file itself: `miniai.ckptfile`).
 
 A checkpoint holds the model's weights and buffers, the optimizer's and schedulers' state, the epoch, the RNG
 states (Python, NumPy, torch's CPU and CUDA generators), the fp16 loss scaler's state and the training data's
@@ -10,21 +10,14 @@ Files are written to a temporary name and renamed, so a crash while saving leave
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-
 from .accel import MixedPrecision
 from .callback import Callback, CancelBatchException, CancelEpochException, callback_states, load_callback_states
+from .ckptfile import CheckpointError, read_checkpoint, write_checkpoint
 from .cluster import save_together, this_rank
 from .ranks import is_main_process, world_size
 from .learner import Learner
@@ -34,56 +27,8 @@ from .state import match_state_layout, plain_keys, plain_state_dict, rng_state, 
 __all__ = ['CheckpointError', 'save_checkpoint', 'read_checkpoint', 'rng_snapshot', 'save_mid_epoch', 'ResumeCB',
            'SaveModelCB', 'monitor_value']
 
-FORMAT = 'miniai-checkpoint-1'
-
-
-class CheckpointError(ValueError):
-    "A checkpoint that cannot be used: unreadable, tampered with, or made for another model."
-
-
-def _encode(obj, prefix: str, tensors: dict):
-    "JSON-able form of `obj`, its tensors moved into `tensors` under keys starting with `prefix`."
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous().clone()
-        return {'__tensor__': prefix}
-    if isinstance(obj, np.ndarray): return {'__ndarray__': _encode(torch.from_numpy(obj.copy()), prefix, tensors)}
-    if isinstance(obj, dict):
-        return {'__dict__': [[k, _encode(v, f'{prefix}.{k}', tensors)] for k, v in obj.items()]}
-    if isinstance(obj, (list, tuple)):
-        items = [_encode(v, f'{prefix}.{i}', tensors) for i, v in enumerate(obj)]
-        return {'__tuple__': items} if isinstance(obj, tuple) else items
-    if obj is None or isinstance(obj, (bool, int, float, str)): return obj
-    if isinstance(obj, (np.integer, np.floating)): return obj.item()
-    raise TypeError(f'cannot store a {type(obj).__name__} at {prefix!r} in a checkpoint')
-
-
-def _decode(obj, tensors: dict):
-    if isinstance(obj, list): return [_decode(v, tensors) for v in obj]
-    if not isinstance(obj, dict): return obj
-    if '__tensor__' in obj:
-        key = obj['__tensor__']
-        if key not in tensors: raise CheckpointError(f'the header names tensor {key!r}, which the file lacks')
-        return tensors[key]
-    if '__ndarray__' in obj: return _decode(obj['__ndarray__'], tensors).numpy()
-    if '__tuple__' in obj: return tuple(_decode(v, tensors) for v in obj['__tuple__'])
-    if '__dict__' in obj: return {k: _decode(v, tensors) for k, v in obj['__dict__']}
-    raise CheckpointError(f'unexpected entry in the checkpoint header: {str(obj)[:80]}')
-
-
-def _atomic_save(tensors: dict, meta: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={'format': FORMAT, 'miniai': json.dumps(meta)})
-        with open(tmp, 'rb') as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-
-
 def _rng() -> dict:
-    return rng_state()  # tuples, an ndarray and byte tensors: all kept by `_encode` as JSON and safetensors
+    return rng_state()  # tuples, an ndarray and byte tensors: all kept by the file format as JSON and safetensors
 
 
 def _unwrapped_saved(sd: dict, want: set) -> dict:
@@ -126,30 +71,8 @@ def save_checkpoint(learn: Learner, path, **extra) -> Path:
              'history': getattr(getattr(learn, 'metrics', None), 'history', None), 'amp': _amp_states(learn),
              'callbacks': cb_states, 'callbacks_needed': cbs_needed, 'world_size': world_size(),
              'saved_at': time.time(), **extra}
-    tensors = {}
-    meta = _encode(state, 'ckpt', tensors)
-    _atomic_save(tensors, meta, path)
+    write_checkpoint(state, path)
     return path
-
-
-def read_checkpoint(path) -> dict:
-    "The contents of a checkpoint file, checked; raises `CheckpointError` naming the file and the problem."
-    path = Path(path)
-    if not path.is_file(): raise CheckpointError(f'no checkpoint at {path}')
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f'{path} is not a readable miniai checkpoint (safetensors): {e}. It may be '
-                              f'truncated, corrupted, or another kind of file (pickles are never loaded).') from e
-    if header.get('format') != FORMAT:
-        raise CheckpointError(f'{path}: header format is {header.get("format")!r}, expected {FORMAT!r}')
-    try: meta = json.loads(header['miniai'])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f'{path}: the JSON part of the header is missing or damaged ({e})') from e
-    try: return _decode(meta, tensors)
-    except CheckpointError as e: raise CheckpointError(f'{path}: {e} (tampered with?)') from None
 
 
 def mid_epoch_position(learn: Learner) -> dict:

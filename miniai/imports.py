@@ -41,9 +41,9 @@ THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 
 #: miniai's modules that the course's imports module does not star-import (most of them the course's miniai does not
 #: have; `fid` and `diffusion` it has, and its later lessons import them themselves); their names are laid down first
 LIBRARY_MODULES = ('ranks', 'state', 'callback', 'progress', 'lr_finder', 'data', 'images', 'hf_images', 'fashion',
-                   'summary', 'checkpoint', 'longrun', 'loggers', 'distributed', 'cluster', 'interrupt', 'autoresume',
-                   'compile', 'averaging', 'timetoacc', 'recipe', 'fid', 'unet', 'diffusion', 'checks', 'inference',
-                   'interpret', 'export')
+                   'summary', 'ckptfile', 'checkpoint', 'longrun', 'loggers', 'distributed', 'cluster', 'interrupt',
+                   'autoresume', 'accelerator', 'compile', 'averaging', 'timetoacc', 'recipe', 'fid', 'unet',
+                   'diffusion', 'checks', 'inference', 'interpret', 'export')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')

@@ -139,7 +139,7 @@ def test_missing_file(tmp_path):
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import miniai.checkpoint as ck
+    import miniai.ckptfile as ck
     learn = small_learner()
     learn.fit(1)
     p = learn.save(tmp_path / 'last.ckpt')

@@ -62,8 +62,10 @@ def test_resumed_optimizer_state_follows_a_model_moved_after_loading(tmp_path):
 # -- 2. gradient clipping under fp16 loss scaling ----------------------------------------------------------------------
 @pytest.fixture
 def cpu_loss_scaling(monkeypatch):
-    "MixedPrecision(fp16) on the CPU scales the loss as it does on CUDA: a GradScaler('cpu') in place of 'cuda'."
+    """MixedPrecision(fp16) on the CPU scales the loss as it does on CUDA: a GradScaler('cpu') in place of 'cuda'
+    (fp16 on a CPU is slow, and says so once: here it stands in for a GPU's)."""
     monkeypatch.setattr(accel, '_needs_loss_scaling', lambda device_type, dtype: dtype == torch.float16)
+    monkeypatch.setattr(accel, 'warn_fp16_on_cpu', lambda: None)
 
 
 def step_sizes(cbs, fits=2):

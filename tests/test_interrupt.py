@@ -152,7 +152,7 @@ def test_gradient_accumulation_stops_only_after_its_step(tmp_path):
 
 def test_a_second_signal_while_saving_waits_for_the_file(tmp_path, monkeypatch, capfd):
     "The save goes through a temporary file; a second Ctrl-C in the middle of it must neither cut it nor stop it."
-    import miniai.checkpoint as ck
+    import miniai.ckptfile as ck
     real, calls = ck.save_file, []
     def save_with_a_second_ctrl_c(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # arrives while the tensors are being written
