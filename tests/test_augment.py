@@ -26,9 +26,10 @@ def batch(n=64, seed=0):
     return torch.randn(n, 1, 28, 28, generator=g)
 
 
-def test_flip_flips_whole_images_only():
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.float16])
+def test_flip_flips_whole_images_only(dtype):
     torch.manual_seed(0)
-    x = batch()
+    x = batch().to(dtype) * 1e4  # large values too: each image is itself or its mirror, bit for bit
     y = RandFlip()(x)
     flipped = [torch.equal(a, b.flip(-1)) for a, b in zip(y, x)]
     same = [torch.equal(a, b) for a, b in zip(y, x)]
