@@ -5,9 +5,9 @@
 Two CPU processes, started as `torchrun --nproc-per-node 2` would start them, train each job once per mode per round:
 without `InterruptCB`, and with it, where the ranks compare notes in rounds of an all-reduce on the CPU (gloo) group,
 each read when the next starts (`miniai.cluster.StopAgreement`): at its default pace (every batch at first, then
-about every 0.1 s) and after every batch (`MINIAI_STOP_CHECK_SECONDS=0`). The three modes take turns round by round
+about every 0.5 s) and after every batch (`MINIAI_STOP_CHECK_SECONDS=0`). The three modes take turns round by round
 (each going first in turn), so machine noise hits all alike; the table gives the median seconds per fit (training and
-validation), wall and CPU (the CPU seconds of rank 0, all its threads: steadier on a shared machine), and the ratios,
+validation, until every rank is done), wall and CPU (the CPU seconds of rank 0, all its threads: steadier on a shared machine), and the ratios,
 side by side. The jobs: the main job's model (`resnet9_small`, with the precision `fastest_settings()` picks) at
 global batch 64, and the 784-128-10 MLP at global batch 64, where a batch is so little work that any per-batch cost
 shows most (the worst case). Also one round alone: rounds back to back with nothing else running, the all-reduce's
@@ -77,6 +77,9 @@ def worker(rounds: int, out: str) -> None:
         order = 100  # after every other before_fit (DDPCB's wrapping) and after_fit (InterruptCB's last round)
         def before_fit(self, learn): self.t0, self.c0 = time.perf_counter(), time.process_time()
         def after_fit(self, learn):
+            # a fit is over when every rank is: InterruptCB's last round waits for the slower rank, so without this
+            # barrier the runs without it would end at rank 0's own end and look faster by the ranks' skew
+            dist.barrier()
             self.seconds, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
             agree = next((cb._agree for cb in learn.cbs if type(cb).__name__ == 'InterruptCB'), None)
             self.rounds = 0 if agree is None else agree.rounds
@@ -167,7 +170,7 @@ def table(res: dict, rounds: int) -> str:
     cost = {job: res['rounds'][job]['on'] * res['round_cpu'] / statistics.median(res['cpu'][job]['off'])
             for job in JOBS}
     lines += ['', 'Ratios: of the medians, and (in brackets) of the fastest runs. Default pace: a round every batch '
-                  'at first, then about every 0.1 s (every N batches, N worked out together from the slowest rank\'s '
+                  'at first, then about every 0.5 s (every N batches, N worked out together from the slowest rank\'s '
                   f'pace). One round alone (back to back, nothing else running): {res["latency"] * 1e6:.0f} µs '
                   f'between the two processes, {res["round_cpu"] * 1e6:.0f} µs of CPU; in training it runs in the '
                   'background and is read when the next round starts. Rounds x their CPU cost / the fit\'s CPU seconds '

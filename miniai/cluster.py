@@ -34,11 +34,11 @@ class StopAgreement:
     The ranks compare notes in rounds: a round's all-reduce (stop flag and seconds per batch, on the CPU) runs in the
     background and is read when the next round starts. Rounds start every batch at first, then every `seconds` or so:
     every N batches, N worked out from the slowest rank's pace, the same on every rank. So a stop comes at most two
-    rounds (about 2 x `seconds`, default 0.1; `$MINIAI_STOP_CHECK_SECONDS`) after the signal, and the rounds cost next
+    rounds (about 2 x `seconds`, default 0.5; `$MINIAI_STOP_CHECK_SECONDS`) after the signal, and the rounds cost next
     to nothing however short a batch is. The ranks' CPUs drift at most a round apart."""
     def __init__(self, seconds: float | None = None):
         self.group = cpu_group() if is_dist() and world_size() > 1 else None
-        self.seconds = float(os.environ.get('MINIAI_STOP_CHECK_SECONDS', 0.1)) if seconds is None else seconds
+        self.seconds = float(os.environ.get('MINIAI_STOP_CHECK_SECONDS', 0.5)) if seconds is None else seconds
         self.agreed, self._work, self._flag, self.rounds = None, None, None, 0
         self._n, self._next, self._every, self._since, self._t = 0, 0, 1, 0, time.perf_counter()
 
