@@ -37,9 +37,12 @@ def main(argv=None) -> str:
     p = argparse.ArgumentParser(prog='python -m bench.fp16_cpu')
     p.add_argument('--rounds', type=int, default=2)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--tiny', action='store_true', help='256 training and 128 test images: check that it runs')
+    p.add_argument('--results', type=Path, default=RESULTS, help='folder for fp16_cpu.md')
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    dls = fashion_dls(bs=256, n_train=2048, n_valid=512, seed=0, device='cpu')
+    n_train, n_valid = (256, 128) if args.tiny else (2048, 512)
+    dls = fashion_dls(bs=256, n_train=n_train, n_valid=n_valid, seed=0, device='cpu')
     secs = {}
     for _ in range(args.rounds):
         for prec in ('fp32', 'bf16', 'fp16'):
@@ -55,8 +58,8 @@ def main(argv=None) -> str:
                     '| precision | s for 2 epochs | time / fp32 |', '|---|---|---|'] +
                    [f'| {k} | {v:.2f} | {v / best["fp32"]:.1f}x |' for k, v in best.items()]) + '\n'
     print(md)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / 'fp16_cpu.md').write_text(md)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / 'fp16_cpu.md').write_text(md)
     return md
 
 

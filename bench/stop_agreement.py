@@ -30,6 +30,13 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / 'results'
 JOBS = {'resnet9_small': dict(n_train=2048, n_valid=256, title="the main job's model, `resnet9_small`"),
         'mlp': dict(n_train=60000, n_valid=2048, title='784-128-10 MLP')}
+TINY = 'MINIAI_BENCH_TINY'  # set (by --tiny): a few batches a job, to check that the benchmark runs (the tests do)
+
+
+def jobs() -> dict:
+    "The jobs and their data sizes (tiny ones under --tiny, which the worker processes see through the environment)."
+    if not os.environ.get(TINY): return JOBS
+    return {k: {**v, 'n_train': 4 * BS, 'n_valid': BS} for k, v in JOBS.items()}
 BS = 64  # global
 MODES = ('off', 'on', 'every batch')  # without InterruptCB; with it at its default pace; with rounds every batch
 
@@ -53,7 +60,7 @@ def _learner(job: str, with_interrupt: bool, tmp: Path):
     from miniai.ranks import rank, world_size
     from miniai.recipe import build_model
     set_seed(0)
-    spec = JOBS[job]
+    spec = jobs()[job]
     dls = fashion_dls(bs=BS // world_size(), n_train=spec['n_train'], n_valid=spec['n_valid'], seed=0, device='cpu',
                       rank=rank(), world_size=world_size())
     if job == 'mlp': model, extra = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)), []
@@ -84,11 +91,11 @@ def worker(rounds: int, out: str) -> None:
             agree = next((cb._agree for cb in learn.cbs if type(cb).__name__ == 'InterruptCB'), None)
             self.rounds = 0 if agree is None else agree.rounds
 
-    times = {job: {m: [] for m in MODES} for job in JOBS}
-    cpu = {job: {m: [] for m in MODES} for job in JOBS}
-    rounds_per_fit = {job: {} for job in JOBS}
+    times = {job: {m: [] for m in MODES} for job in jobs()}
+    cpu = {job: {m: [] for m in MODES} for job in jobs()}
+    rounds_per_fit = {job: {} for job in jobs()}
     with tempfile.TemporaryDirectory() as tmp:
-        for job in JOBS:
+        for job in jobs():
             _learner(job, True, Path(tmp)).fit(1)  # warm-up: allocator, oneDNN kernels, the CPU group
             for r in range(rounds):
                 for mode in MODES[r % 3:] + MODES[:r % 3]:
@@ -100,7 +107,7 @@ def worker(rounds: int, out: str) -> None:
                     times[job][mode].append(clock.seconds)
                     cpu[job][mode].append(clock.cpu)
                     rounds_per_fit[job][mode] = clock.rounds
-    agree, n = StopAgreement(seconds=0), 2000
+    agree, n = StopAgreement(seconds=0), 50 if os.environ.get(TINY) else 2000
     dist.barrier()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n): agree.poll(None)
@@ -158,7 +165,7 @@ def table(res: dict, rounds: int) -> str:
              f'rounds; torch {res["torch"]}, {res["threads"]} thread(s) per process', '',
              '| job | batches per rank | seconds per fit | without InterruptCB | with it (default pace) | ratio (min) '
              '| rounds | with it, a round every batch | ratio (min) | rounds |', '|' + '---|' * 10]
-    for job, spec in JOBS.items():
+    for job, spec in jobs().items():
         n, r = spec['n_train'] // BS + -(-spec['n_valid'] // BS), res['rounds'][job]
         for kind, what in (('times', 'wall'), ('cpu', 'CPU (rank 0, all its threads)')):
             t = res[kind][job]
@@ -168,7 +175,7 @@ def table(res: dict, rounds: int) -> str:
                          f'{ratio("on", on)} | {r["on"]} | {every:.3f} | {ratio("every batch", every)} | '
                          f'{r["every batch"]} |')
     cost = {job: res['rounds'][job]['on'] * res['round_cpu'] / statistics.median(res['cpu'][job]['off'])
-            for job in JOBS}
+            for job in jobs()}
     lines += ['', 'Ratios: of the medians, and (in brackets) of the fastest runs. Default pace: a round every batch '
                   'at first, then about every 0.5 s (every N batches, N worked out together from the slowest rank\'s '
                   f'pace). One round alone (back to back, nothing else running): {res["latency"] * 1e6:.0f} µs '
@@ -192,15 +199,18 @@ def main(argv=None) -> None:
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
     p.add_argument('--out', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--tiny', action='store_true', help='a few batches a job: check that it runs (numbers mean nothing)')
+    p.add_argument('--results', type=Path, default=RESULTS, help='folder for stop_agreement.md')
     a = p.parse_args(argv)
+    if a.tiny: os.environ[TINY] = '1'
     import torch
     torch.set_num_threads(a.threads)
     if a.worker: return worker(a.rounds, a.out)
     res = run(a.rounds, a.threads)
-    res['save'] = save_time()
+    res['save'] = save_time(2 if a.tiny else 5)
     md = table(res, a.rounds)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / 'stop_agreement.md').write_text(md)
+    a.results.mkdir(parents=True, exist_ok=True)
+    (a.results / 'stop_agreement.md').write_text(md)
     print(md)
 
 
