@@ -92,24 +92,34 @@ def save_mid_epoch(learn: Learner, path, rng: dict | None = None) -> Path:
     return save_together(learn, path, rng, **extra)
 
 
-def _resume_mid_epoch(learn: Learner, ck: dict, path) -> tuple[int, int]:
+def _resume_mid_epoch(learn: Learner, ck: dict) -> tuple[int, int]:
     """Set `learn` to go on inside the epoch that the checkpoint `ck` was saved in (by `save_mid_epoch`): that epoch
-    comes first, its training data in the same order; returns (that epoch, training batches already done). A stop
-    after the last training batch but before the epoch's end skips all of them and still runs `after_epoch`."""
-    pos, dl = ck['position'], learn.dls.train
+    comes first; returns (that epoch, training batches already done). A stop after the last training batch but before
+    the epoch's end skips all of them and still runs `after_epoch`. The data is placed later (`_place_data`)."""
+    pos = ck['position']
+    learn.epochs = range(pos['epoch'], learn.n_epochs)
+    return pos['epoch'], pos['batch']
+
+
+def _place_data(learn: Learner, ck: dict, path) -> None:
+    """Check the training loader against the checkpoint `ck` and give it the saved order. Done at the first training
+    `before_epoch`, when every `before_fit` has run: DDPCB shards the loaders in its own, and the file counts the
+    batches of one rank's shard."""
+    pos, dl, state = ck.get('position'), learn.dls.train, ck.get('data')
+    if pos is None:  # saved at an epoch's end: the next epoch's order comes next
+        if state is not None and hasattr(dl, 'load_state_dict'): dl.load_state_dict(state)
+        return
     if hasattr(dl, '__len__') and len(dl) != pos['n_batches']:
         raise CheckpointError(f'{path} was saved with {pos["n_batches"]} training batches an epoch, this fit has '
                               f'{len(dl)}: resume with the same data and batch size')
-    learn.epochs = range(pos['epoch'], learn.n_epochs)
     finished = pos['phase'] == 'valid'  # its training, end included, was done: the next epoch's order comes next
     can_repeat = hasattr(dl, 'load_state_dict') and 'repeat_epoch' in inspect.signature(dl.load_state_dict).parameters
-    if ck.get('data') is not None and hasattr(dl, 'load_state_dict') and (finished or can_repeat):
-        dl.load_state_dict(ck['data'], **({} if finished else {'repeat_epoch': True}))
+    if state is not None and hasattr(dl, 'load_state_dict') and (finished or can_repeat):
+        dl.load_state_dict(state, **({} if finished else {'repeat_epoch': True}))
     elif not finished:
         warnings.warn(f'{path}: {type(dl).__name__} cannot repeat the order of epoch {pos["epoch"]}, which stopped '
                       f'after {pos["batch"]} batches; the first {pos["batch"]} it gives are skipped, so the run goes '
                       f'on as the stopped one would only if its order does not change from epoch to epoch')
-    return pos['epoch'], pos['batch']
 
 
 def _check_model(model, sd: dict, path) -> None:
@@ -161,16 +171,18 @@ class ResumeCB(Callback):
     only the batches run after resuming (none of its training batches if it stopped during validation)."""
     order = -10  # before ProgressCB wraps the epochs in a bar
 
-    def __init__(self, path): self.path, self._pending, self._mid = path, False, None
+    def __init__(self, path): self.path, self._pending, self._mid, self._data = path, False, None, None
 
     def before_fit(self, learn):
         # The optimizer's state is loaded at the first before_epoch, once every before_fit has run: `load_state_dict`
         # puts it on the parameters' device and dtype as they are then, so a model that DeviceCB (or any callback)
-        # moves after this one finds its state beside it. Building a scheduler also resets the learning rate.
+        # moves after this one finds its state beside it. Building a scheduler also resets the learning rate. The
+        # training data is checked and given its order then too, once DDPCB has sharded it.
         ck = this_rank(load_into(learn, self.path, with_opt=False), self.path)
         self._scheds, self._opt = ck['scheds'], ck.get('opt')
+        self._data = {k: ck.get(k) for k in ('position', 'data')}  # placed at the first training before_epoch
         if ck.get('position') is not None:
-            self._mid = (*_resume_mid_epoch(learn, ck, self.path), ck['position']['phase'])
+            self._mid = (*_resume_mid_epoch(learn, ck), ck['position']['phase'])
         else:
             done = -1 if ck['epoch'] is None else ck['epoch']
             if done + 1 >= learn.n_epochs > 0:
@@ -178,8 +190,6 @@ class ResumeCB(Callback):
                                       f'that run is complete, nothing is left to resume (its weights are in the file: '
                                       f'learn.load it, or start a new run to train more)')
             learn.epochs = range(done + 1, learn.n_epochs)
-            if ck.get('data') is not None and hasattr(learn.dls.train, 'load_state_dict'):
-                learn.dls.train.load_state_dict(ck['data'])
         set_rng_state(ck['rng'])
         _load_amp_states(learn, ck.get('amp'), self.path)
         load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'))
@@ -190,6 +200,9 @@ class ResumeCB(Callback):
             self._pending = False
             self._restore_scheds(learn)
             _load_opt(learn, self._opt, self.path)
+        if self._data is not None and learn.training:
+            data, self._data = self._data, None
+            _place_data(learn, data, self.path)
         mid = self._mid
         if mid is not None and learn.training and learn.epoch == mid[0] and mid[2] == 'valid':
             self._mid = None

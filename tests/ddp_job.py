@@ -1,16 +1,20 @@
 """One training epoch for the distributed tests; the same script runs alone or under torchrun.
 
     python ddp_job.py OUT [--global-bs 128] [--raise-at-batch N] [--device D] [--backend gloo|nccl] [--slow-save S]
-                      [--no-valid-on-rank1] [--timeout T]
+                      [--no-valid-on-rank1] [--timeout T] [--stop-at-batch N] [--resume CKPT]
 
 Without --device the model and data go where the library puts them by default (`$MINIAI_DEVICE`, else this
 process's GPU, else the CPU). Writes OUT/rank{R}/: weights.safetensors, history.json, where.json (the model's and
 data's devices, the backend) and (through SaveModelCB, rank 0 only) last.ckpt. With --slow-save, rank 0 takes S seconds
 more to write each checkpoint and where.json also says whether rank 1 found it complete once its save returned; with
---no-valid-on-rank1, rank 1 runs none of its validation batches (as if its shard were empty)."""
+--no-valid-on-rank1, rank 1 runs none of its validation batches (as if its shard were empty). With --stop-at-batch,
+rank 0 sends itself SIGTERM after that training batch: every rank stops there, OUT/interrupted.ckpt is written and the
+job exits 143; --resume goes on from such a checkpoint."""
 import argparse
 import json
 import os
+import signal
+import sys
 import time
 
 import torch
@@ -26,6 +30,7 @@ from miniai.callback import Callback, CancelBatchException
 from miniai.checkpoint import SaveModelCB
 from miniai.distributed import DDPCB, rank, world_size
 from miniai.fashion import fashion_dls
+from miniai.interrupt import InterruptCB, Interrupted
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
 
 p = argparse.ArgumentParser()
@@ -37,6 +42,8 @@ p.add_argument('--backend', default=None)
 p.add_argument('--slow-save', type=float, default=0.)
 p.add_argument('--no-valid-on-rank1', action='store_true')
 p.add_argument('--timeout', type=float, default=60.)
+p.add_argument('--stop-at-batch', type=int, default=None)
+p.add_argument('--resume', default=None)
 a = p.parse_args()
 torch.set_num_threads(1)
 set_seed(0)
@@ -62,6 +69,11 @@ class LooksForTheCheckpoint(Callback):
         except ck.CheckpointError: self.saw = False
 
 
+class StopOnRank0(Callback):
+    def after_batch(self, learn):
+        if rank() == 0 and learn.training and learn.iter == a.stop_at_batch: os.kill(os.getpid(), signal.SIGTERM)
+
+
 if a.slow_save and rank() == 0:
     real_save = ck.write_checkpoint
     def slow_save(*args, **kwargs):
@@ -79,8 +91,11 @@ cbs = [DeviceCB(a.device), metrics, ProgressCB(), DDPCB(timeout=a.timeout, backe
        SaveModelCB(out, every_epoch=True), looks]
 if a.raise_at_batch is not None: cbs.append(FailOnRank1())
 if a.no_valid_on_rank1: cbs.append(NoValidOnRank1())
+if a.stop_at_batch is not None or a.resume: cbs.append(InterruptCB(os.path.join(a.out, 'interrupted.ckpt')))
+if a.stop_at_batch is not None: cbs.append(StopOnRank0())
 learn = TrainLearner(model, dls, F.cross_entropy, lr=0.1, cbs=cbs)
-learn.fit(1)
+try: learn.fit(1, resume=a.resume)
+except Interrupted: sys.exit(143)
 save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, os.path.join(out, 'weights.safetensors'))
 json.dump(metrics.history, open(os.path.join(out, 'history.json'), 'w'))
 where = {'model': str(next(learn.model.parameters()).device), 'data': str(dls.train.device),

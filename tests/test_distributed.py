@@ -176,3 +176,18 @@ def test_ddpcb_leaves_a_group_the_user_made(one_process_torchrun):
     dist.init_process_group('gloo')
     tiny_learner([DDPCB()]).fit(1)
     assert dist.is_initialized(), "the user's group is the user's to end"
+
+
+def test_a_job_that_leaves_sharding_to_ddpcb_resumes_mid_epoch_exactly(runs):
+    """The job gives DDPCB whole loaders to shard. Its checkpoint counts the batches of a rank's shard (16), and
+    ResumeCB (order -10) used to compare that with the whole loader (32) before DDPCB (order 10) had sharded it:
+    'saved with 16 training batches an epoch, this fit has 32'. Now the data is checked and placed once sharded."""
+    out, _, _ = runs
+    stopped = torchrun(out / 'stopped', '--stop-at-batch', 5, env={**CPU, 'MINIAI_STOP_CHECK_SECONDS': '0'})
+    assert stopped.returncode != 0 and (out / 'stopped/interrupted.ckpt').exists(), stopped.stderr[-3000:]
+    pos = read_checkpoint(out / 'stopped/interrupted.ckpt')['position']
+    assert pos['n_batches'] == 16 and 5 < pos['batch'] < 16, pos  # the ranks agree a round after the signal
+    resumed = torchrun(out / 'resumed', '--resume', out / 'stopped/interrupted.ckpt', env=CPU)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, got = (load_file(out / f'{d}/rank0/weights.safetensors') for d in ('double', 'resumed'))
+    assert all(torch.equal(ref[k], got[k]) for k in ref), 'the resumed job ends on the uninterrupted weights'
