@@ -152,7 +152,7 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
     if bs % n_procs:
         raise ValueError(f'batch size {bs} is the global one and must divide evenly among the {n_procs} processes')
     set_seed(seed)
-    # sharded by global rank here, not only by DDPCB: the schedule's length and a resume's checks count its batches
+    # sharded by global rank here, not only by DDPCB: the one-cycle schedule, built before the fit, counts its batches
     dls = recipe_dls(data, bs // n_procs, n_train, n_valid, seed, size, valid_pct, rank=rank(), world_size=n_procs)
     if augment == 'auto': augment = augment_for(epochs)
     (n, c, *hw), n_classes = dls.train.x.shape, len(dls.classes)

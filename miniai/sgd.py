@@ -4,6 +4,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from .callback import Callback
+from .ranks import world_size
 
 __all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'HasLearnCB', 'RecorderCB']
 
@@ -11,15 +12,30 @@ __all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'HasLearnCB', 'Recorde
 class BaseSchedCB(Callback):
     """Build `sched(learn.opt)` (a `torch.optim.lr_scheduler` factory) when the fit starts; step it in training. A
     schedule with a fixed length (`OneCycleLR`'s `total_steps`) shorter than the fit is refused there, not when it
-    runs out."""
+    runs out. In a job of several processes the loaders may be sharded after this (DDPCB, AccelerateCB), so the
+    length is checked at the first training epoch's start instead, against this process's shard; a schedule built
+    for the whole loader, which would stop part-way, is refused then too."""
     skip_in_probes = True
     unit = 'steps'
-    def __init__(self, sched): self.sched = sched
+    def __init__(self, sched): self.sched, self._whole = sched, None
 
     def before_fit(self, learn):
         self.schedo = self.sched(learn.opt)
+        self._whole = self._fit_steps(learn)[0] if world_size() > 1 else None
+        if world_size() == 1: self._check(learn)
+
+    def before_epoch(self, learn):
+        if self._whole is None or not learn.training: return
+        whole, self._whole = self._whole, None
+        self._check(learn, whole)
+
+    def _check(self, learn, whole: int | None = None) -> None:
+        "Refuse a schedule shorter than the fit, or (`whole`: the count before sharding) one built for the whole data."
         total, (steps, how) = getattr(self.schedo, 'total_steps', None), self._fit_steps(learn)
-        if total is not None and steps is not None and total < steps:
+        if total is None or steps is None: return
+        sharded = whole is not None and whole != steps
+        if total < steps or (sharded and total == whole):
+            if sharded: how += f" of this process's shard of the data ({whole} unsharded)"
             raise ValueError(f'{type(self).__name__}: {type(self.schedo).__name__} is built for {total} {self.unit} '
                              f'(total_steps), but this fit takes {steps} ({how}): build it with total_steps={steps}')
 

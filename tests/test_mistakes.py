@@ -175,6 +175,41 @@ def test_an_epoch_schedule_is_counted_in_epochs():
                                          r'fit takes 3 \(epochs\): build it with total_steps=3$'): learn.fit(3)
 
 
+class ShardLikeDDP(Callback):
+    "What DDPCB (order 10) does to a TensorDataLoader in a 2-process job: this process takes half of each epoch."
+    order = 10
+    def before_fit(self, learn): learn.dls.train.rank, learn.dls.train.world_size = 0, 2
+    def cleanup_fit(self, learn): learn.dls.train.rank, learn.dls.train.world_size = 0, 1
+
+
+@pytest.fixture
+def two_processes(monkeypatch):
+    import miniai.sgd
+    monkeypatch.setattr(miniai.sgd, 'world_size', lambda: 2, raising=False)
+
+
+def test_a_schedule_built_for_the_whole_loader_under_ddp_sharding_is_refused_before_a_batch(two_processes):
+    """With the loader sharded after the scheduler's before_fit, a one-cycle built from the whole loader (4 batches an
+    epoch) runs only half its course (2 steps an epoch on this process) and ends at a high learning rate."""
+    dls, count = synth_dls(), CountBatches()
+    sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=1e-2, total_steps=2 * len(dls.train))
+    learn = TrainLearner(cnn(), dls, F.cross_entropy, cbs=[BatchSchedCB(sched), ShardLikeDDP(), count])
+    with pytest.raises(ValueError) as info: learn.fit(2)
+    assert str(info.value) == ("BatchSchedCB: OneCycleLR is built for 8 steps (total_steps), but this fit takes 4 "
+                               "(2 epochs x 2 training batches of this process's shard of the data (8 unsharded)): "
+                               "build it with total_steps=4")
+    assert count.n == 0
+
+
+def test_a_schedule_built_for_this_processs_shard_trains(two_processes):
+    "Counted against the whole loader at before_fit, the right schedule (4 steps) used to be refused as too short."
+    dls, count = synth_dls(), CountBatches()
+    sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=1e-2, total_steps=2 * len(dls.train) // 2)
+    cb = BatchSchedCB(sched)
+    TrainLearner(cnn(), dls, F.cross_entropy, cbs=[cb, ShardLikeDDP(), count]).fit(2)
+    assert count.n == 2 * (2 + 2) and cb.schedo.last_epoch == 4, 'every step of the schedule, and no more'
+
+
 # -- a shape error inside the model ------------------------------------------------------------------------------------
 def test_a_wrong_number_of_channels_names_the_module_the_shapes_and_what_it_expects():
     learn = TrainLearner(cnn(n_in=3), synth_dls(), F.cross_entropy)
