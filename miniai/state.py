@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ['rng_state', 'set_rng_state', 'plain_keys', 'plain_state_dict', 'unchanged', 'match_state_layout']
+__all__ = ['rng_state', 'set_rng_state', 'plain_keys', 'plain_state_dict', 'keeps_state', 'unchanged',
+           'match_state_layout']
 
 
 def rng_state() -> dict:
@@ -68,6 +69,15 @@ def plain_state_dict(model: nn.Module) -> dict:
     return {keys[k]: v for k, v in model.state_dict().items()}
 
 
+def keeps_state(obj) -> bool:
+    """Whether `obj` (an optimizer, a scheduler, a data loader) has a state to save and load back. Hugging Face
+    Accelerate's prepared loaders have `state_dict`/`load_state_dict` whatever they wrap, but they work only when the
+    loader inside has them too (not over torch's `DataLoader`, whose state is its sampler's)."""
+    if not (hasattr(obj, 'state_dict') and hasattr(obj, 'load_state_dict')): return False
+    inner = getattr(obj, 'base_dataloader', None)
+    return inner is None or hasattr(inner, 'state_dict')
+
+
 @contextmanager
 def unchanged(model: nn.Module, *others):
     """Run the body, then put back `model`'s parameters, gradients, buffers and train/eval modes, the RNGs, and the
@@ -78,7 +88,7 @@ def unchanged(model: nn.Module, *others):
     tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     modes = {m: m.training for m in model.modules()}
     grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
-    others = [o for o in others if hasattr(o, 'state_dict') and hasattr(o, 'load_state_dict')]
+    others = [o for o in others if keeps_state(o)]
     states = [deepcopy(o.state_dict()) for o in others]
     rngs = rng_state()
     try: yield
