@@ -9,7 +9,6 @@ Files are written to a temporary name and renamed, so a crash while saving leave
 """
 from __future__ import annotations
 
-import inspect
 import re
 import time
 import warnings
@@ -22,7 +21,8 @@ from .cluster import save_together, this_rank
 from .ranks import is_main_process, world_size
 from .learner import Learner
 from .sgd import BaseSchedCB
-from .state import keeps_state, match_state_layout, plain_keys, plain_state_dict, rng_state, set_rng_state
+from .state import (loader_state, match_state_layout, plain_keys, plain_state_dict, rng_state, set_loader_state,
+                    set_rng_state)
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'read_checkpoint', 'rng_snapshot', 'save_mid_epoch', 'ResumeCB',
            'SaveModelCB', 'monitor_value']
@@ -67,7 +67,7 @@ def save_checkpoint(learn: Learner, path, **extra) -> Path:
     state = {'model': plain_state_dict(learn.model), 'epoch': getattr(learn, 'epoch', None),
              'opt': learn.opt.state_dict() if 'opt' in learn.__dict__ else None,
              'scheds': [cb.schedo.state_dict() for cb in _sched_cbs(learn)], 'rng': _rng(),
-             'data': learn.dls.train.state_dict() if keeps_state(getattr(learn.dls, 'train', None)) else None,
+             'data': loader_state(getattr(learn.dls, 'train', None)),
              'history': getattr(getattr(learn, 'metrics', None), 'history', None), 'amp': _amp_states(learn),
              'callbacks': cb_states, 'callbacks_needed': cbs_needed, 'world_size': world_size(),
              'saved_at': time.time(), **extra}
@@ -107,16 +107,13 @@ def _place_data(learn: Learner, ck: dict, path) -> None:
     batches of one rank's shard."""
     pos, dl, state = ck.get('position'), learn.dls.train, ck.get('data')
     if pos is None:  # saved at an epoch's end: the next epoch's order comes next
-        if state is not None and keeps_state(dl): dl.load_state_dict(state)
+        set_loader_state(dl, state)
         return
     if hasattr(dl, '__len__') and len(dl) != pos['n_batches']:
         raise CheckpointError(f'{path} was saved with {pos["n_batches"]} training batches an epoch, this fit has '
                               f'{len(dl)}: resume with the same data and batch size')
     finished = pos['phase'] == 'valid'  # its training, end included, was done: the next epoch's order comes next
-    can_repeat = keeps_state(dl) and 'repeat_epoch' in inspect.signature(dl.load_state_dict).parameters
-    if state is not None and keeps_state(dl) and (finished or can_repeat):
-        dl.load_state_dict(state, **({} if finished else {'repeat_epoch': True}))
-    elif not finished:
+    if not set_loader_state(dl, state, repeat_epoch=not finished) and not finished:
         warnings.warn(f'{path}: {type(dl).__name__} cannot repeat the order of epoch {pos["epoch"]}, which stopped '
                       f'after {pos["batch"]} batches; the first {pos["batch"]} it gives are skipped, so the run goes '
                       f'on as the stopped one would only if its order does not change from epoch to epoch')

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .distributed import all_agree, cpu_group, gather_to_main
 from .ranks import is_dist, is_main_process, local_rank, rank, world_size
-from .state import keeps_state, rng_state
+from .state import loader_state, rng_state
 
 __all__ = ['StopAgreement', 'rank_state', 'save_by_main', 'save_together', 'this_rank']
 
@@ -81,7 +81,7 @@ def rank_state(learn, rng: dict | None = None) -> dict:
     and which process it was (global rank, LOCAL_RANK), for the record."""
     dl = getattr(getattr(learn, 'dls', None), 'train', None)
     return {'rank': rank(), 'local_rank': local_rank(), 'rng': rng_state() if rng is None else rng,
-            'data': dl.state_dict() if keeps_state(dl) else None}
+            'data': loader_state(dl)}
 
 
 def save_by_main(write: Callable[[list | None], object], mine: dict, path) -> Path:

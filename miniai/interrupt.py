@@ -25,6 +25,7 @@ from .callback import Callback
 from .checkpoint import mid_epoch_position, rng_snapshot, save_mid_epoch
 from .cluster import StopAgreement
 from .ranks import rank, world_size
+from .state import note_epoch_start
 
 __all__ = ['Interrupted', 'SignalGuard', 'InterruptCB', 'DrillCB', 'drills_from_env', 'active_guard', 'signal_name']
 
@@ -142,7 +143,9 @@ class InterruptCB(Callback):
         self._agree = StopAgreement()  # after DDPCB (order 10) has joined the process group
 
     def before_epoch(self, learn):
-        if learn.training: self._rng = None
+        if not learn.training: return
+        self._rng = None
+        note_epoch_start(learn.dls.train)  # a torch DataLoader's own generator: to repeat this epoch's order
 
     def after_epoch(self, learn):
         # a stop during this epoch's validation saves the generators as they were when its training ended, so the

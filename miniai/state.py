@@ -1,8 +1,10 @@
-"""Taking a look without changing anything: snapshot and restore of a model's (and optimizer's) state and RNGs;
-a model's weights under its unwrapped names."""
+"""Taking a look without changing anything: snapshot and restore of a model's (and optimizer's) state and RNGs; a
+data loader's order as a checkpoint keeps it; a model's weights under its unwrapped names."""
 from __future__ import annotations
 
+import inspect
 import random
+import weakref
 from contextlib import contextmanager
 from copy import deepcopy
 
@@ -10,8 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ['rng_state', 'set_rng_state', 'plain_keys', 'plain_state_dict', 'keeps_state', 'unchanged',
-           'match_state_layout']
+__all__ = ['rng_state', 'set_rng_state', 'plain_keys', 'plain_state_dict', 'keeps_state', 'loader_generator',
+           'note_epoch_start', 'loader_state', 'set_loader_state', 'unchanged', 'match_state_layout']
 
 
 def rng_state() -> dict:
@@ -78,16 +80,60 @@ def keeps_state(obj) -> bool:
     return inner is None or hasattr(inner, 'state_dict')
 
 
+def loader_generator(dl) -> torch.Generator | None:
+    "The `torch.Generator` a torch DataLoader shuffles with (`DataLoader(..., generator=g)`), where it has its own."
+    g = None if keeps_state(dl) else getattr(dl, 'generator', None)  # a loader with a state keeps its order itself
+    return g if isinstance(g, torch.Generator) else None
+
+
+_EPOCH_START = weakref.WeakKeyDictionary()  # loader -> its generator's state as the current epoch started
+
+
+def note_epoch_start(dl) -> None:
+    """Remember the state of `dl`'s generator as an epoch starts (before its order is drawn), so that a checkpoint
+    taken part-way through the epoch can run the same order again (InterruptCB calls it)."""
+    g = loader_generator(dl)
+    if g is not None: _EPOCH_START[dl] = g.get_state()
+
+
+def loader_state(dl) -> dict | None:
+    """What a checkpoint keeps of a training loader to give it back its order: its own `state_dict()` where it has one
+    (miniai's TensorDataLoader), else the states of the generator a torch DataLoader shuffles with, now and at the
+    start of this epoch (`note_epoch_start`); None where the order comes from the global RNG (kept with the RNGs)."""
+    if keeps_state(dl): return dl.state_dict()
+    g = loader_generator(dl)
+    return None if g is None else {'torch_generator': g.get_state(), 'epoch_generator': _EPOCH_START.get(dl)}
+
+
+def set_loader_state(dl, state: dict | None, repeat_epoch: bool = False) -> bool:
+    """Give `dl` the order kept in `state` (from `loader_state`): the coming epochs', or with `repeat_epoch` that of
+    the epoch under way when it was taken, to run it again. Returns whether it could."""
+    if state is None: return False
+    if 'torch_generator' in state:
+        g, st = loader_generator(dl), state.get('epoch_generator' if repeat_epoch else 'torch_generator')
+        if g is None or st is None: return False
+        g.set_state(st)
+        return True
+    if not keeps_state(dl): return False
+    if not repeat_epoch: dl.load_state_dict(state)
+    elif 'repeat_epoch' in inspect.signature(dl.load_state_dict).parameters: dl.load_state_dict(state, repeat_epoch=True)
+    else: return False
+    return True
+
+
 @contextmanager
 def unchanged(model: nn.Module, *others):
     """Run the body, then put back `model`'s parameters, gradients, buffers and train/eval modes, the RNGs, and the
-    state of each of `others` that has `state_dict`/`load_state_dict` (optimizers, schedulers, data loaders).
+    state of each of `others` that has `state_dict`/`load_state_dict` (optimizers, schedulers, data loaders) and the
+    generator of each torch DataLoader among them that has its own.
 
     Parameters and buffers are restored in place (the same tensor objects), so optimizers and hooks that hold
     them keep working. Restoring happens whether the body returns or raises."""
     tensors = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     modes = {m: m.training for m in model.modules()}
     grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
+    gens = [g for g in map(loader_generator, others) if g is not None]
+    gen_states = [g.get_state() for g in gens]
     others = [o for o in others if keeps_state(o)]
     states = [deepcopy(o.state_dict()) for o in others]
     rngs = rng_state()
@@ -99,6 +145,7 @@ def unchanged(model: nn.Module, *others):
             for p, g in grads.items(): p.grad = g
         for m, mode in modes.items(): m.training = mode
         for o, st in zip(others, states): o.load_state_dict(st)
+        for g, st in zip(gens, gen_states): g.set_state(st)
         set_rng_state(rngs)
 
 

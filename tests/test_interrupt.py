@@ -2,16 +2,19 @@
 resuming from it gives bitwise the weights of an uninterrupted run (in this process; the CLI test runs the main job)."""
 import os
 import signal
+import warnings
 from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn, optim
+from torch.utils.data import DataLoader, TensorDataset
 
 from miniai.augment import RandFlip, augment_cb
 from miniai.callback import Callback
-from miniai.checkpoint import CheckpointError, read_checkpoint
+from miniai.callback import CancelFitException
+from miniai.checkpoint import CheckpointError, SaveModelCB, read_checkpoint
 from miniai.datasets import DataLoaders
 from miniai.fashion import TensorDataLoader
 from miniai.interrupt import InterruptCB, Interrupted, SignalGuard
@@ -28,6 +31,10 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 def data(shuffle=True):
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(N_TRAIN + 32, 1, 8, 8, generator=g), torch.randint(0, 3, (N_TRAIN + 32,), generator=g)
+    if shuffle == 'torch':  # torch DataLoaders shuffling with a generator of their own
+        own = torch.Generator().manual_seed(3)
+        return DataLoaders(DataLoader(TensorDataset(x[:N_TRAIN], y[:N_TRAIN]), BS, shuffle=True, generator=own),
+                           DataLoader(TensorDataset(x[N_TRAIN:], y[N_TRAIN:]), BS))
     if not shuffle:  # a loader that cannot repeat an epoch's order: a plain list of batches, the same every epoch
         return DataLoaders([(x[i:i + BS], y[i:i + BS]) for i in range(0, N_TRAIN, BS)],
                            [(x[i:i + BS], y[i:i + BS]) for i in range(N_TRAIN, N_TRAIN + 32, BS)])
@@ -125,6 +132,44 @@ def test_loader_that_cannot_repeat_its_order_skips_the_batches_done(tmp_path):
     with pytest.warns(UserWarning, match='cannot repeat the order of epoch 1.*the first 2 it gives are skipped'):
         resumed.fit(N_EPOCHS, resume=info.value.checkpoint)
     assert same(weights(resumed), weights(ref)), 'a loader with a fixed order resumes exactly too'
+
+
+class StopAfterEpoch0(Callback):
+    order = 100  # SaveModelCB (20) has written last.ckpt of that epoch
+    def after_epoch(self, learn):
+        if not learn.training and learn.epoch == 0: raise CancelFitException()
+
+
+@pytest.mark.parametrize('at', [(1, 1, True), (1, 0, False), 'end-of-epoch-0'],
+                         ids=['mid-train', 'in-validation', 'end-of-epoch-0'])
+def test_a_torch_dataloader_with_its_own_generator_resumes_exactly(at, tmp_path):
+    """`DataLoader(..., shuffle=True, generator=g)` draws each epoch's order from `g`, which no checkpoint kept: a run
+    resumed from last.ckpt went on in other orders without a word, and one stopped part-way was warned that it
+    could not repeat the epoch. The generator's state is kept, and for a stop part-way its state as the epoch began."""
+    ref = make(shuffle='torch')
+    ref.fit(N_EPOCHS)
+    learn = make(shuffle='torch')
+    if at == 'end-of-epoch-0':
+        learn.fit(N_EPOCHS, cbs=[SaveModelCB(tmp_path, every_epoch=True), StopAfterEpoch0()])
+        path = tmp_path / 'last.ckpt'
+    else:
+        with pytest.raises(Interrupted) as info: learn.fit(N_EPOCHS, cbs=[InterruptCB(tmp_path / 'i.ckpt'), SignalAt(*at)])
+        path = info.value.checkpoint
+    resumed = make(shuffle='torch')
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        resumed.fit(N_EPOCHS, resume=path)
+    assert not [w for w in seen if 'cannot repeat' in str(w.message)]
+    assert same(weights(resumed), weights(ref)), 'resumed weights differ from the uninterrupted run'
+
+
+def test_a_probe_leaves_a_torch_dataloaders_generator_as_it_was():
+    "lr_find promises the data order as it was: a torch DataLoader's own generator moved on with every epoch it ran."
+    learn = make(shuffle='torch')
+    gen = learn.dls.train.generator
+    before = gen.get_state()
+    learn.lr_find(max_epochs=2, plot=False)
+    assert torch.equal(gen.get_state(), before)
 
 
 def test_resuming_with_another_batch_count_is_refused(tmp_path):
