@@ -265,10 +265,11 @@ def test_mixed_precision_on_the_gpu(precision, dtype):
         TrainLearner(mlp(), small_dls(), F.cross_entropy, cbs=[cb]).fit(1)
 
 
-def test_a_run_over_torch_dataloaders_saves_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize('own_generator', [False, True], ids=['global-rng', 'own-generator'])
+def test_a_run_over_torch_dataloaders_saves_and_resumes_exactly(tmp_path, own_generator):
     """Accelerate's prepared loader has state_dict() whatever it wraps, and over a torch DataLoader it raises
-    AttributeError ('dl_state_dict'): SaveModelCB's first save failed. Its order comes from the global RNG, which the
-    checkpoint holds, so the resume is exact."""
+    AttributeError ('dl_state_dict'): SaveModelCB's first save failed. Its order comes from the global RNG, or from a
+    generator of its own, and the checkpoint holds either, so the resume is exact."""
     from miniai.checkpoint import SaveModelCB
     from miniai.callback import CancelFitException
     g = torch.Generator().manual_seed(0)
@@ -279,7 +280,8 @@ def test_a_run_over_torch_dataloaders_saves_and_resumes_exactly(tmp_path):
             if not learn.training and learn.epoch == 0: raise CancelFitException()
     def make(out):
         torch.manual_seed(0)
-        dls = DataLoaders(DataLoader(ds, batch_size=8, shuffle=True), DataLoader(ds, batch_size=8))
+        gen = torch.Generator().manual_seed(1) if own_generator else None
+        dls = DataLoaders(DataLoader(ds, batch_size=8, shuffle=True, generator=gen), DataLoader(ds, batch_size=8))
         model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.Linear(8, 2))
         return TrainLearner(model, dls, F.cross_entropy, lr=0.1, cbs=[MetricsCB(), AccelerateCB(mixed_precision='no'),
                                                                                    SaveModelCB(out, every_epoch=True)])
