@@ -21,8 +21,9 @@ class BaseSchedCB(Callback):
 
     def before_fit(self, learn):
         self.schedo = self.sched(learn.opt)
+        # several processes: the loaders may be sharded after this, so the check waits for the first training epoch
         self._whole = self._fit_steps(learn)[0] if world_size() > 1 else None
-        if world_size() == 1: self._check(learn)
+        if self._whole is None: self._check(learn)
 
     def before_epoch(self, learn):
         if self._whole is None or not learn.training: return

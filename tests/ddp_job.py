@@ -30,7 +30,7 @@ from miniai.callback import Callback, CancelBatchException
 from miniai.checkpoint import SaveModelCB
 from miniai.distributed import DDPCB, rank, world_size
 from miniai.fashion import fashion_dls
-from miniai.interrupt import InterruptCB, Interrupted
+from miniai.interrupt import DrillCB, InterruptCB, Interrupted
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
 
 p = argparse.ArgumentParser()
@@ -69,11 +69,6 @@ class LooksForTheCheckpoint(Callback):
         except ck.CheckpointError: self.saw = False
 
 
-class StopOnRank0(Callback):
-    def after_batch(self, learn):
-        if rank() == 0 and learn.training and learn.iter == a.stop_at_batch: os.kill(os.getpid(), signal.SIGTERM)
-
-
 if a.slow_save and rank() == 0:
     real_save = ck.write_checkpoint
     def slow_save(*args, **kwargs):
@@ -92,7 +87,7 @@ cbs = [DeviceCB(a.device), metrics, ProgressCB(), DDPCB(timeout=a.timeout, backe
 if a.raise_at_batch is not None: cbs.append(FailOnRank1())
 if a.no_valid_on_rank1: cbs.append(NoValidOnRank1())
 if a.stop_at_batch is not None or a.resume: cbs.append(InterruptCB(os.path.join(a.out, 'interrupted.ckpt')))
-if a.stop_at_batch is not None: cbs.append(StopOnRank0())
+if a.stop_at_batch is not None: cbs.append(DrillCB(signal.SIGTERM, rank=0, epoch=0, batch=a.stop_at_batch))
 learn = TrainLearner(model, dls, F.cross_entropy, lr=0.1, cbs=cbs)
 try: learn.fit(1, resume=a.resume)
 except Interrupted: sys.exit(143)
