@@ -1,7 +1,10 @@
 """miniai: a small, fast, callback-driven training library for PyTorch in the style of the fast.ai course.
 
-Importing the package patches the methods that live in later modules onto `Learner` (`summary`, ...), so
-`learn.summary()` works whichever module the user imported.
+The course's module names (`miniai.learner`, `datasets`, `conv`, `activations`, `init`, `sgd`, `resnet`, `augment`,
+`accel`, `training`, `fid`, `diffusion`, `imports`) are the front door; the code lives in rooms by concern behind them
+(core, data, callbacks, models, engines, runs, tools, app: see ARCHITECTURE.md). Importing the package adds the
+Learner methods that live with their features (`lr_find`, `summary`, `save`, `get_preds`, ... listed in `Learner`'s
+docstring), so `learn.summary()` works whichever module the user imported.
 """
 __version__ = '0.1.0'
 
@@ -12,6 +15,12 @@ import warnings as _warnings
 _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning,
                          module=r'torch\.jit')
 
-# imported for the methods they patch onto Learner
-from . import learner, summary, augment, checkpoint, autoresume, inference, export  # noqa: F401,E402
-from .export import load_exported  # noqa: E402
+from ._moved import install_moved_modules  # noqa: E402
+
+install_moved_modules()  # the flat modules of earlier versions (`miniai.fashion`...) still import, with a FutureWarning
+
+# imported for the Learner methods they add
+from .callbacks import preds, schedule  # noqa: F401,E402
+from .runs import autoresume, checkpoint  # noqa: F401,E402
+from .tools import export, inference, summary  # noqa: F401,E402
+from .tools.export import load_exported  # noqa: E402

@@ -2,10 +2,10 @@
 
 First the standard and third-party names the course's `imports` module gives (torch, nn, F, optim, lr_scheduler,
 fastcore as fc, numpy as np, matplotlib as mpl, plt, torchvision's transforms as T and its functional API as TF,
-datasets and `load_dataset`, ...), then the public names (`__all__`) of miniai's library modules. Where two modules
+datasets and `load_dataset`, ...), then the public names (`__all__`) of miniai's room modules. Where two modules
 export one name, the later module wins: the course's modules come last, in the course's order, so a name means what
 it meant there (`conv` is `miniai.init.conv`, `summary` is `Learner.summary` as `miniai.augment` exports it). Left
-out: `miniai.cli`, the command line (its `main` and `train` are not for a notebook's namespace).
+out: `miniai.app.cli`, the command line (its `main` and `train` are not for a notebook's namespace).
 
 This module gathers names for notebooks; it costs what it imports (torchvision, datasets) and nothing in the library
 imports it.
@@ -38,12 +38,18 @@ from torchvision.io import ImageReadMode, read_image
 THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 'T', 'TF', 'F', 'DataLoader',
                'default_collate', 'Path', 'nn', 'tensor', 'init', 'L', 'load_dataset', 'itemgetter', 'attrgetter',
                'partial', 'wraps', 'lr_scheduler', 'optim', 'read_image', 'ImageReadMode']
-#: miniai's modules that the course's imports module does not star-import (most of them the course's miniai does not
-#: have; `fid` and `diffusion` it has, and its later lessons import them themselves); their names are laid down first
-LIBRARY_MODULES = ('ranks', 'state', 'callback', 'progress', 'lr_finder', 'data', 'images', 'hf_images', 'fashion',
-                   'summary', 'ckptfile', 'checkpoint', 'longrun', 'loggers', 'distributed', 'cluster', 'interrupt',
-                   'autoresume', 'accelerator', 'compile', 'averaging', 'timetoacc', 'recipe', 'fid', 'unet',
-                   'diffusion', 'checks', 'inference', 'interpret', 'export')
+#: miniai's room modules whose names the course's imports module does not star-import (most of them the course's
+#: miniai does not have); their names are laid down first, room by room in the direction of imports
+LIBRARY_MODULES = ('core.ranks', 'core.devices', 'core.events', 'core.messages', 'core.nested', 'core.state',
+                   'core.checks', 'core.learner', 'core.files', 'core.memory', 'data.decode', 'data.normalise',
+                   'data.loader', 'data.imagecache', 'data.folders', 'data.hf', 'data.show', 'data.dataloaders',
+                   'data.fashion', 'data.augment', 'callbacks.metrics', 'callbacks.progress', 'callbacks.schedule',
+                   'callbacks.hooks', 'callbacks.transform', 'callbacks.preds', 'callbacks.averaging',
+                   'callbacks.tricks', 'callbacks.loggers', 'models.layers', 'models.resnet', 'models.unet',
+                   'models.diffusion', 'engines.precision', 'engines.compile', 'engines.plan', 'engines.ddp',
+                   'engines.cluster', 'engines.accelerate', 'runs.ckptfile', 'runs.checkpoint', 'runs.interrupt',
+                   'runs.autoresume', 'tools.summary', 'tools.inference', 'tools.interpret', 'tools.export',
+                   'tools.fid', 'app.recipe')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')

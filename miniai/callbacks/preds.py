@@ -1,0 +1,56 @@
+"""Collecting predictions: `CapturePreds`, the one collector behind `learn.capture_preds`, `learn.get_preds`, TTA,
+the interpretation and FID's features."""
+from __future__ import annotations
+
+import torch
+
+from ..core.events import Callback, CancelBatchException
+from ..core.learner import Learner, learner_method, looking
+
+__all__ = ['CapturePreds', 'capture_preds']
+
+
+def _cat(ts: list) -> torch.Tensor | None:
+    "The tensors `ts` joined along the first dimension, on the CPU; half-precision floats as float32; None if none."
+    if not ts: return None
+    res = torch.cat(ts).cpu()
+    return res.float() if res.dtype in (torch.float16, torch.bfloat16) else res
+
+
+class CapturePreds(Callback):
+    """Collect every batch's predictions and targets (and inputs, if `inps`), joined on the CPU when the fit ends (as
+    `all_preds`, `all_targs`, `all_inps`; None where there were none, such as the targets of batches without any).
+    With `skip_loss`, each batch ends once its prediction is taken: no loss is computed (batches need no targets)."""
+    order = 100  # after every other after_predict (CompileCB copies outputs out of CUDA-graph memory)
+
+    def __init__(self, inps: bool = False, skip_loss: bool = False):
+        self.inps, self.skip_loss = inps, skip_loss
+        self.all_preds, self.all_targs, self.all_inps = [], [], []
+
+    def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []
+
+    def _take(self, learn):
+        b = learn.batch
+        self.all_preds.append(learn.preds.detach())
+        if len(b) > 1: self.all_targs.append(b[1])
+        if self.inps: self.all_inps.append(b[0])
+
+    def after_predict(self, learn):
+        if not self.skip_loss: return
+        self._take(learn)
+        raise CancelBatchException()  # nothing else is needed from this batch
+
+    def after_batch(self, learn):
+        if not self.skip_loss: self._take(learn)
+
+    def cleanup_fit(self, learn):  # not after_fit: a cancelled fit (e.g. `SingleBatchCB`) keeps what it saw
+        self.all_preds, self.all_targs, self.all_inps = _cat(self.all_preds), _cat(self.all_targs), _cat(self.all_inps)
+
+
+@learner_method
+def capture_preds(self: Learner, cbs=None, inps: bool = False):
+    """Predictions and targets (and inputs, if `inps`) over the validation set, through the Learner's callbacks plus
+    `cbs`. A look, not a change: the model, optimizer, data order and RNGs are left as they were."""
+    cp = CapturePreds(inps)
+    with looking(self): self.fit(1, train=False, cbs=[cp] + list(cbs or []))
+    return (cp.all_preds, cp.all_targs) + ((cp.all_inps,) if inps else ())

@@ -1,0 +1,24 @@
+"""Changing batches before the model sees them: `BatchTransformCB`, and `augment_cb` for augmentations."""
+from __future__ import annotations
+
+from torch import nn
+
+from ..core.events import Callback
+
+__all__ = ['BatchTransformCB', 'augment_cb']
+
+
+class BatchTransformCB(Callback):
+    "Replace each batch by `tfm(batch)` before it is used, in training (`on_train`) and/or validation (`on_val`)."
+    def __init__(self, tfm, on_train: bool = True, on_val: bool = True):
+        self.tfm, self.on_train, self.on_val = tfm, on_train, on_val
+
+    def before_batch(self, learn):
+        if (self.on_train and learn.training) or (self.on_val and not learn.training):
+            learn.batch = self.tfm(learn.batch)
+
+
+def augment_cb(*tfms: nn.Module, on_val: bool = False) -> BatchTransformCB:
+    "A `BatchTransformCB` applying `tfms` in turn to the inputs (`batch[0]`) of training batches."
+    seq = nn.Sequential(*tfms)
+    return BatchTransformCB(lambda b: (seq(b[0]), *b[1:]), on_train=True, on_val=on_val)

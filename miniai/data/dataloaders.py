@@ -1,0 +1,132 @@
+"""`DataLoaders`, where the sources come together: torch datasets (`get_dls`), Hugging Face `DatasetDict`s (`from_dd`,
+item by item or, for images with no transform, through the image cache), folders of images (`from_folder`) and any
+cached `ImageSet` (`image_dls`), each ready for a Learner; collation of dictionary datasets."""
+from __future__ import annotations
+
+from operator import itemgetter
+
+import torch
+from torch.utils.data import DataLoader, default_collate
+
+from ..core.devices import pins_by_default, resolve_device
+from .folders import folder_images
+from .hf import dd_images, is_image_dd
+from .imagecache import ImageSet
+from .loader import TensorDataLoader, subset
+from .normalise import Normalise
+from .show import show_images
+
+__all__ = ['inplace', 'collate_dict', 'Dataset', 'get_dls', 'DataLoaders', 'image_dls', 'folder_dls', 'dd_dls']
+
+
+def inplace(f):
+    "Turn `f`, which changes its argument in place, into a function that also returns it (for `with_transform`)."
+    def _f(b):
+        f(b)
+        return b
+    _f.__name__ = getattr(f, '__name__', '_f')
+    return _f
+
+
+def collate_dict(ds):
+    "A collate function for a `datasets.Dataset` that returns a tuple of its feature columns."
+    get = itemgetter(*ds.features)
+    def _collate(b): return get(default_collate(b))
+    return _collate
+
+
+class Dataset:
+    "Pairs of (x, y) taken from two sequences of the same length."
+    def __init__(self, x, y):
+        if len(x) != len(y): raise ValueError(f'Dataset: x has {len(x)} items but y has {len(y)}')
+        self.x, self.y = x, y
+    def __len__(self) -> int: return len(self.x)
+    def __getitem__(self, i): return self.x[i], self.y[i]
+
+
+
+
+def get_dls(train_ds, valid_ds, bs: int, **kwargs):
+    "A shuffled training `DataLoader` and a validation one with twice the batch size."
+    return (DataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs),
+            DataLoader(valid_ds, batch_size=bs * 2, **kwargs))
+
+
+class DataLoaders:
+    "A training and a validation data loader, as `.train` and `.valid`."
+    def __init__(self, *dls):
+        if len(dls) < 2:
+            raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)} loader(s)')
+        self.train, self.valid = dls[:2]
+
+    @classmethod
+    def from_dd(cls, dd, batch_size: int, as_tuple: bool = True, **kwargs) -> 'DataLoaders':
+        """Data loaders over the splits of a `DatasetDict` `dd`, batches collated to tuples of its features. A `dd` of
+        images and labels with no transform (`miniai.hf_images.is_image_dd`) takes the fast path instead: uint8 tensors
+        decoded once and cached, normalised per batch (`miniai.hf_images.dd_dls`; DataLoader-only options such as
+        `num_workers` are not needed there). A transformed `dd` goes item by item through its transform."""
+        if as_tuple and 'collate_fn' not in kwargs and is_image_dd(dd):
+            return dd_dls(dd, batch_size, **{k: v for k, v in kwargs.items() if k not in _WORKER_OPTIONS})
+        if as_tuple: kwargs.setdefault('collate_fn', collate_dict(next(iter(dd.values()))))
+        return cls(*get_dls(*dd.values(), bs=batch_size, **kwargs))
+
+    @classmethod
+    def from_folder(cls, path, train: str = 'train', valid: str = 'valid', valid_pct: float | None = None,
+                    size=None, bs: int = 64, device=None, seed: int | None = None, **kwargs) -> 'DataLoaders':
+        """Data loaders over a folder of images, a folder per class (`path/train/<class>/*.png`, and `path/valid` or
+        `path/test`; or `valid_pct` of the images held out by a split seeded with `seed`), decoded once and cached as
+        uint8, memory-mapped; `size` resizes (see `miniai.data.folders.folder_images`; `kwargs` go to `image_dls`).
+        The result has `.classes`, `.mean`, `.std` and `show_batch()`."""
+        return folder_dls(path, train, valid, valid_pct, size, bs=bs, device=device, seed=seed, **kwargs)
+
+    vocab = property(lambda self: self.classes, doc="The class names (fastai's name for `classes`).")
+
+    def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs):
+        "Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class names."
+        xb, yb = next(iter(self.train))
+        xb, yb = xb[:max_n].detach().float().cpu(), yb[:max_n].cpu()
+        if xb.dim() == 4 and getattr(self, 'mean', None) is not None:  # undo the loader's normalisation
+            xb = Normalise(self.mean, self.std, channels=xb.shape[1]).decode(xb)
+        names = getattr(self, 'classes', None)
+        titles = [names[int(y)] if names is not None else str(int(y)) for y in yb]
+        return show_images(xb, ncols=ncols or min(len(xb), 3), titles=titles, **kwargs)
+
+    def __repr__(self): return f'DataLoaders(train={len(self.train)} batches, valid={len(self.valid)} batches)'
+
+
+#: torch DataLoader options that mean nothing to the tensor loaders of `from_dd`'s fast path
+_WORKER_OPTIONS = ('num_workers', 'persistent_workers', 'prefetch_factor', 'worker_init_fn', 'multiprocessing_context',
+                   'timeout', 'generator')
+
+
+def image_dls(images: ImageSet, train: str, valid: str, bs: int = 64, device=None, shuffle: bool = True,
+              drop_last: bool = False, seed: int | None = None, n_train: int | None = None,
+              n_valid: int | None = None, rank: int = 0, world_size: int = 1, pin_memory: bool | None = None):
+    """Training and validation loaders over the splits `train` and `valid` of `images`, normalised per batch with the
+    training split's statistics; `.classes` (and `.vocab`), `.mean` and `.std` (per channel) on the result.
+    `n_train`/`n_valid` take seeded random subsets (copied out of the mapping); `device` as in `fashion_dls`."""
+    device = resolve_device(device)
+    pin_memory = pins_by_default(device) if pin_memory is None else pin_memory
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    xt, yt = subset(*images.split(train), n_train, gen, 'n_train')
+    xv, yv = subset(*images.split(valid), n_valid, gen, 'n_valid')
+    norm = dict(mean=images.mean, std=images.std, device=device, rank=rank, world_size=world_size,
+                pin_memory=pin_memory)
+    dls = DataLoaders(TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **norm),
+                      TensorDataLoader(xv, yv, bs, **norm))
+    dls.mean, dls.std, dls.classes, dls.source = images.mean, images.std, images.classes, images.source
+    return dls
+
+
+def folder_dls(path, train: str = 'train', valid: str = 'valid', valid_pct: float | None = None, size=None,
+               bs: int = 64, device=None, seed: int | None = None, cache_dir=None, **kwargs):
+    "`DataLoaders` over a folder of images (see `folder_images`); `kwargs` go to `image_dls`."
+    images = folder_images(path, train, valid, valid_pct, size, seed, cache_dir)
+    return image_dls(images, *images.splits, bs=bs, device=device, seed=seed, **kwargs)
+
+
+def dd_dls(dd, bs: int = 64, size=None, device=None, seed: int | None = None, cache_dir=None, **kwargs):
+    """`DataLoaders` over the first two splits of `dd` (training, then validation), as uint8 tensors normalised per
+    batch (see `dd_images`); `kwargs` go to `image_dls`."""
+    images = dd_images(dd, size, cache_dir)
+    return image_dls(images, *list(images.splits)[:2], bs=bs, device=device, seed=seed, **kwargs)

@@ -1,0 +1,64 @@
+"""Showing images: one (`show_image`), a grid of them (`show_images`, `get_grid`, `subplots`)."""
+from __future__ import annotations
+
+import math
+from itertools import zip_longest
+
+import fastcore.all as fc
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+__all__ = ['show_image', 'subplots', 'get_grid', 'show_images']
+
+
+@fc.delegates(plt.Axes.imshow)
+def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
+    "Show an image (a tensor CHW/HW, or an array HWC/HW) on `ax`, creating one if needed; returns `ax`."
+    if fc.hasattrs(im, ('cpu', 'permute', 'detach')):
+        im = im.detach().cpu()
+        if len(im.shape) == 3 and im.shape[0] < 5: im = im.permute(1, 2, 0)
+        im = im.float().numpy() if im.dtype in (torch.bfloat16, torch.float16) else im.numpy()
+    elif not isinstance(im, np.ndarray): im = np.array(im)
+    if im.shape[-1] == 1: im = im[..., 0]
+    if ax is None: _, ax = plt.subplots(figsize=figsize)
+    ax.imshow(im, **kwargs)
+    if title is not None: ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if noframe: ax.axis('off')
+    return ax
+
+
+@fc.delegates(plt.subplots, keep=True)
+def subplots(nrows: int = 1, ncols: int = 1, figsize=None, imsize: int = 3, suptitle=None, **kwargs):
+    "A figure and an array of axes, sized `imsize` inches per image unless `figsize` is given."
+    if figsize is None: figsize = (ncols * imsize, nrows * imsize)
+    fig, ax = plt.subplots(nrows, ncols, figsize=figsize, **kwargs)
+    if suptitle is not None: fig.suptitle(suptitle)
+    if nrows * ncols == 1: ax = np.array(ax)
+    return fig, ax
+
+
+@fc.delegates(subplots)
+def get_grid(n: int, nrows=None, ncols=None, title=None, weight='bold', size=14, **kwargs):
+    "A grid of at least `n` axes (extra ones switched off); returns the figure and the flat axes."
+    if nrows: ncols = ncols or int(math.ceil(n / nrows))
+    elif ncols: nrows = int(math.ceil(n / ncols))
+    else:
+        nrows = int(math.sqrt(n))
+        ncols = int(math.ceil(n / nrows))
+    fig, axs = subplots(nrows, ncols, **kwargs)
+    for i in range(n, nrows * ncols): axs.flat[i].set_axis_off()
+    if title is not None: fig.suptitle(title, weight=weight, size=size)
+    return fig, axs
+
+
+@fc.delegates(subplots)
+def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs):
+    "Show the images `ims` in a grid, with optional `titles`; returns the figure."
+    fig, axs = get_grid(len(ims), nrows, ncols, **kwargs)
+    for im, t, ax in zip_longest(ims, titles or [], axs.flat):
+        if im is None: break
+        show_image(im, ax=ax, title=t)
+    return fig

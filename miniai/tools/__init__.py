@@ -1,0 +1,2 @@
+"""Tools for a trained (or training) model: `summary` (summary), predictions and TTA (inference), what a classifier
+gets wrong (interpret), export for inference (export), and FID/KID (fid). Imports the rooms below it."""

@@ -1,0 +1,125 @@
+"""Using a trained model: `learn.get_preds(dl)` over any data loader, `learn.predict(x)` for one item or a batch,
+test-time augmentation (`tta`) and `learn.show_image_batch()`, the batch as the model gets it.
+
+Both run through the Learner's own loop and callbacks (so `DeviceCB`, mixed precision, channels-last and any batch
+transform apply as in validation), and both are looks: the model's parameters, buffers and train/eval modes, the
+optimizer, the data loaders' order and the random generators are as they were afterwards, and the callbacks that
+report, record or save (`skip_in_probes`) sit out.
+"""
+from __future__ import annotations
+
+from copy import copy
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ..callbacks.preds import CapturePreds
+from ..callbacks.transform import BatchTransformCB
+from ..core.checks import is_nll_loss
+from ..core.devices import model_device, to_device
+from ..core.events import Callback, CancelFitException
+from ..core.learner import Learner, learner_method, looking
+from ..core.state import unchanged
+from ..data.show import show_images
+
+__all__ = ['Prediction', 'get_preds', 'predict', 'per_item_loss', 'input_shape', 'tta', 'show_image_batch']
+
+
+def per_item_loss(loss_func, preds: torch.Tensor, targs: torch.Tensor) -> torch.Tensor:
+    "`loss_func` for each item of `preds` against `targs` (reduction='none', averaged over any other dimension)."
+    if isinstance(loss_func, nn.Module) and hasattr(loss_func, 'reduction'):
+        old, loss_func.reduction = loss_func.reduction, 'none'
+        try: res = loss_func(preds, targs)
+        finally: loss_func.reduction = old
+    else:
+        try: res = loss_func(preds, targs, reduction='none')
+        except TypeError:  # a loss without `reduction`: one item at a time
+            res = torch.stack([loss_func(p[None], t[None]) for p, t in zip(preds, targs)])
+    return res.reshape(len(preds), -1).mean(1) if res.dim() > 1 else res
+
+
+@learner_method
+def get_preds(self: Learner, dl=None, with_input: bool = False, with_loss: bool = False, act=None, cbs=None) -> tuple:
+    """Predictions over `dl` (default: the validation loader), on the CPU: `(preds, targets)`, then the inputs if
+    `with_input` and each item's loss if `with_loss`. `act` (e.g. `lambda p: p.softmax(-1)`) is applied to the
+    predictions; the loss is taken on them before. A loader whose batches have no targets gives targets None.
+    A look, not a change (see this module's docstring); `cbs` are added for this pass only."""
+    col = CapturePreds(with_input, skip_loss=True)
+    dls = self.dls
+    if dl is not None:
+        self.dls = copy(dls)  # keeps `classes`, `mean`, `std`
+        self.dls.valid = dl
+    try:
+        with looking(self): self.fit(1, train=False, cbs=[col, *(cbs or [])])
+    finally: self.dls = dls
+    preds, targs = col.all_preds, col.all_targs
+    if preds is None: raise ValueError('get_preds: the data loader yielded no batch')
+    res = [preds if act is None else act(preds), targs]
+    if with_input: res.append(col.all_inps)
+    if with_loss:
+        if targs is None: raise ValueError('get_preds(with_loss=True): the batches have no targets to take a loss on')
+        with torch.no_grad(): res.append(per_item_loss(self.loss_func, preds, targs))
+    return tuple(res)
+
+
+def input_shape(learn: Learner) -> tuple:
+    "The shape of one input item, from the Learner's validation data (whose order is left as it was)."
+    dl = learn.dls.valid
+    if isinstance(getattr(dl, 'x', None), torch.Tensor): return tuple(dl.x.shape[1:])  # TensorDataLoader: no batch
+    with unchanged(nn.Module(), dl):  # drawing a batch may move the loader's (and the global) generator on
+        b = next(iter(dl))
+    return tuple((b[0] if isinstance(b, (tuple, list)) else b).shape[1:])
+
+
+class Prediction(NamedTuple):
+    "What `predict` gives: the class (its name when the data has `classes`), its probability, all probabilities."
+    label: object
+    prob: object
+    probs: torch.Tensor
+
+
+@learner_method(name='predict_item')
+def predict(self: Learner, x: torch.Tensor, act=None) -> Prediction:
+    """The class of `x`, one item (its shape is the data's input shape) or a batch of them, its probability and all
+    probabilities (for a batch: a list of classes, a tensor of probabilities, and one row of probabilities each).
+    `act` turns the model's outputs into probabilities: softmax by default, `exp` for a model trained with nll_loss."""
+    one = x.dim() == len(input_shape(self))
+    xb = x[None] if one else x
+    xb = to_device(xb, model_device(self.model))  # DeviceCB, if there is one, keeps it there
+    if act is None: act = torch.exp if is_nll_loss(self.loss_func) else (lambda o: o.float().softmax(1))
+    out = get_preds(self, dl=[(xb,)])[0]
+    if out.dim() != 2:
+        raise ValueError(f'predict gives classes, but the model outputs shape {tuple(out.shape)} per batch, not '
+                         f'(items, classes): use learn.get_preds(dl=...) for other outputs')
+    probs = act(out)
+    prob, idx = probs.max(1)
+    classes = getattr(self.dls, 'classes', None)
+    labels = [classes[i] if classes is not None else i for i in idx.tolist()]
+    return Prediction(labels[0], prob[0].item(), probs[0]) if one else Prediction(labels, prob, probs)
+
+
+class _GrabBatch(Callback):
+    order = 100  # after every transform of the batch
+    def before_batch(self, learn):
+        self.batch = learn.batch
+        raise CancelFitException()
+
+
+@learner_method
+def show_image_batch(self: Learner, max_n: int = 9, cbs=None, **kwargs):
+    "Show up to `max_n` images of a training batch as the model would get it (after `cbs`, e.g. augmentation)."
+    grab = _GrabBatch()
+    with looking(self): self.fit(1, valid=False, cbs=[grab] + list(cbs or []))
+    return show_images(grab.batch[0][:max_n].float().cpu(), **kwargs)
+
+
+def tta(learn: Learner, tfm=lambda x: x.flip(-1)) -> dict:
+    """Test-time augmentation: average the predicted probabilities over the validation set as it is and with `tfm`
+    applied (default: a left-right flip). Returns both accuracies and the averaged probabilities."""
+    preds, targs = learn.capture_preds()
+    aug = BatchTransformCB(lambda b: (tfm(b[0]), *b[1:]), on_train=False, on_val=True)
+    preds2, _ = learn.capture_preds(cbs=[aug])
+    avg = (preds.softmax(-1) + preds2.softmax(-1)) / 2
+    acc = lambda p: (p.argmax(-1) == targs).float().mean().item()
+    return {'accuracy': acc(preds), 'tta_accuracy': acc(avg), 'probs': avg, 'targets': targs}
