@@ -22,12 +22,18 @@ from torcheval.metrics import MulticlassAccuracy
 
 from miniai.accel import cpu_has_bf16, precision_cbs
 from miniai.activations import set_seed
-from miniai.fashion import fashion_dls
-from miniai.learner import DeviceCB, MetricsCB, TrainLearner
+from miniai.data.fashion import fashion_dls
+from miniai.learner import Callback, DeviceCB, MetricsCB, TrainLearner
 from miniai.resnet import fashion_resnet
 from miniai.sgd import BatchSchedCB
 
 RESULTS = Path(__file__).parent / 'results'
+
+
+class Tagged(Callback):
+    "Shows each metrics row with the setting it belongs to (`MetricsCB` hands its rows to `show_metrics`)."
+    def __init__(self, tag: str): self.tag = tag
+    def show_metrics(self, row: dict): print(self.tag, row, flush=True)
 
 
 def train_once(setting: str, epochs: int, bs: int, lr: float, seed: int, n_train=None, n_valid=None) -> dict:
@@ -35,10 +41,9 @@ def train_once(setting: str, epochs: int, bs: int, lr: float, seed: int, n_train
     set_seed(seed)
     dls = fashion_dls(bs=bs, seed=seed, n_train=n_train, n_valid=n_valid)
     metrics = MetricsCB(accuracy=MulticlassAccuracy())
-    metrics._log = lambda d: print(setting, d, flush=True)
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
     learn = TrainLearner(fashion_resnet(), dls, F.cross_entropy, lr=lr, opt_func=partial(optim.AdamW, eps=1e-5),
-                         cbs=[DeviceCB(), metrics, BatchSchedCB(sched)] + precision_cbs(setting))
+                         cbs=[DeviceCB(), metrics, Tagged(setting), BatchSchedCB(sched)] + precision_cbs(setting))
     t = time.perf_counter()
     learn.fit(epochs)
     secs = time.perf_counter() - t

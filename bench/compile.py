@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import optim
 
 from miniai.accel import fastest_settings, precision_cbs
-from miniai.callback import Callback
-from miniai.compile import CompileCB
-from miniai.fashion import fashion_dls
+from miniai.core.events import Callback
+from miniai.engines.compile import CompileCB
+from miniai.data.fashion import fashion_dls
 from miniai.learner import DeviceCB, TrainLearner
-from miniai.recipe import build_model
+from miniai.app.recipe import build_model
 
 RESULTS = Path(__file__).parent / 'results'
 N_TRAIN = 60_000

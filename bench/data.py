@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader
 
 from miniai.augment import RandCropPad, RandFlip
 from miniai.datasets import DataLoaders, collate_dict, inplace
-from miniai.fashion import CLASSES, fashion_arrays, fashion_dls, load_fashion_mnist
-from miniai.images import write_image_folder
+from miniai.data.fashion import CLASSES, fashion_arrays, fashion_dls, load_fashion_mnist
+from miniai.data.folders import write_image_folder
 
 RESULTS = Path(__file__).parent / 'results'
 

@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from miniai.summary import summary
+from miniai.tools.summary import summary
 
 RESULTS = Path(__file__).parent / 'results'
 

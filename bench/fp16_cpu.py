@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from miniai.accel import precision_cbs
-from miniai.fashion import fashion_dls
+from miniai.data.fashion import fashion_dls
 from miniai.init import conv
 from miniai.learner import Learner, TrainCB
 

@@ -31,9 +31,9 @@ from torch import nn, optim
 
 from miniai.accel import precision_cbs
 from miniai.conv import default_device
-from miniai.fashion import fashion_dls
+from miniai.data.fashion import fashion_dls
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
-from miniai.recipe import build_model
+from miniai.app.recipe import build_model
 
 with contextlib.redirect_stderr(io.StringIO()):
     from torcheval.metrics import MulticlassAccuracy

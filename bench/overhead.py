@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-from miniai.fashion import fashion_dls
+from miniai.data.fashion import fashion_dls
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
 from miniai.resnet import fashion_resnet
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import optim
 
 from miniai.accel import cpu_has_bf16, precision_cbs
-from miniai.callback import Callback
-from miniai.fashion import fashion_dls
+from miniai.core.events import Callback
+from miniai.data.fashion import fashion_dls
 from miniai.learner import TrainLearner
 from miniai.resnet import fashion_resnet
 

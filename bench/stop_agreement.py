@@ -4,7 +4,7 @@
 
 Two CPU processes, started as `torchrun --nproc-per-node 2` would start them, train each job once per mode per round:
 without `InterruptCB`, and with it, where the ranks compare notes in rounds of an all-reduce on the CPU (gloo) group,
-each read when the next starts (`miniai.cluster.StopAgreement`): at its default pace (every batch at first, then
+each read when the next starts (`miniai.engines.cluster.StopAgreement`): at its default pace (every batch at first, then
 about every 0.5 s) and after every batch (`MINIAI_STOP_CHECK_SECONDS=0`). The three modes take turns round by round
 (each going first in turn), so machine noise hits all alike; the table gives the median seconds per fit (training and
 validation, until every rank is done), wall and CPU (the CPU seconds of rank 0, all its threads: steadier on a shared machine), and the ratios,
@@ -47,27 +47,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _quiet():
+    """A callback that takes the metrics rows (`MetricsCB` hands them to `show_metrics`) and shows none: the table is
+    what this bench prints."""
+    from miniai.learner import Callback
+    class Quiet(Callback):
+        def show_metrics(self, row: dict) -> None: pass
+    return Quiet()
+
+
 def _learner(job: str, with_interrupt: bool, tmp: Path):
     "A fresh two-process Learner for `job` (same weights and data order every time), with or without InterruptCB."
     import torch.nn.functional as F
     from torch import nn, optim
     from miniai.accel import fastest_settings, precision_cbs
     from miniai.activations import set_seed
-    from miniai.distributed import DDPCB
-    from miniai.fashion import fashion_dls
-    from miniai.interrupt import InterruptCB
+    from miniai.engines.ddp import DDPCB
+    from miniai.data.fashion import fashion_dls
+    from miniai.runs.interrupt import InterruptCB
     from miniai.learner import DeviceCB, MetricsCB, TrainLearner
-    from miniai.ranks import rank, world_size
-    from miniai.recipe import build_model
+    from miniai.core.ranks import rank, world_size
+    from miniai.app.recipe import build_model
     set_seed(0)
     spec = jobs()[job]
     dls = fashion_dls(bs=BS // world_size(), n_train=spec['n_train'], n_valid=spec['n_valid'], seed=0, device='cpu',
                       rank=rank(), world_size=world_size())
     if job == 'mlp': model, extra = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10)), []
     else: model, extra = build_model(job), precision_cbs(fastest_settings('cpu')[0])
-    metrics = MetricsCB()
-    metrics._log = lambda row: None  # quiet: the table is what this prints
-    cbs = [DeviceCB('cpu'), DDPCB(backend='gloo'), metrics, *extra]
+    cbs = [DeviceCB('cpu'), DDPCB(backend='gloo'), MetricsCB(), _quiet(), *extra]
     if with_interrupt: cbs.append(InterruptCB(tmp / 'interrupted.ckpt'))
     return TrainLearner(model, dls, F.cross_entropy, lr=1e-3, opt_func=optim.AdamW, cbs=cbs)
 
@@ -76,8 +83,8 @@ def worker(rounds: int, out: str) -> None:
     "One of the two processes: time every (job, mode, round); rank 0 writes the times to `out` as JSON."
     import torch
     import torch.distributed as dist
-    from miniai.callback import Callback
-    from miniai.cluster import StopAgreement
+    from miniai.core.events import Callback
+    from miniai.engines.cluster import StopAgreement
     dist.init_process_group('gloo')  # made here, once: DDPCB leaves a group it did not make alone
 
     class Clock(Callback):
@@ -137,15 +144,14 @@ def run(rounds: int = 5, threads: int = 1) -> dict:
 def save_time(n: int = 5) -> dict:
     "Seconds to write (and to read back) the main job's checkpoint after a short fit, median of `n`; its size."
     import torch
-    from miniai.checkpoint import read_checkpoint, save_checkpoint
-    from miniai.fashion import fashion_dls
-    from miniai.recipe import build_model, make_learner
+    from miniai.runs.checkpoint import save_checkpoint
+    from miniai.runs.ckptfile import read_checkpoint
+    from miniai.data.fashion import fashion_dls
+    from miniai.app.recipe import build_model, make_learner
     with tempfile.TemporaryDirectory() as tmp:
         dls = fashion_dls(bs=32, n_train=64, n_valid=32, seed=0, device='cpu')
         learn, _ = make_learner(build_model('resnet9_small'), dls, 1, 1e-2, augment='none', average='ema')
-        learn.cbs = [cb for cb in learn.cbs if type(cb).__name__ != 'ProgressCB']
-        for cb in learn.cbs:
-            if type(cb).__name__ == 'MetricsCB': cb._log = lambda row: None  # quiet
+        learn.cbs = [cb for cb in learn.cbs if type(cb).__name__ != 'ProgressCB'] + [_quiet()]
         learn.fit(1)  # AdamW's moments and the EMA exist: the checkpoint is full-size
         path, writes, reads = Path(tmp) / 'interrupted.ckpt', [], []
         for _ in range(n):

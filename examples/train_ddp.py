@@ -19,10 +19,11 @@ from torcheval.metrics import MulticlassAccuracy
 
 from miniai.accel import fastest_settings, precision_cbs
 from miniai.activations import set_seed
-from miniai.checkpoint import SaveModelCB
+from miniai.runs.checkpoint import SaveModelCB
 from miniai.conv import default_device
-from miniai.distributed import DDPCB, is_main_process, rank, world_size
-from miniai.fashion import fashion_dls
+from miniai.core.ranks import is_main_process, rank, world_size
+from miniai.engines.ddp import DDPCB
+from miniai.data.fashion import fashion_dls
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
 from miniai.resnet import fashion_resnet
 from miniai.sgd import BatchSchedCB

@@ -17,7 +17,7 @@ _warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated'
 
 from ._moved import install_moved_modules  # noqa: E402
 
-install_moved_modules()  # the flat modules of earlier versions (`miniai.fashion`...) still import, with a FutureWarning
+install_moved_modules()  # the flat modules of earlier versions (`miniai.fashion`...) import, with a FutureWarning
 
 # imported for the Learner methods they add
 from .callbacks import preds, schedule  # noqa: F401,E402

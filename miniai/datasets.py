@@ -1,4 +1,5 @@
-"""The course's `miniai.datasets`: `DataLoaders`, collation and showing images. A front: the code lives in miniai.data."""
+"""The course's `miniai.datasets`: `DataLoaders`, collation and showing images. A front: the code lives in
+miniai.data."""
 from __future__ import annotations
 
 from .data.dataloaders import collate_dict, DataLoaders, inplace  # noqa: F401

@@ -1,4 +1,5 @@
-"""Everything the course's lessons start from, in one line: `from miniai.imports import *`.
+"""Everything the course's lessons start from, in one line: `from miniai.imports import *`. A front: it defines
+nothing, it gathers names.
 
 First the standard and third-party names the course's `imports` module gives (torch, nn, F, optim, lr_scheduler,
 fastcore as fc, numpy as np, matplotlib as mpl, plt, torchvision's transforms as T and its functional API as TF,
@@ -40,16 +41,16 @@ THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 
                'partial', 'wraps', 'lr_scheduler', 'optim', 'read_image', 'ImageReadMode']
 #: miniai's room modules whose names the course's imports module does not star-import (most of them the course's
 #: miniai does not have); their names are laid down first, room by room in the direction of imports
-LIBRARY_MODULES = ('core.ranks', 'core.devices', 'core.events', 'core.messages', 'core.nested', 'core.state',
-                   'core.checks', 'core.learner', 'core.files', 'core.memory', 'data.decode', 'data.normalise',
-                   'data.loader', 'data.imagecache', 'data.folders', 'data.hf', 'data.show', 'data.dataloaders',
-                   'data.fashion', 'data.augment', 'callbacks.metrics', 'callbacks.progress', 'callbacks.schedule',
-                   'callbacks.hooks', 'callbacks.transform', 'callbacks.preds', 'callbacks.averaging',
-                   'callbacks.tricks', 'callbacks.loggers', 'models.layers', 'models.resnet', 'models.unet',
-                   'models.diffusion', 'engines.precision', 'engines.compile', 'engines.plan', 'engines.ddp',
-                   'engines.cluster', 'engines.accelerate', 'runs.ckptfile', 'runs.checkpoint', 'runs.interrupt',
-                   'runs.autoresume', 'tools.summary', 'tools.inference', 'tools.interpret', 'tools.export',
-                   'tools.fid', 'app.recipe')
+LIBRARY_MODULES = ('core.ranks', 'core.basic_loop', 'core.devices', 'core.events', 'core.messages', 'core.nested',
+                   'core.state', 'core.checks', 'core.learner', 'core.files', 'core.memory', 'data.decode',
+                   'data.normalise', 'data.loader', 'data.imagecache', 'data.folders', 'data.hf', 'data.show',
+                   'data.dataloaders', 'data.fashion', 'data.augment', 'callbacks.metrics', 'callbacks.progress',
+                   'callbacks.schedule', 'callbacks.hooks', 'callbacks.transform', 'callbacks.preds',
+                   'callbacks.averaging', 'callbacks.tricks', 'callbacks.loggers', 'models.layers', 'models.resnet',
+                   'models.unet', 'models.diffusion', 'engines.precision', 'engines.compile', 'engines.plan',
+                   'engines.ddp', 'engines.cluster', 'engines.accelerate', 'runs.ckptfile', 'runs.checkpoint',
+                   'runs.interrupt', 'runs.autoresume', 'tools.summary', 'tools.inference', 'tools.interpret',
+                   'tools.export', 'tools.fid', 'app.recipe')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')

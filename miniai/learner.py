@@ -8,9 +8,10 @@ from .callbacks.schedule import lr_find, LRFinderCB  # noqa: F401
 from .core.checks import NamedBatchCB  # noqa: F401
 from .core.events import (Callback, CancelBatchException, CancelEpochException, CancelFitException,
                           EVENTS, run_cbs, STEPS, with_cbs)  # noqa: F401
-from .core.learner import (compute_loss, DeviceCB, Learner, looking, MomentumLearner, SingleBatchCB,
+from .core.learner import (compute_loss, DeviceCB, Learner, MomentumLearner, SingleBatchCB,
                            TrainCB, TrainLearner)  # noqa: F401
 from .core.nested import to_cpu  # noqa: F401
+from .core.state import looking  # noqa: F401
 
 __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
            'run_cbs', 'with_cbs', 'Learner', 'TrainLearner', 'MomentumLearner', 'TrainCB', 'DeviceCB', 'to_cpu',

@@ -20,11 +20,11 @@ from torcheval.metrics import MulticlassAccuracy
 
 from miniai.accel import AccelerateCB
 from miniai.activations import set_seed
-from miniai.checkpoint import SaveModelCB
+from miniai.runs.checkpoint import SaveModelCB
 from miniai.datasets import DataLoaders
-from miniai.fashion import fashion_dls
+from miniai.data.fashion import fashion_dls
 from miniai.learner import Learner, MetricsCB, ProgressCB
-from miniai.ranks import rank, world_size
+from miniai.core.ranks import rank, world_size
 
 p = argparse.ArgumentParser()
 p.add_argument('out')

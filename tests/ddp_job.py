@@ -24,13 +24,14 @@ from safetensors.torch import save_file
 from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
-import miniai.checkpoint as ck
+import miniai.runs.checkpoint as ck
 from miniai.activations import set_seed
-from miniai.callback import Callback, CancelBatchException
-from miniai.checkpoint import SaveModelCB
-from miniai.distributed import DDPCB, rank, world_size
-from miniai.fashion import fashion_dls
-from miniai.interrupt import DrillCB, InterruptCB, Interrupted
+from miniai.core.events import Callback, CancelBatchException
+from miniai.runs.checkpoint import SaveModelCB
+from miniai.core.ranks import rank, world_size
+from miniai.engines.ddp import DDPCB
+from miniai.data.fashion import fashion_dls
+from miniai.runs.interrupt import DrillCB, InterruptCB, Interrupted
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
 
 p = argparse.ArgumentParser()

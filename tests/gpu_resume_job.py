@@ -17,9 +17,9 @@ from torch import nn, optim  # noqa: E402
 from miniai.accel import MixedPrecision  # noqa: E402
 from miniai.activations import set_seed  # noqa: E402
 from miniai.augment import RandCropPad, RandErase, RandFlip, augment_cb  # noqa: E402
-from miniai.callback import Callback, CancelFitException  # noqa: E402
-from miniai.checkpoint import SaveModelCB  # noqa: E402
-from miniai.fashion import fashion_dls  # noqa: E402
+from miniai.core.events import Callback, CancelFitException  # noqa: E402
+from miniai.runs.checkpoint import SaveModelCB  # noqa: E402
+from miniai.data.fashion import fashion_dls  # noqa: E402
 from miniai.init import conv  # noqa: E402
 from miniai.learner import DeviceCB, Learner, MetricsCB, TrainCB  # noqa: E402
 from miniai.resnet import GlobalAvgPool  # noqa: E402

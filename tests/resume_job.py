@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from torch import nn, optim
 
 from miniai.activations import set_seed
-from miniai.callback import Callback
-from miniai.checkpoint import SaveModelCB
-from miniai.fashion import fashion_dls
+from miniai.core.events import Callback
+from miniai.runs.checkpoint import SaveModelCB
+from miniai.data.fashion import fashion_dls
 from miniai.init import conv
 from miniai.learner import MetricsCB, TrainLearner
 from miniai.sgd import BatchSchedCB

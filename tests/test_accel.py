@@ -6,10 +6,10 @@ from torch import nn, optim
 from torcheval.metrics import MulticlassAccuracy
 
 from miniai.accel import ChannelsLastCB, MixedPrecision, cpu_has_bf16, cuda_has_bf16, fastest_settings, precision_cbs
-from miniai.callback import Callback
+from miniai.core.events import Callback
 from miniai.conv import def_device
 from miniai.datasets import DataLoaders
-from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
 from miniai.init import conv
 from miniai.learner import DeviceCB, Learner, MetricsCB, TrainCB, TrainLearner
 from miniai.sgd import BatchSchedCB

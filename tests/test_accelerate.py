@@ -17,10 +17,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torcheval.metrics import MulticlassAccuracy
 
-from miniai.callback import Callback
-from miniai.checkpoint import read_checkpoint
+from miniai.core.events import Callback
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
-from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
 from miniai.conv import def_device
 from miniai.learner import DeviceCB, Learner, MetricsCB, TrainCB, TrainLearner
 
@@ -270,8 +270,8 @@ def test_a_run_over_torch_dataloaders_saves_and_resumes_exactly(tmp_path, own_ge
     """Accelerate's prepared loader has state_dict() whatever it wraps, and over a torch DataLoader it raises
     AttributeError ('dl_state_dict'): SaveModelCB's first save failed. Its order comes from the global RNG, or from a
     generator of its own, and the checkpoint holds either, so the resume is exact."""
-    from miniai.checkpoint import SaveModelCB
-    from miniai.callback import CancelFitException
+    from miniai.runs.checkpoint import SaveModelCB
+    from miniai.core.events import CancelFitException
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g))
     class StopAfterEpoch0(Callback):

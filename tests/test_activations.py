@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miniai.activations import ActivationStats, Hook, Hooks, HooksCallback, append_stats, get_hist, get_min, set_seed
-from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
 from miniai.init import GeneralRelu, conv
 from miniai.learner import Callback, MetricsCB, TrainLearner
 from miniai.datasets import DataLoaders

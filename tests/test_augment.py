@@ -12,7 +12,7 @@ from torchvision.transforms import v2
 
 from miniai.augment import (CapturePreds, RandCopy, RandCropPad, RandErase, RandFlip, augment_cb, rand_copy,
                             rand_erase, tta)
-from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
 from miniai.init import BatchTransformCB
 from miniai.datasets import DataLoaders
 from miniai.learner import DeviceCB, MetricsCB, SingleBatchCB, TrainLearner

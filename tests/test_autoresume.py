@@ -12,15 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-from miniai.autoresume import AutoResumeCB, newest_checkpoint
-from miniai.callback import Callback
-from miniai.checkpoint import SaveModelCB, read_checkpoint, save_checkpoint
-from miniai.cluster import rank_state
+from miniai.runs.autoresume import AutoResumeCB, newest_checkpoint
+from miniai.core.events import Callback
+from miniai.runs.checkpoint import SaveModelCB, save_checkpoint
+from miniai.runs.ckptfile import read_checkpoint
+from miniai.engines.cluster import rank_state
 from miniai.datasets import DataLoaders
-from miniai.fashion import TensorDataLoader
-from miniai.interrupt import InterruptCB, Interrupted, drills_from_env
+from miniai.data.loader import TensorDataLoader
+from miniai.runs.interrupt import InterruptCB, Interrupted, drills_from_env
 from miniai.learner import MetricsCB, TrainLearner
-from miniai.loggers import CSVLoggerCB
+from miniai.callbacks.loggers import CSVLoggerCB
 from miniai.sgd import BatchSchedCB
 
 N_EPOCHS, BS, N = 3, 16, 64  # 4 training batches an epoch

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-from miniai.averaging import WeightAverageCB
-from miniai.callback import Callback, CancelFitException
-from miniai.checkpoint import SaveModelCB, read_checkpoint, save_mid_epoch
+from miniai.callbacks.averaging import WeightAverageCB
+from miniai.core.events import Callback, CancelFitException
+from miniai.runs.checkpoint import SaveModelCB, save_mid_epoch
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
-from miniai.fashion import TensorDataLoader, find_fashion_mnist
+from miniai.data.fashion import find_fashion_mnist
+from miniai.data.loader import TensorDataLoader
 from miniai.learner import MetricsCB, TrainLearner
-from miniai.timetoacc import TimeToAccuracyCB
+from miniai.callbacks.loggers import TimeToAccuracyCB
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 

@@ -1,7 +1,7 @@
 """The overhead benchmark's machinery (not its timings: those belong in bench/results, never in tests)."""
 import pytest
 
-from miniai.fashion import find_fashion_mnist
+from miniai.data.fashion import find_fashion_mnist
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 

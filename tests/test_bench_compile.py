@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from miniai import recipe
-from miniai.fashion import find_fashion_mnist
+from miniai.app import recipe
+from miniai.data.fashion import find_fashion_mnist
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 

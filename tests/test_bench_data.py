@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from bench import data as bd
-from miniai.fashion import CLASSES, fashion_arrays, find_fashion_mnist
-from miniai.images import write_image_folder
+from miniai.data.fashion import CLASSES, fashion_arrays, find_fashion_mnist
+from miniai.data.folders import write_image_folder
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 

@@ -3,7 +3,7 @@ written on a GPU, never in tests)."""
 import pytest
 import torch
 
-from miniai.fashion import find_fashion_mnist
+from miniai.data.fashion import find_fashion_mnist
 from miniai.resnet import fashion_resnet
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')

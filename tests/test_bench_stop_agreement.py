@@ -2,7 +2,7 @@
 import subprocess
 import sys
 
-from miniai.fashion import find_fashion_mnist
+from miniai.data.fashion import find_fashion_mnist
 import pytest
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')

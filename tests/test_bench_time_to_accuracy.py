@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from bench.time_to_accuracy import RECIPES, table
-from miniai.fashion import find_fashion_mnist
+from miniai.data.fashion import find_fashion_mnist
 
 
 @pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import miniai
-from miniai.callback import EVENTS, STEPS, Callback, CancelFitException
-from miniai.checkpoint import SaveModelCB, read_checkpoint
+from miniai.core.events import EVENTS, STEPS, Callback, CancelFitException
+from miniai.runs.checkpoint import SaveModelCB
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
-from miniai.fashion import TensorDataLoader
+from miniai.data.loader import TensorDataLoader
 from miniai.learner import MetricsCB, ProgressCB, TrainLearner
-from miniai.loggers import CSVLoggerCB
+from miniai.callbacks.loggers import CSVLoggerCB
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
 
@@ -76,7 +77,8 @@ def test_history_is_kept_across_fits_with_the_fit_it_came_from(capsys, tmp_path)
 
 # -- the README's table of built-in callbacks --------------------------------------------------------------------------
 def shipped_callbacks() -> dict[str, type]:
-    for m in pkgutil.iter_modules(miniai.__path__): importlib.import_module(f'miniai.{m.name}')
+    for m in pkgutil.walk_packages(miniai.__path__, 'miniai.'):
+        if not m.name.endswith('__main__'): importlib.import_module(m.name)
     found, todo = {}, [Callback]
     while todo:
         for c in todo.pop().__subclasses__():
@@ -85,15 +87,19 @@ def shipped_callbacks() -> dict[str, type]:
     return found
 
 
+#: what callbacks offer to other parts of miniai besides events (see `Callback`'s docstring)
+EXTENSIONS = ('state_dict', 'unscale_grads', 'metrics_reducer', 'annotate_metrics', 'show_metrics', 'checkpoint_paths')
+
+
 def readme_table() -> dict[str, tuple[int, set]]:
-    "Each row of the README's callback table: name -> (order, the events it names)."
+    "Each row of the README's callback table: name -> (order, the events and extension points it names)."
     lines = README.read_text().split('### Built-in callbacks', 1)[1].splitlines()
     first = next(i for i, l in enumerate(lines) if l.startswith('| callback |'))
     rows = {}
     for line in lines[first + 2:]:
         if not line.startswith('|'): break
         name, order, what = [c.strip() for c in line.strip('|').split('|')]
-        events = set(re.findall(r'`(\w+)`', what)) & set(EVENTS + STEPS)
+        events = set(re.findall(r'`(\w+)`', what)) & set(EVENTS + STEPS + EXTENSIONS)
         rows[re.match(r'`(\w+)`', name).group(1)] = (int(order), events)
     return rows
 
@@ -104,7 +110,7 @@ def test_the_readme_table_lists_every_callback_with_its_real_order_and_events():
     for name, (order, events) in rows.items():
         cls = shipped[name]
         assert order == cls.order, f'{name}: the README says order {order}, the class has {cls.order}'
-        handled = {e for e in EVENTS + STEPS if callable(getattr(cls, e, None))}
+        handled = {e for e in EVENTS + STEPS + EXTENSIONS if callable(getattr(cls, e, None))}
         assert events == handled, f'{name}: the README names {sorted(events)}, the class handles {sorted(handled)}'
     orders = [o for o, _ in rows.values()]
     assert orders == sorted(orders), 'the table runs in the order the loop calls them'

@@ -13,9 +13,9 @@ from torch.optim import lr_scheduler
 from torcheval.metrics import MulticlassAccuracy
 
 from miniai.datasets import DataLoaders
-from miniai.fashion import find_fashion_mnist
+from miniai.data.fashion import find_fashion_mnist
 from miniai.learner import Callback, DeviceCB, LRFinderCB, MetricsCB, ProgressCB, TrainLearner
-from miniai.lr_finder import suggest_lr
+from miniai.callbacks.schedule import suggest_lr
 from miniai.sgd import BatchSchedCB, EpochSchedCB, HasLearnCB, RecorderCB
 from miniai.training import Dataset
 
@@ -180,7 +180,7 @@ def test_has_learn_cb_holds_the_learner_during_fit_only():
 def test_small_cnn_learns_fashion_mnist_in_one_epoch():
     "The whole stack on real data: 10,000 training images, one epoch, a small CNN reaches 80% test accuracy."
     from miniai.activations import set_seed
-    from miniai.fashion import fashion_dls
+    from miniai.data.fashion import fashion_dls
     from miniai.init import conv
     set_seed(0)
     dls = fashion_dls(bs=128, n_train=10000, n_valid=2000, seed=0)

@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn, optim
 
-from miniai.checkpoint import CheckpointError, SaveModelCB, read_checkpoint, save_checkpoint
+from miniai.core.state import CheckpointError
+from miniai.runs.checkpoint import SaveModelCB, save_checkpoint
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
-from miniai.fashion import find_fashion_mnist, fashion_dls
+from miniai.data.fashion import find_fashion_mnist, fashion_dls
 from miniai.learner import MetricsCB, TrainLearner
 from miniai.sgd import BatchSchedCB
 
@@ -139,7 +141,7 @@ def test_missing_file(tmp_path):
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    import miniai.ckptfile as ck
+    import miniai.runs.ckptfile as ck
     learn = small_learner()
     learn.fit(1)
     p = learn.save(tmp_path / 'last.ckpt')
@@ -175,7 +177,7 @@ def test_report_bad_files():
 
 def test_tensor_loader_repeats_the_epoch_under_way():
     "The state taken part-way through an epoch can give that epoch again, in the same order, then the same next ones."
-    from miniai.fashion import TensorDataLoader
+    from miniai.data.loader import TensorDataLoader
     x = torch.arange(40.)
     dl = TensorDataLoader(x, x, bs=8, shuffle=True, seed=0)
     next(iter(dl))
@@ -199,14 +201,14 @@ def test_tensor_loader_repeats_the_epoch_under_way():
 def _tiny_learner(*cbs):
     torch.manual_seed(0)
     x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
-    from miniai.fashion import TensorDataLoader
+    from miniai.data.loader import TensorDataLoader
     dls = DataLoaders(TensorDataLoader(x[:48], y[:48], 16, shuffle=True, seed=0), TensorDataLoader(x[48:], y[48:], 16))
     return TrainLearner(nn.Linear(4, 2), dls, F.cross_entropy, 0.1, cbs=[MetricsCB(), *cbs], opt_func=optim.SGD)
 
 
 def test_resumed_run_keeps_the_best_value_so_far(tmp_path):
     "Before, the first epoch after a resume always overwrote best.ckpt, however bad: the best value was forgotten."
-    from miniai.callback import Callback, CancelFitException
+    from miniai.core.events import Callback, CancelFitException
     class StopAfter(Callback):
         order = 95
         def after_epoch(self, learn):
@@ -233,8 +235,8 @@ def test_resuming_a_finished_run_says_it_is_finished(tmp_path):
 def test_fused_adamw_with_channels_last_resumes_exactly(tmp_path):
     "Loaded optimizer state is contiguous; with NHWC weights a fused AdamW paired the wrong elements until matched."
     from miniai.accel import ChannelsLastCB
-    from miniai.callback import Callback, CancelFitException
-    from miniai.fashion import TensorDataLoader
+    from miniai.core.events import Callback, CancelFitException
+    from miniai.data.loader import TensorDataLoader
     from functools import partial
     def conv_learner(*cbs):
         torch.manual_seed(0)

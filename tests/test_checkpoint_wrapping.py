@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import miniai.accel as accel
+import miniai.engines.precision as precision
 from miniai.accel import MixedPrecision
-from miniai.checkpoint import SaveModelCB, read_checkpoint, save_checkpoint
+from miniai.runs.checkpoint import SaveModelCB, save_checkpoint
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
-from miniai.distributed import DDPCB
-from miniai.fashion import TensorDataLoader
+from miniai.engines.ddp import DDPCB
+from miniai.data.loader import TensorDataLoader
 from miniai.learner import Learner, MetricsCB, TrainLearner
-from miniai.state import plain_keys, rng_state, set_rng_state
+from miniai.core.state import plain_keys, rng_state, set_rng_state
 
 
 @pytest.fixture(scope='module')
@@ -78,7 +79,7 @@ def test_weights_load_across_every_wrapping_in_every_direction(tmp_path):
 
 
 def test_old_files_with_wrapper_names_still_load(tmp_path, monkeypatch):
-    import miniai.checkpoint as ck
+    import miniai.runs.checkpoint as ck
     for prefix in ('module.', '_orig_mod.', 'module._orig_mod.'):  # DDP's, torch.compile's, both
         model = make_model(seed=1)
         monkeypatch.setattr(ck, 'plain_state_dict', lambda m: {prefix + k: v for k, v in m.state_dict().items()})
@@ -160,7 +161,7 @@ def test_cuda_generators_follow_the_process_to_its_own_device(monkeypatch):
 def test_fp16_loss_scaler_state_is_saved_and_restored(monkeypatch, tmp_path):
     # the scaler is made only for fp16 on CUDA: the model is said to be there, and a CPU GradScaler stands in
     real = torch.amp.GradScaler
-    monkeypatch.setattr(accel, '_device_of', lambda model: torch.device('cuda'))
+    monkeypatch.setattr(precision, 'model_device', lambda model: torch.device('cuda'))
     monkeypatch.setattr(torch.amp, 'GradScaler', lambda device, **kw: real('cpu', **kw))
     mp = MixedPrecision(torch.float16)
     learn = Learner(make_model(), data(), F.cross_entropy, cbs=[mp])
@@ -168,10 +169,10 @@ def test_fp16_loss_scaler_state_is_saved_and_restored(monkeypatch, tmp_path):
     mp.scaler.scale(torch.ones(()))
     mp.scaler.update(new_scale=1234.)
     path = learn.save(tmp_path / 'a.ckpt')
-    assert read_checkpoint(path)['amp'][0]['scaler']['scale'] == 1234.
+    assert read_checkpoint(path)['callbacks']['MixedPrecision']['scaler']['scale'] == 1234.
     mp2 = MixedPrecision(torch.float16)
     Learner(make_model(), data(), F.cross_entropy, cbs=[mp2]).fit(0, resume=path)
     assert mp2.scaler.get_scale() == 1234. and mp2.scaler.state_dict() == mp.scaler.state_dict()
     assert MixedPrecision(torch.bfloat16).state_dict() == {}
-    with pytest.warns(UserWarning, match='holds an fp16 loss scaler state, but this fit has no MixedPrecision'):
+    with pytest.warns(UserWarning, match='holds the state of a MixedPrecision, which this fit does not have'):
         Learner(make_model(), data(), F.cross_entropy, cbs=[]).fit(0, resume=path)

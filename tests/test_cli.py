@@ -13,9 +13,10 @@ import pytest
 
 import torch
 
-from miniai.checkpoint import CheckpointError, read_checkpoint
-from miniai.cli import build_parser, main
-from miniai.fashion import find_fashion_mnist
+from miniai.core.state import CheckpointError
+from miniai.runs.ckptfile import read_checkpoint
+from miniai.app.cli import build_parser, main
+from miniai.data.fashion import find_fashion_mnist
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
 
@@ -52,7 +53,7 @@ def test_help_explains_every_option():
                                       ([], 'required')])
 def test_bad_arguments_exit_2_with_a_message(args, msg, capsys):
     with pytest.raises(SystemExit) as e:
-        build_parser().parse_args(args) if 'resume' not in str(args) else __import__('miniai.cli').cli.main(args)
+        build_parser().parse_args(args) if 'resume' not in str(args) else __import__('miniai.app.cli').app.cli.main(args)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert msg in err and err.startswith('miniai: error: ') and err.count('\n') == 1, err
@@ -102,7 +103,7 @@ def test_recipe_options_reach_the_learner():
     import torch.nn.functional as F
     from torch import nn
     from miniai.augment import RandCropPad, RandErase, RandFlip
-    from miniai.recipe import augment_tfms, build_model, make_learner
+    from miniai.app.recipe import augment_tfms, build_model, make_learner
     assert augment_tfms('none') == [] and augment_tfms(False) == []
     assert [type(t) for t in augment_tfms('crop-flip')] == [RandCropPad, RandFlip]
     assert [type(t) for t in augment_tfms(True)] == [RandCropPad, RandFlip, RandErase]
@@ -135,7 +136,7 @@ def garbage_file(tmp: Path) -> Path:
 
 def other_models_checkpoint(tmp: Path) -> Path:
     from torch import nn
-    from miniai.checkpoint import save_checkpoint
+    from miniai.runs.checkpoint import save_checkpoint
     from miniai.learner import Learner
     return save_checkpoint(Learner(nn.Linear(3, 2)), tmp / 'other.ckpt')
 
@@ -210,15 +211,15 @@ def test_debug_shows_the_traceback_of_user_errors(how, tmp_path, monkeypatch):
 
 
 def test_bugs_keep_their_traceback(monkeypatch, tmp_path):
-    import miniai.cli
+    import miniai.app.cli
     def buggy(args): return 1 / 0
-    monkeypatch.setattr(miniai.cli, 'train', buggy)
+    monkeypatch.setattr(miniai.app.cli, 'train', buggy)
     with pytest.raises(ZeroDivisionError): main(['train', '--out', tmp_path])
     def user_error_and_a_failed_cleanup(args):
         e = CheckpointError('bad file')
         e.add_note('while this exception was on its way, `cleanup_fit` also failed: AttributeError: x')
         raise e
-    monkeypatch.setattr(miniai.cli, 'train', user_error_and_a_failed_cleanup)
+    monkeypatch.setattr(miniai.app.cli, 'train', user_error_and_a_failed_cleanup)
     with pytest.raises(CheckpointError): main(['train', '--out', tmp_path])
 
 
@@ -286,7 +287,7 @@ def test_ctrl_c_mid_epoch_saves_and_exits_130(tmp_path):
 
 @pytest.mark.parametrize('name', ['fashion_resnet', 'seed002_resnet', 'resnet9', 'resnet9_small'])
 def test_every_model_is_built_for_the_datas_channels_size_and_classes(name):
-    from miniai.recipe import build_model
+    from miniai.app.recipe import build_model
     model = build_model(name, in_channels=3, n_classes=4, size=32).eval()
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
     assert build_model(name).eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10), "Fashion-MNIST's by default"
@@ -294,7 +295,7 @@ def test_every_model_is_built_for_the_datas_channels_size_and_classes(name):
 
 def test_a_model_made_for_fashion_mnist_only_is_refused_for_other_data(monkeypatch):
     from torch import nn
-    from miniai import recipe
+    from miniai.app import recipe
     monkeypatch.setitem(recipe.MODELS, 'tiny', lambda: nn.Linear(784, 10))  # takes no in_channels or n_classes
     assert isinstance(recipe.build_model('tiny', size=28), nn.Linear)
     with pytest.raises(ValueError, match="model 'tiny' takes no in_channels, so it cannot be built for in_channels=3"):

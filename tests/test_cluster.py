@@ -3,7 +3,7 @@ way torchrun starts them. Ranks stop together wherever a signal lands, one check
 it ends bitwise as an uninterrupted run; a rank killed mid-epoch restarts by itself (`--max-restarts 1`, `--resume
 auto`) to the same weights; two torchrun launchers as two nodes give the one-node result.
 
-Signals come at fixed batches from inside (`MINIAI_DRILL`, see `miniai.interrupt.drills_from_env`), so no test waits
+Signals come at fixed batches from inside (`MINIAI_DRILL`, see `miniai.runs.interrupt.drills_from_env`), so no test waits
 on timing. Each run is the tiny seed002 ResNet on 384 images, 6 steps an epoch, one thread per process."""
 import json
 import os
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from miniai.checkpoint import read_checkpoint
-from miniai.fashion import find_fashion_mnist
+from miniai.runs.ckptfile import read_checkpoint
+from miniai.data.fashion import find_fashion_mnist
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None or not torch.distributed.is_available(),
                                 reason='needs Fashion-MNIST and torch.distributed')

@@ -15,7 +15,7 @@ from torcheval.metrics import MulticlassAccuracy
 
 from miniai.activations import ActivationStats, set_seed
 from miniai.conv import def_device
-from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
 from miniai.init import GeneralRelu, get_model, init_weights
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
 from miniai.resnet import act_gr

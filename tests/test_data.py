@@ -8,10 +8,12 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from miniai import fashion, hf_images
-from miniai.data import ImageDataError, TensorDataLoader, channel_stats
+from miniai.data import fashion, hf, imagecache
+from miniai.data.decode import ImageDataError
+from miniai.data.loader import TensorDataLoader
+from miniai.data.normalise import channel_stats
 from miniai.datasets import DataLoaders, inplace
-from miniai.fashion import CLASSES, fashion_arrays, find_fashion_mnist
+from miniai.data.fashion import CLASSES, fashion_arrays, find_fashion_mnist
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed (make data)')
 
@@ -51,7 +53,7 @@ def test_pinned_batches_are_copied_as_uint8_and_normalised_on_the_gpu(monkeypatc
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
     monkeypatch.setattr(torch, 'empty', lambda *s, pin_memory=False, **kw: torch.zeros(*s, **kw))  # cannot pin here
-    import miniai.data as data
+    import miniai.data.loader as data
     monkeypatch.setattr(data, 'resolve_device', lambda d: 'cpu' if d is None else 'meta')  # 'meta' stands for the GPU
     x, y = torch.randint(0, 256, (8, 1, 2, 2), dtype=torch.uint8), torch.arange(8)
     dl = TensorDataLoader(x, y, bs=4, pin_memory=True, mean=0.5, std=0.25)
@@ -105,7 +107,7 @@ def test_from_dd_turns_a_dataset_of_images_into_uint8_tensors_once(small_dd, mon
     xb, _ = next(iter(dls.valid))
     assert xb.dtype == torch.float32 and xb.shape == (64, 1, 28, 28)
     # cached by the splits' fingerprints: the same data is not decoded again; other data is
-    monkeypatch.setattr(hf_images, '_build', lambda *a: pytest.fail('decoded again'))
+    monkeypatch.setattr(imagecache, '_build', lambda *a: pytest.fail('decoded again'))
     assert torch.equal(DataLoaders.from_dd(small_dd, 64, device='cpu').train.x, dls.train.x)
     from datasets import DatasetDict
     other = DatasetDict(train=small_dd['train'].select(range(100, 300)), test=small_dd['test'])
@@ -118,7 +120,7 @@ def test_from_dd_keeps_the_per_item_route_for_transformed_datasets(small_dd):
     def to_tensor(b): b['image'] = [TF.to_tensor(o) for o in b['image']]
     dls = DataLoaders.from_dd(small_dd.with_transform(to_tensor), 32)
     assert isinstance(dls.train, torch.utils.data.DataLoader) and next(iter(dls.train))[0].shape == (32, 1, 28, 28)
-    assert not hf_images.is_image_dd(small_dd.with_format('torch'))
+    assert not hf.is_image_dd(small_dd.with_format('torch'))
 
 
 def test_from_dd_reads_uint8_array_columns_in_batches(tmp_path):
@@ -134,7 +136,7 @@ def test_from_dd_reads_uint8_array_columns_in_batches(tmp_path):
     assert torch.equal(dls.train.x, x[:20].permute(0, 3, 1, 2)) and dls.classes == [str(i) for i in range(21)]
     assert torch.equal(dls.valid.y, torch.arange(1, 21))
     # the main job's --data takes the saved DatasetDict's folder; one that holds no images is one clear error
-    from miniai.recipe import recipe_dls
+    from miniai.app.recipe import recipe_dls
     assert torch.equal(recipe_dls(str(tmp_path / 'dd'), bs=8).train.x, dls.train.x)
     dd.remove_columns('img').save_to_disk(str(tmp_path / 'labels'))
     with pytest.raises(ImageDataError, match=r'labels: a saved Hugging Face DatasetDict, but not of images'):

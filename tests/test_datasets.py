@@ -9,8 +9,8 @@ import torchvision.transforms.functional as TF
 from torch import nn, optim
 
 from miniai.datasets import DataLoaders, collate_dict, get_grid, inplace, show_image, show_images, subplots
-from miniai import fashion
-from miniai.fashion import CLASSES, fashion_arrays, find_fashion_mnist
+from miniai.data import fashion
+from miniai.data.fashion import CLASSES, fashion_arrays, find_fashion_mnist
 from miniai.training import Dataset, accuracy, fit, get_dls, report
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed (make data)')

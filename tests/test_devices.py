@@ -12,8 +12,9 @@ import torch
 import miniai.conv as conv
 from miniai.conv import default_device, pinned_rows, pins_by_default, resolve_device, to_device
 from miniai.datasets import DataLoaders
-from miniai.distributed import DDPCB
-from miniai.fashion import TensorDataLoader, fashion_dls, find_fashion_mnist
+from miniai.engines.ddp import DDPCB
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
+from miniai.data.loader import TensorDataLoader
 from miniai.learner import DeviceCB
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')
@@ -51,7 +52,7 @@ class FakeModel:
 @pytest.fixture
 def fake_ddp(monkeypatch):
     "Record instead of joining a process group or wrapping in DDP: {'backend': ..., 'device_ids': ...}."
-    import miniai.distributed as d
+    import miniai.engines.ddp as d
     seen = {}
     monkeypatch.setattr(d.dist, 'init_process_group', lambda backend, **kw: seen.update(backend=backend))
     monkeypatch.setattr(d, 'DistributedDataParallel', lambda m, device_ids, **kw: seen.update(device_ids=device_ids)
@@ -137,7 +138,7 @@ def test_miniai_device_names_the_device(machine, monkeypatch):
 
 def test_ranks_sharing_one_gpu_through_miniai_device_get_gloo_not_nccl(machine, fake_ddp, monkeypatch):
     "Issue 19 item 8: MINIAI_DEVICE=cuda:0 with two processes picked NCCL, which refuses two ranks on one device."
-    import miniai.distributed as d
+    import miniai.engines.ddp as d
     machine(1, local_rank=1, n_procs=2)
     monkeypatch.setenv('MINIAI_DEVICE', 'cuda:0')
     learn = SimpleNamespace(model=FakeModel(), dls=tiny_dls(), cbs=[DeviceCB(), DDPCB()])

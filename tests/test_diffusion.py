@@ -1,5 +1,5 @@
-"""miniai.diffusion and miniai.unet: the schedule, noisy batches, the U-Net and its parts, DDIM sampling, and a DDPM
-Learner on Fashion-MNIST."""
+"""miniai.diffusion (miniai.models.diffusion and miniai.models.unet): the schedule, noisy batches, the U-Net and its
+parts, DDIM sampling, and a DDPM Learner on Fashion-MNIST."""
 import copy
 import math
 
@@ -11,9 +11,9 @@ from torch.utils.data import TensorDataset
 
 from miniai.datasets import DataLoaders
 from miniai.diffusion import (DownBlock, EmbResBlock, EmbUNetModel, SelfAttention, SelfAttention2D, UpBlock, abar,
-                              collate_ddpm, cond_sample, ddim_step, dl_ddpm, inv_abar, lin, noisify, pre_conv, sample,
-                              saved, timestep_embedding, upsample)
-from miniai.fashion import find_fashion_mnist
+                              collate_ddpm, cond_sample, ddim_step, dl_ddpm, inv_abar, lin, noisify, pre_conv,
+                              sample, saved, timestep_embedding, upsample)
+from miniai.data.fashion import find_fashion_mnist
 from miniai.learner import Callback, TrainLearner
 
 
@@ -207,7 +207,7 @@ def test_sample_follows_the_model_dtype_and_device():
     oracle = Oracle(target)
     preds = sample(ddim_step, oracle, (2, 1, 4, 4), steps=3)
     assert all(p.dtype == torch.float64 for p in preds) and {s[0] for s in oracle.seen} == {torch.float64}
-    from miniai.diffusion import _ddim_loop
+    from miniai.models.diffusion import _ddim_loop
     with torch.device('meta'): unet = EmbUNetModel(1, 1, nfs=(8, 16), attn_chans=4)
     out = _ddim_loop(ddim_step, unet, lambda x, t: unet((x, t)), (2, 1, 8, 8), 3, 1., False, clamp=True)
     assert len(out) == 3 and out[-1].device.type == 'meta'
@@ -216,7 +216,7 @@ def test_sample_follows_the_model_dtype_and_device():
 @pytest.mark.cuda
 def test_sampling_on_a_gpu_never_waits_for_it():
     "On CUDA: the whole loop runs without a host-device synchronisation (the last copy to the CPU aside)."
-    from miniai.diffusion import _ddim_loop
+    from miniai.models.diffusion import _ddim_loop
     unet = EmbUNetModel(1, 1, nfs=(8, 16), attn_chans=4).cuda()
     sample(ddim_step, unet, (2, 1, 8, 8), steps=2)  # warm-up: CUDA's and cuDNN's lazy set-up is not the loop's
     torch.cuda.set_sync_debug_mode('error')
@@ -249,7 +249,7 @@ class Losses(Callback):
 def test_ddpm_learner_on_fashion_mnist_learns():
     "A U-Net with attention, fed noisified 32x32 Fashion-MNIST by dl_ddpm, through a TrainLearner: the loss falls."
     from miniai.accel import MixedPrecision
-    from miniai.fashion import fashion_arrays
+    from miniai.data.fashion import fashion_arrays
     x = fashion_arrays()['train'][0][:256]
     x = F.pad(x.float().div(255).unsqueeze(1), (2, 2, 2, 2)) * 2 - 1
     torch.manual_seed(0)

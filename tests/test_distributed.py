@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from miniai.checkpoint import read_checkpoint
-from miniai.fashion import find_fashion_mnist
+from miniai.runs.ckptfile import read_checkpoint
+from miniai.data.fashion import find_fashion_mnist
 
 JOB = Path(__file__).parent / 'ddp_job.py'
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None or not torch.distributed.is_available(),
@@ -134,7 +134,7 @@ def test_a_rank_that_measured_no_batch_does_not_hang_the_others(tmp_path):
 @pytest.fixture
 def one_process_torchrun(monkeypatch):
     "This process as rank 0 of a torchrun job as DDPCB sees it before joining: WORLD_SIZE 2 until the group exists."
-    import miniai.distributed as d
+    import miniai.engines.ddp as d
     import torch.distributed as dist
     for k, v in dict(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()), RANK='0', LOCAL_RANK='0',
                      WORLD_SIZE='1').items(): monkeypatch.setenv(k, v)
@@ -145,7 +145,7 @@ def one_process_torchrun(monkeypatch):
 
 def tiny_learner(cbs):
     from miniai.datasets import DataLoaders
-    from miniai.fashion import TensorDataLoader
+    from miniai.data.loader import TensorDataLoader
     from miniai.learner import MetricsCB, TrainLearner
     import torch.nn.functional as F
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
@@ -155,8 +155,8 @@ def tiny_learner(cbs):
 
 def test_ddpcb_ends_the_group_it_joined_even_after_an_error(one_process_torchrun):
     "Issue 19 item 8: DDPCB joined the process group and never left it, after a fit or after an error."
-    from miniai.callback import Callback
-    from miniai.distributed import DDPCB
+    from miniai.core.events import Callback
+    from miniai.engines.ddp import DDPCB
     dist = one_process_torchrun
     seen = []
     class Spy(Callback):
@@ -171,7 +171,7 @@ def test_ddpcb_ends_the_group_it_joined_even_after_an_error(one_process_torchrun
 
 
 def test_ddpcb_leaves_a_group_the_user_made(one_process_torchrun):
-    from miniai.distributed import DDPCB
+    from miniai.engines.ddp import DDPCB
     dist = one_process_torchrun
     dist.init_process_group('gloo')
     tiny_learner([DDPCB()]).fit(1)

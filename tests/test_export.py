@@ -16,8 +16,8 @@ from torch import nn
 
 from miniai import load_exported
 from miniai.datasets import DataLoaders
-from miniai.export import ExportError, check_program
-from miniai.fashion import TensorDataLoader
+from miniai.tools.export import ExportError, check_program
+from miniai.data.loader import TensorDataLoader
 from miniai.learner import TrainLearner
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from miniai import fashion
-from miniai.fashion import (CLASSES, FILES, FashionMNISTNotFound, TensorDataLoader, fashion_arrays, fashion_dls,
-                            find_fashion_mnist, load_fashion_mnist, read_idx)
+from miniai.data import fashion
+from miniai.data.fashion import (CLASSES, FILES, FashionMNISTNotFound, fashion_arrays, fashion_dls,
+                                 find_fashion_mnist, load_fashion_mnist, read_idx)
+from miniai.data.loader import TensorDataLoader
 
 REAL = find_fashion_mnist()
 needs_data = pytest.mark.skipif(REAL is None, reason='Fashion-MNIST is not installed (make data)')

@@ -19,18 +19,20 @@ import miniai
 from miniai.accel import AccelerateCB, ChannelsLastCB, MixedPrecision
 from miniai.activations import ActivationStats, append_stats
 from miniai.augment import CapturePreds
-from miniai.callback import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException, CancelFitException,
-                             note_failure)
-from miniai.compile import CompileCB
-from miniai.checkpoint import CheckpointError, SaveModelCB, read_checkpoint, save_mid_epoch
+from miniai.core.events import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException,
+                                CancelFitException, note_failure)
+from miniai.engines.compile import CompileCB
+from miniai.core.state import CheckpointError
+from miniai.runs.checkpoint import SaveModelCB, save_mid_epoch
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
-from miniai.distributed import DDPCB
-from miniai.fashion import TensorDataLoader
-from miniai.interrupt import DrillCB, InterruptCB
+from miniai.engines.ddp import DDPCB
+from miniai.data.loader import TensorDataLoader
+from miniai.runs.interrupt import DrillCB, InterruptCB
 from miniai.learner import DeviceCB, Learner, MetricsCB, NamedBatchCB, ProgressCB, TrainCB, TrainLearner
-from miniai.loggers import CSVLoggerCB, TensorBoardCB
-from miniai.longrun import EarlyStoppingCB, GradAccumCB, GradClipCB, TerminateOnNaNCB
-from miniai.recipe import make_learner
+from miniai.callbacks.loggers import CSVLoggerCB, TensorBoardCB
+from miniai.callbacks.tricks import EarlyStoppingCB, GradAccumCB, GradClipCB, TerminateOnNaNCB
+from miniai.app.recipe import make_learner
 from miniai.sgd import BatchSchedCB, EpochSchedCB, HasLearnCB, RecorderCB
 
 ALL_EVENTS = EVENTS + STEPS

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from miniai.fashion import find_fashion_mnist
+from miniai.data.fashion import find_fashion_mnist
 from miniai.fid import ImageEval, _calc_fid, _calc_kid, _calc_stats, _sqrtm_newton_schulz, _squared_mmd
 from miniai.resnet import GlobalAvgPool
 
@@ -43,7 +43,7 @@ def feature_model():
 @pytest.fixture(scope='module')
 def fashion():
     "ImageEval over 1,000 test images, and 600 training images as the sample."
-    from miniai.fashion import fashion_dls
+    from miniai.data.fashion import fashion_dls
     dls = fashion_dls(bs=256, n_train=600, n_valid=1000, device='cpu', seed=0)
     model = feature_model()
     ie = ImageEval(model, dls)

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from torch import nn
 from torcheval.metrics import MulticlassAccuracy
 
-from miniai.callback import Callback
-from miniai.checkpoint import read_checkpoint
-from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.core.events import Callback
+from miniai.runs.ckptfile import read_checkpoint
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
 from miniai.learner import DeviceCB, MetricsCB, ProgressCB, TrainLearner
-from miniai.recipe import build_model, make_learner
+from miniai.app.recipe import build_model, make_learner
 from test_distributed import environ, torchrun
 
 HERE = Path(__file__).parent
@@ -81,7 +81,7 @@ def test_resumed_gpu_run_ends_bitwise_identical(tmp_path, fp16):
     job(tmp_path / 'cut', '--stop-after', 0)
     ck = read_checkpoint(tmp_path / 'cut' / 'last.ckpt')
     assert ck['epoch'] == 0 and len(ck['rng']['cuda']) == torch.cuda.device_count()
-    if fp16: assert ck['amp'][0]['scaler']['scale'] > 0
+    if fp16: assert ck['callbacks']['MixedPrecision']['scaler']['scale'] > 0
     job(tmp_path / 'cut', '--resume', tmp_path / 'cut' / 'last.ckpt')
     a, b = load_file(tmp_path / 'full' / 'final.safetensors'), load_file(tmp_path / 'cut' / 'final.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

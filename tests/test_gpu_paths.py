@@ -8,13 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-import miniai.accel as accel
+import miniai.engines.plan as plan_mod
+import miniai.engines.precision as precision
 from miniai.accel import MixedPrecision, fastest_settings
-from miniai.callback import Callback, CancelFitException
-from miniai.checkpoint import SaveModelCB, read_checkpoint
+from miniai.core.events import Callback, CancelFitException
+from miniai.runs.checkpoint import SaveModelCB
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
 from miniai.learner import Learner, MetricsCB, TrainCB, TrainLearner
-from miniai.longrun import GradClipCB
+from miniai.callbacks.tricks import GradClipCB
 
 
 def data(n=64, bs=16, seed=0, dtype=torch.float32):
@@ -64,8 +66,8 @@ def test_resumed_optimizer_state_follows_a_model_moved_after_loading(tmp_path):
 def cpu_loss_scaling(monkeypatch):
     """MixedPrecision(fp16) on the CPU scales the loss as it does on CUDA: a GradScaler('cpu') in place of 'cuda'
     (fp16 on a CPU is slow, and says so once: here it stands in for a GPU's)."""
-    monkeypatch.setattr(accel, '_needs_loss_scaling', lambda device_type, dtype: dtype == torch.float16)
-    monkeypatch.setattr(accel, 'warn_fp16_on_cpu', lambda: None)
+    monkeypatch.setattr(precision, '_needs_loss_scaling', lambda device_type, dtype: dtype == torch.float16)
+    monkeypatch.setattr(precision, 'warn_fp16_on_cpu', lambda: None)
 
 
 def step_sizes(cbs, fits=2):
@@ -105,7 +107,7 @@ def test_reused_mixed_precision_resumes_with_the_saved_loss_scale(tmp_path, cpu_
     learn.fit(1)  # the callback now holds this fit's scaler
     mp.scaler.update(1234.0)
     learn.save(tmp_path / 'a.ckpt')
-    assert read_checkpoint(tmp_path / 'a.ckpt')['amp'][0]['scaler']['scale'] == 1234.0
+    assert read_checkpoint(tmp_path / 'a.ckpt')['callbacks']['MixedPrecision']['scaler']['scale'] == 1234.0
     seen = []
     class Scale(Callback):
         order = 20
@@ -162,10 +164,10 @@ def test_bf16_is_chosen_by_the_capability_of_the_gpu_in_question(two_gpus, monke
     assert fastest_settings('cuda:0')[0] == 'bf16-cl'
     assert fastest_settings('cuda:1') == ('fp16', 'CUDA GPU without bf16 in hardware (compute capability < 8.0): fp16 '
                                                   'autocast with loss scaling')
-    assert accel.fastest_plan('cuda:1').precision == 'fp16'
+    assert plan_mod.fastest_plan('cuda:1').precision == 'fp16'
     chosen = {}
     for idx in (0, 1):
-        monkeypatch.setattr(accel, '_device_of', lambda m: torch.device('cuda', idx))
+        monkeypatch.setattr(precision, 'model_device', lambda m: torch.device('cuda', idx))
         monkeypatch.setattr(torch.amp, 'GradScaler', lambda device: f'scaler for {device}')  # none on this machine
         mp = MixedPrecision()
         mp.before_fit(Learner(model(), data()))

@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from miniai import images as images_mod
-from miniai.callback import Callback
-from miniai.cli import main
-from miniai.data import ImageDataError
+from miniai.data import imagecache
+from miniai.core.events import Callback
+from miniai.app.cli import main
+from miniai.data.decode import ImageDataError
 from miniai.datasets import DataLoaders
-from miniai.fashion import CLASSES, FILES, fashion_arrays, fashion_dls, find_fashion_mnist
-from miniai.images import folder_images, png_bytes, write_image_folder
+from miniai.data.fashion import CLASSES, FILES, fashion_arrays, fashion_dls, find_fashion_mnist
+from miniai.data.decode import png_bytes
+from miniai.data.folders import folder_images, write_image_folder
 
 needs_data = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed (make data)')
 N_TRAIN, N_VALID, SEED = 2000, 1000, 42  # 60,000 and 10,000 are whole multiples (see subset_as_idx)
@@ -92,7 +93,7 @@ def test_the_cache_is_kept_memory_mapped_and_rebuilt_when_a_file_changes(fashion
                  if l.endswith(str(files[0]))]
         assert any(lo <= ptr < hi for lo, hi in spans), 'the images are not mapped from the cache file'
     with monkeypatch.context() as m:
-        m.setattr(images_mod, '_fill', lambda *a: pytest.fail('decoded again instead of reading the cache'))
+        m.setattr(imagecache, '_fill', lambda *a: pytest.fail('decoded again instead of reading the cache'))
         again = folder_images(root)
         assert torch.equal(again.x, first.x) and torch.equal(again.y, first.y)
     # a file changes (same name, new pixels): the cache is stale and rebuilt, never trusted
@@ -301,8 +302,8 @@ class StopAt(Callback):
 def test_a_resumed_fit_on_folder_data_ends_bitwise_equal(fashion_folder, tmp_path):
     "The main job's Learner (augmentation, EMA, one-cycle) on memory-mapped folder data, stopped mid-epoch."
     from miniai.activations import set_seed
-    from miniai.interrupt import Interrupted
-    from miniai.recipe import make_learner
+    from miniai.runs.interrupt import Interrupted
+    from miniai.app.recipe import make_learner
     root, _ = fashion_folder
     def learner(out):
         set_seed(0)

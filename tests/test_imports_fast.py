@@ -1,6 +1,6 @@
 """Start-up: importing the library does not drag in torcheval (whose package import loads torchvision's models for
-its FID metric) nor torch.compile's machinery; each check runs in a fresh interpreter, so earlier tests cannot hide
-an import."""
+its FID metric), torch.compile's machinery, nor matplotlib's pyplot (0.4 s: imported when a plot is drawn); each check
+runs in a fresh interpreter, so earlier tests cannot hide an import."""
 import json
 import subprocess
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 HEAVY = ('torchvision', 'torchvision.models', 'torcheval', 'torcheval.metrics.image.fid', 'torch._dynamo',
-         'torch._inductor')
+         'torch._inductor', 'matplotlib.pyplot')
 
 
 def imported_after(stmt: str) -> list[str]:

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from miniai.callback import Callback
+from miniai.core.events import Callback
 from miniai.datasets import DataLoaders
-from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
 from miniai.init import BatchTransformCB, GeneralRelu, clean_mem, conv, init_weights, lsuv_init, plot_func
 from miniai.learner import TrainLearner
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from miniai.activations import set_seed
-from miniai.fashion import CLASSES, fashion_dls, find_fashion_mnist
-from miniai.interpret import ClassificationInterpretation
+from miniai.data.fashion import CLASSES, fashion_dls, find_fashion_mnist
+from miniai.tools.interpret import ClassificationInterpretation
 from miniai.learner import TrainLearner
 
 pytestmark = pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed')

@@ -12,14 +12,16 @@ from torch import nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
 from miniai.augment import RandFlip, augment_cb
-from miniai.callback import Callback
-from miniai.callback import CancelFitException
-from miniai.checkpoint import CheckpointError, SaveModelCB, read_checkpoint
+from miniai.core.events import Callback
+from miniai.core.events import CancelFitException
+from miniai.core.state import CheckpointError
+from miniai.runs.checkpoint import SaveModelCB
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
-from miniai.fashion import TensorDataLoader
-from miniai.interrupt import InterruptCB, Interrupted, SignalGuard
+from miniai.data.loader import TensorDataLoader
+from miniai.runs.interrupt import InterruptCB, Interrupted, SignalGuard
 from miniai.learner import MetricsCB, TrainLearner
-from miniai.longrun import GradAccumCB
+from miniai.callbacks.tricks import GradAccumCB
 from miniai.sgd import BatchSchedCB, EpochSchedCB
 
 N_EPOCHS, BS, N_TRAIN = 3, 16, 64  # 4 training batches an epoch
@@ -197,7 +199,7 @@ def test_gradient_accumulation_stops_only_after_its_step(tmp_path):
 
 def test_a_second_signal_while_saving_waits_for_the_file(tmp_path, monkeypatch, capfd):
     "The save goes through a temporary file; a second Ctrl-C in the middle of it must neither cut it nor stop it."
-    import miniai.ckptfile as ck
+    import miniai.runs.ckptfile as ck
     real, calls = ck.save_file, []
     def save_with_a_second_ctrl_c(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # arrives while the tensors are being written

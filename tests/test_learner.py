@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-import miniai.callback as callback_mod
+import miniai.core.events as events
 from miniai.datasets import DataLoaders
 from miniai.learner import (EVENTS, STEPS, Callback, CancelBatchException, CancelEpochException, CancelFitException,
                             DeviceCB, Learner, MetricsCB, MomentumLearner, SingleBatchCB, TrainCB, TrainLearner,
@@ -86,8 +86,8 @@ def test_run_cbs_sorts_and_skips_missing_methods():
 
 def test_dispatch_is_sorted_once_per_fit(monkeypatch):
     calls = []
-    orig = callback_mod.sort_cbs
-    import miniai.learner as learner_mod
+    orig = events.sort_cbs
+    import miniai.core.learner as learner_mod
     monkeypatch.setattr(learner_mod, 'sort_cbs', lambda cbs: calls.append(1) or orig(cbs))
     TrainLearner(small_model(), synth_dls(n=160, bs=16), F.cross_entropy, cbs=[Recorder()]).fit(2)
     assert len(calls) == 1

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import miniai.checks as checks
+import miniai.core.checks as checks
+import miniai.core.messages as messages
 from miniai.datasets import DataLoaders
-from miniai.fashion import TensorDataLoader
+from miniai.data.loader import TensorDataLoader
 from miniai.learner import MetricsCB, ProgressCB, TrainLearner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def learner(n_batches=4, cbs=()):
 
 
 @pytest.fixture(autouse=True)
-def fresh_once_registry(monkeypatch): monkeypatch.setattr(checks, '_warned', set())
+def fresh_once_registry(monkeypatch): monkeypatch.setattr(messages, '_warned', set())
 
 
 def progress_lines(out: str) -> list:

@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-from miniai.callback import Callback
-from miniai.checkpoint import SaveModelCB, read_checkpoint
+from miniai.core.events import Callback
+from miniai.runs.checkpoint import SaveModelCB
+from miniai.runs.ckptfile import read_checkpoint
 from miniai.datasets import DataLoaders
 from miniai.learner import MetricsCB, TrainLearner
-from miniai.loggers import CSVLoggerCB, TensorBoardCB
-from miniai.longrun import EarlyStoppingCB, GradAccumCB, GradClipCB, TerminateOnNaNCB
+from miniai.callbacks.loggers import CSVLoggerCB, TensorBoardCB
+from miniai.callbacks.tricks import EarlyStoppingCB, GradAccumCB, GradClipCB, TerminateOnNaNCB
 
 
 def learner(n=64, bs=16, lr=0.1, seed=0, opt_func=optim.SGD, model=None, cbs=()):

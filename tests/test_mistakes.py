@@ -9,12 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn, optim
 
-import miniai.checks as checks
+import miniai.core.checks as checks
+import miniai.core.messages as messages
 from miniai.accel import MixedPrecision, precision_cbs
-from miniai.callback import Callback
-from miniai.checks import ModuleForwardError
+from miniai.core.events import Callback
+from miniai.core.checks import ModuleForwardError
 from miniai.datasets import DataLoaders
-from miniai.fashion import TensorDataLoader
+from miniai.data.loader import TensorDataLoader
 from miniai.learner import DeviceCB, Learner, MetricsCB, NamedBatchCB, TrainCB, TrainLearner
 from miniai.sgd import BatchSchedCB, EpochSchedCB
 
@@ -42,7 +43,7 @@ class CountBatches(Callback):
 @pytest.fixture(autouse=True)
 def fresh_once_registry(monkeypatch):
     "Messages said once a process are said again in each test."
-    monkeypatch.setattr(checks, '_warned', set())
+    monkeypatch.setattr(messages, '_warned', set())
 
 
 # -- the model's output width ------------------------------------------------------------------------------------------
@@ -139,19 +140,19 @@ def test_fp16_on_a_cpu_is_warned_once_naming_bf16(cbs):
 
 
 def test_the_command_line_says_it_before_training(monkeypatch, tmp_path):
-    import miniai.cli
-    import miniai.conv
-    import miniai.recipe
+    import miniai.app.cli
+    import miniai.app.recipe
+    import miniai.core.devices
     ran = []
     def run_recipe(**kw):
         assert [str(w.message) for w in seen], 'said before the recipe starts'
         ran.append(kw['precision'])
         return {'accuracy': 0.}
-    monkeypatch.setattr(miniai.recipe, 'run_recipe', run_recipe)
-    monkeypatch.setattr(miniai.conv, 'default_device', lambda: 'cpu')  # a CPU run also on a GPU machine
+    monkeypatch.setattr(miniai.app.recipe, 'run_recipe', run_recipe)
+    monkeypatch.setattr(miniai.core.devices, 'default_device', lambda: 'cpu')  # a CPU run also on a GPU machine
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter('always')
-        assert miniai.cli.main(['train', '--precision', 'fp16', '--out', tmp_path, '--no-tta']) == 0
+        assert miniai.app.cli.main(['train', '--precision', 'fp16', '--out', tmp_path, '--no-tta']) == 0
     assert ran == ['fp16'] and len(seen) == 1
     assert __import__('re').match(FP16, str(seen[0].message))
 
@@ -184,8 +185,8 @@ class ShardLikeDDP(Callback):
 
 @pytest.fixture
 def two_processes(monkeypatch):
-    import miniai.sgd
-    monkeypatch.setattr(miniai.sgd, 'world_size', lambda: 2, raising=False)
+    import miniai.callbacks.schedule
+    monkeypatch.setattr(miniai.callbacks.schedule, 'world_size', lambda: 2, raising=False)
 
 
 def test_a_schedule_built_for_the_whole_loader_under_ddp_sharding_is_refused_before_a_batch(two_processes):

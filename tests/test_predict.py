@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from miniai.accel import precision_cbs
-from miniai.callback import Callback
+from miniai.core.events import Callback
 from miniai.datasets import DataLoaders
-from miniai.fashion import TensorDataLoader
-from miniai.inference import Prediction, per_item_loss
+from miniai.data.loader import TensorDataLoader
+from miniai.tools.inference import Prediction, per_item_loss
 from miniai.learner import Learner, MetricsCB, ProgressCB, TrainCB, TrainLearner
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from miniai.fashion import find_fashion_mnist
+from miniai.data.fashion import find_fashion_mnist
 
 SEED = Path(__file__).parent / 'seeds' / 'seed002.py'
 

@@ -3,9 +3,10 @@ import pytest
 import torch
 from torch import nn, optim
 
-import miniai.accel as accel
+import miniai.engines.plan as plan_mod
+import miniai.engines.precision as precision
 from miniai.accel import ChannelsLastCB, MixedPrecision, fastest_plan, fastest_settings
-from miniai.compile import CompileCB
+from miniai.engines.compile import CompileCB
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def fake_gpu(monkeypatch):
 
 @pytest.mark.parametrize('bf16', [True, False])
 def test_cpu_plan_follows_bf16_support_and_uses_fused_adamw_eagerly(monkeypatch, bf16):
-    monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: bf16)
+    monkeypatch.setattr(plan_mod, 'cpu_has_bf16', lambda: bf16)
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     plan = fastest_plan(epochs=50)
     assert plan.device == 'cpu' and plan.precision == ('bf16-cl' if bf16 else 'fp32')
@@ -44,7 +45,7 @@ def test_the_plans_optimizer_arguments_build_a_working_adamw():
 
 def test_gpu_plan_compiles_with_cuda_graphs_only_when_the_epochs_repay_it(fake_gpu):
     fake_gpu(bf16=True)
-    short, long, unknown = fastest_plan(epochs=5), fastest_plan(epochs=accel.CUDA_COMPILE_EPOCHS), fastest_plan()
+    short, long, unknown = fastest_plan(epochs=5), fastest_plan(epochs=plan_mod.CUDA_COMPILE_EPOCHS), fastest_plan()
     assert short.device == 'cuda' and short.precision == 'bf16-cl' and short.optimizer == 'fused'
     assert short.compile is None and 'eager for 5 epochs' in short.why['compile']
     assert unknown.compile is None and 'pass epochs=' in unknown.why['compile']
@@ -68,7 +69,7 @@ def test_other_devices_get_foreach_adamw():
 
 def test_miniai_device_cpu_on_a_gpu_machine_plans_for_the_cpu(fake_gpu, monkeypatch):
     fake_gpu(bf16=False)
-    monkeypatch.setattr(accel, 'cpu_has_bf16', lambda: True)
+    monkeypatch.setattr(plan_mod, 'cpu_has_bf16', lambda: True)
     monkeypatch.setenv('MINIAI_DEVICE', 'cpu')
     assert fastest_settings()[0] == 'bf16-cl' and fastest_plan().device == 'cpu'
     monkeypatch.delenv('MINIAI_DEVICE')
@@ -78,10 +79,10 @@ def test_miniai_device_cpu_on_a_gpu_machine_plans_for_the_cpu(fake_gpu, monkeypa
 def test_the_main_job_trains_in_fp16_on_a_gpu_without_bf16(monkeypatch, recwarn):
     "A T4 (Colab's GPU) has no bf16: the main job's Learner must let MixedPrecision scale the loss, not refuse."
     from miniai.datasets import DataLoaders
-    from miniai.fashion import TensorDataLoader
+    from miniai.data.loader import TensorDataLoader
     from miniai.learner import TrainCB
-    from miniai.recipe import make_learner
-    monkeypatch.setattr(accel, '_device_of', lambda m: torch.device('cuda'))  # MixedPrecision believes it is on CUDA
+    from miniai.app.recipe import make_learner
+    monkeypatch.setattr(precision, 'model_device', lambda m: torch.device('cuda'))  # MixedPrecision believes it is on CUDA
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     dls = DataLoaders(TensorDataLoader(x, y, 16), TensorDataLoader(x, y, 16))
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
@@ -96,8 +97,8 @@ def test_the_main_job_trains_in_fp16_on_a_gpu_without_bf16(monkeypatch, recwarn)
 
 def test_the_main_job_uses_the_plans_adamw(monkeypatch):
     from miniai.datasets import DataLoaders
-    from miniai.fashion import TensorDataLoader
-    from miniai.recipe import make_learner
+    from miniai.data.loader import TensorDataLoader
+    from miniai.app.recipe import make_learner
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
     dls = DataLoaders(TensorDataLoader(x, y, 4), TensorDataLoader(x, y, 4))
     monkeypatch.setenv('MINIAI_DEVICE', 'cpu')

@@ -8,10 +8,11 @@ import torchvision
 from torch import nn, optim
 from torch.utils.flop_counter import FlopCounterMode
 
-from miniai.fashion import fashion_dls, find_fashion_mnist
+from miniai.data.fashion import fashion_dls, find_fashion_mnist
 from miniai.learner import TrainLearner
 from miniai.resnet import fashion_resnet, seed002_resnet
-from miniai.summary import ModuleForwardError, Summary, summary
+from miniai.core.checks import ModuleForwardError
+from miniai.tools.summary import Summary, summary
 
 
 def test_rows_shapes_and_params_of_the_seed_model():

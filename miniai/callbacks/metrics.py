@@ -52,7 +52,7 @@ class LocalMetrics:
 
 
 def metrics_reducer(learn):
-    "How the metrics are read in this fit: the first reducer a callback offers (`metrics_reducer()`), else `LocalMetrics`."
+    "How the metrics are read in this fit: the first reducer a callback offers (`metrics_reducer()`), else local."
     for cb in learn.cbs:
         f = getattr(cb, 'metrics_reducer', None)
         if callable(f) and (r := f()) is not None: return r

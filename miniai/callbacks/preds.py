@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..core.events import Callback, CancelBatchException
-from ..core.learner import Learner, learner_method, looking
+from ..core.learner import Learner, learner_method
+from ..core.state import looking
 
 __all__ = ['CapturePreds', 'capture_preds']
 
@@ -21,10 +22,12 @@ class CapturePreds(Callback):
     """Collect every batch's predictions and targets (and inputs, if `inps`), joined on the CPU when the fit ends (as
     `all_preds`, `all_targs`, `all_inps`; None where there were none, such as the targets of batches without any).
     With `skip_loss`, each batch ends once its prediction is taken: no loss is computed (batches need no targets)."""
-    order = 100  # after every other after_predict (CompileCB copies outputs out of CUDA-graph memory)
+    order = 0  # takes each batch in after_batch before SingleBatchCB (1) ends the fit
 
     def __init__(self, inps: bool = False, skip_loss: bool = False):
         self.inps, self.skip_loss = inps, skip_loss
+        # taken in after_predict: after every other after_predict (CompileCB copies outputs out of CUDA-graph memory)
+        if skip_loss: self.order = 100
         self.all_preds, self.all_targs, self.all_inps = [], [], []
 
     def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-import matplotlib.pyplot as plt
 from torch.optim.lr_scheduler import ExponentialLR
 
 from ..core.events import Callback, CancelEpochException, CancelFitException
-from ..core.learner import Learner, learner_method, looking
+from ..core.learner import Learner, learner_method
+from ..core.state import looking
 from ..core.ranks import world_size
 from ..core.state import CheckpointError
 from .progress import show_or_save
@@ -24,7 +24,7 @@ class BaseSchedCB(Callback):
     length is checked at the first training epoch's start instead, against this process's shard; a schedule built
     for the whole loader, which would stop part-way, is refused then too."""
     skip_in_probes = True
-    resume_needs_state = True  # a resumed fit without its schedule would go on at other learning rates: warned of
+    resume_needs_state = 'required'  # a resumed fit goes on with its schedule or not at all
     unit = 'steps'
     def __init__(self, sched): self.sched, self._whole, self._saved, self.schedo = sched, None, None, None
 
@@ -71,8 +71,8 @@ class BaseSchedCB(Callback):
     def _restore(self, state: dict) -> None:
         now, then = getattr(self.schedo, 'total_steps', None), state.get('total_steps')
         if now != then:
-            raise CheckpointError(f'{type(self).__name__}: the checkpoint was saved by a run scheduled for {then} steps, '
-                                  f'this fit is scheduled for {now}: resume with the same epochs and batch size')
+            raise CheckpointError(f'{type(self).__name__}: the checkpoint was saved by a run scheduled for {then} '
+                                  f'steps, this fit is scheduled for {now}: resume with the same epochs and batch size')
         self.schedo.load_state_dict(state)
 
 
@@ -111,6 +111,7 @@ class RecorderCB(Callback):
 
     def plot(self) -> None:
         "One small plot per recorded value, side by side (shown once in Jupyter: nothing is returned)."
+        import matplotlib.pyplot as plt  # imported when a plot is drawn: it costs 0.4 s
         _, axs = plt.subplots(1, len(self.recs), figsize=(4 * len(self.recs), 3), squeeze=False)
         for ax, (k, v) in zip(axs.flat, self.recs.items()):
             ax.plot(v)
@@ -156,6 +157,7 @@ class LRFinderCB(Callback):
 
     def plot(self, ax=None):
         "Loss against learning rate on a log axis, the suggested learning rate marked."
+        import matplotlib.pyplot as plt
         if ax is None: _, ax = plt.subplots(figsize=(5, 3.5))
         keep = [(lr, l) for lr, l in zip(self.lrs, self.losses) if math.isfinite(l)]
         ax.plot([lr for lr, _ in keep], [l for _, l in keep])
@@ -169,6 +171,7 @@ class LRFinderCB(Callback):
 
     def cleanup_fit(self, learn):
         if not (self.show and self.lrs): return
+        import matplotlib.pyplot as plt
         self.plot()
         show_or_save(plt.gcf(), self.show, 'lr_find', "pass lr_find(plot='lr_find.png') to save it to a file, or "
                      "plt.savefig('lr_find.png') now (it is the current figure); lr_find(plot=False) draws none")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import model_device
 from .events import Callback
 from .messages import warn_user
 from .nested import first_shape, tensors_in
@@ -71,15 +72,15 @@ def failed_module(e: BaseException, model: nn.Module) -> tuple[nn.Module, object
 
 def device_mismatch(model: nn.Module, data, cbs=()) -> str | None:
     "Why `data` cannot go through `model` if its tensors are on another device than the model's parameters; else None."
-    p = next(model.parameters(), None)
-    if p is None: return None
-    others = sorted({str(t.device) for t in tensors_in(data)} - {str(p.device)})
+    if next(model.parameters(), None) is None: return None  # nothing of the model's sits on a device
+    dev = model_device(model)
+    others = sorted({str(t.device) for t in tensors_in(data)} - {str(dev)})
     if not others: return None
     has = [cb for cb in cbs if type(cb).__name__ == 'DeviceCB']
     fix = (f'DeviceCB({str(has[0].device)!r}) is there, so something after it moved one of them: put both on one '
            f'device' if has else "add DeviceCB() to the Learner's callbacks, which puts the model and every batch on "
            "one device (default_device() unless you name one)")
-    return f"the model's parameters are on {p.device} but the batch is on {', '.join(others)}: {fix}"
+    return f"the model's parameters are on {dev} but the batch is on {', '.join(others)}: {fix}"
 
 
 def explain_forward_failure(learn, e: RuntimeError) -> Exception | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import warnings
-from contextlib import contextmanager
 from functools import partial
 
 import fastcore.all as fc
@@ -35,10 +34,9 @@ from .checks import FirstBatchChecks, explain_forward_failure, loss_failure, tak
 from .devices import resolve_device, to_device
 from .events import (EVENTS, STEPS, Callback, CancelFitException, callback_name, misspelt_events, note_failure, run_cbs,
                      sort_cbs, with_cbs)
-from .state import unchanged
 
 __all__ = ['Learner', 'TrainLearner', 'MomentumLearner', 'TrainCB', 'DeviceCB', 'SingleBatchCB', 'compute_loss',
-           'looking', 'learner_method']
+           'learner_method']
 
 
 def _handler_name(m) -> str:
@@ -135,7 +133,7 @@ class Learner:
     def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr: float | None = None,
             resume=None):
         """Train for `n_epochs` with a fresh optimizer at `lr`; `cbs` are used for this fit only.
-        `resume`: a checkpoint path (see `miniai.checkpoint`) to continue a run from where it was saved."""
+        `resume`: a checkpoint path (see `miniai.runs.checkpoint`) to continue a run from where it was saved."""
         if not isinstance(n_epochs, int) or isinstance(n_epochs, bool) or n_epochs < 0:
             raise ValueError(f'fit: n_epochs must be a whole number >= 0, got {n_epochs!r}')
         self._check_dls(train, valid)
@@ -221,7 +219,7 @@ class Learner:
 
     def predict(self, x=None, act=None):
         """With `x`: the class of `x` (one item or a batch), its probability and all probabilities, through this
-        Learner's callbacks (see `miniai.inference.predict`). Without: the loop's 'predict' step, which a plain
+        Learner's callbacks (see `miniai.tools.inference.predict`). Without: the loop's 'predict' step, which a plain
         Learner takes from its callbacks (`TrainCB`)."""
         if x is None: return self.callback('predict')
         return self.predict_item(x, act)
@@ -291,22 +289,3 @@ class SingleBatchCB(Callback):
     "End the fit after one batch: a quick check that the whole loop runs."
     order = 1
     def after_batch(self, learn): raise CancelFitException()
-
-
-
-@contextmanager
-def looking(learn: Learner, quiet: bool = True):
-    """Inside, run probes (`lr_find`, `capture_preds`, ...) through `fit`; afterwards the model, its optimizer (the
-    same object, same state), the data order and the RNGs are as they were. `quiet` sets aside meanwhile the
-    callbacks marked `skip_in_probes` (metrics, progress, schedulers, checkpoints, loggers), which would treat the
-    probe as training."""
-    had_opt, old_opt = 'opt' in learn.__dict__, learn.__dict__.get('opt')
-    dls = [getattr(learn.dls, a, None) for a in ('train', 'valid')]
-    hidden = [c for c in learn.cbs if getattr(c, 'skip_in_probes', False)] if quiet else []
-    for c in hidden: learn.cbs.remove(c)
-    try:
-        with unchanged(learn.model, old_opt, *dls): yield learn
-    finally:
-        learn.cbs += hidden
-        if had_opt: learn.opt = old_opt
-        else: learn.__dict__.pop('opt', None)

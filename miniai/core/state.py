@@ -17,9 +17,10 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-__all__ = ['CheckpointError', 'set_seed', 'rng_state', 'set_rng_state', 'unwrap_model', 'plain_keys', 'plain_state_dict',
-           'plain_saved_keys', 'keeps_state', 'loader_generator', 'note_epoch_start', 'loader_state', 'set_loader_state',
-           'unchanged', 'match_state_layout', 'stateful_callbacks', 'callback_states', 'load_callback_states']
+__all__ = ['CheckpointError', 'set_seed', 'rng_state', 'set_rng_state', 'unwrap_model', 'plain_keys',
+           'plain_state_dict', 'plain_saved_keys', 'keeps_state', 'loader_generator', 'note_epoch_start',
+           'loader_state', 'set_loader_state', 'unchanged', 'looking', 'match_state_layout', 'stateful_callbacks',
+           'callback_states', 'load_callback_states']
 
 
 class CheckpointError(ValueError):
@@ -156,7 +157,8 @@ def set_loader_state(dl, state: dict | None, repeat_epoch: bool = False) -> bool
         return True
     if not keeps_state(dl): return False
     if not repeat_epoch: dl.load_state_dict(state)
-    elif 'repeat_epoch' in inspect.signature(dl.load_state_dict).parameters: dl.load_state_dict(state, repeat_epoch=True)
+    elif 'repeat_epoch' in inspect.signature(dl.load_state_dict).parameters:
+        dl.load_state_dict(state, repeat_epoch=True)
     else: return False
     return True
 
@@ -189,6 +191,24 @@ def unchanged(model: nn.Module, *others):
         set_rng_state(rngs)
 
 
+@contextmanager
+def looking(learn, quiet: bool = True):
+    """Inside, run probes (`lr_find`, `capture_preds`, ...) through `fit`; afterwards the model, its optimizer (the
+    same object, same state), the data order and the RNGs are as they were. `quiet` sets aside meanwhile the
+    callbacks marked `skip_in_probes` (metrics, progress, schedulers, checkpoints, loggers), which would treat the
+    probe as training."""
+    had_opt, old_opt = 'opt' in learn.__dict__, learn.__dict__.get('opt')
+    dls = [getattr(learn.dls, a, None) for a in ('train', 'valid')]
+    hidden = [c for c in learn.cbs if getattr(c, 'skip_in_probes', False)] if quiet else []
+    for c in hidden: learn.cbs.remove(c)
+    try:
+        with unchanged(learn.model, old_opt, *dls): yield learn
+    finally:
+        learn.cbs += hidden
+        if had_opt: learn.opt = old_opt
+        else: learn.__dict__.pop('opt', None)
+
+
 @torch.no_grad()
 def match_state_layout(opt) -> None:
     """Give each optimizer state tensor shaped like its parameter the parameter's memory layout (strides).
@@ -206,32 +226,42 @@ def match_state_layout(opt) -> None:
 def stateful_callbacks(cbs) -> dict:
     """The callbacks that keep state (a `state_dict` and a `load_state_dict` method), by class name (numbered `.1`,
     `.2`... when a class is there more than once), in the order given."""
-    own = [cb for cb in cbs if callable(getattr(cb, 'state_dict', None)) and callable(getattr(cb, 'load_state_dict', None))]
+    own = [cb for cb in cbs if callable(getattr(cb, 'state_dict', None))
+           and callable(getattr(cb, 'load_state_dict', None))]
     names = [type(cb).__name__ for cb in own]
     return {(n if names.count(n) == 1 else f'{n}.{names[:i].count(n)}'): cb
             for i, (n, cb) in enumerate(zip(names, own))}
 
 
-def callback_states(cbs) -> tuple[dict, list]:
-    """Each stateful callback's `state_dict()` by name (None where it has nothing to keep yet), and the names of those
-    the training itself goes on from (`resume_needs_state = True`), for a checkpoint to hold."""
+def callback_states(cbs) -> tuple[dict, list, list]:
+    """Each stateful callback's `state_dict()` by name (None where it has nothing to keep yet); the names of those the
+    training itself goes on from (`resume_needs_state`), and of those it cannot go on without (`'required'`)."""
     found = stateful_callbacks(cbs)
-    return ({k: cb.state_dict() for k, cb in found.items()},
-            [k for k, cb in found.items() if getattr(cb, 'resume_needs_state', False)])
+    needs = {k: getattr(cb, 'resume_needs_state', False) for k, cb in found.items()}
+    return ({k: cb.state_dict() for k, cb in found.items()}, [k for k, v in needs.items() if v],
+            [k for k, v in needs.items() if v == 'required'])
 
 
-def load_callback_states(cbs, states: dict | None, where, needed=()) -> None:
-    """Hand each callback of `cbs` its saved state (`load_state_dict`; each applies it when it next starts a fit). A
-    state the training needs, saved by a callback `cbs` lack, is warned of; so is a callback of `cbs` whose training
-    needs a state that `where` does not hold (it was saved by a run without it)."""
+def load_callback_states(cbs, states: dict | None, where, needed=(), required=()) -> None:
+    """Hand each callback of `cbs` its saved state (`load_state_dict`; each applies it when it next starts a fit).
+    A saved state the training goes on from (`needed`) that no callback of `cbs` takes, or a callback of `cbs` that
+    needs one (`resume_needs_state`) and finds none in `where` (the run was saved without it), is warned of: the run
+    does not go on exactly. Where the state is `required` (a schedule cannot go on from nothing, nor be dropped
+    part-way), it is a `CheckpointError` instead, raised before anything is loaded."""
     found, states = stateful_callbacks(cbs), states or {}
-    for k, st in states.items():
-        if k in found:
-            if st is not None: found[k].load_state_dict(st)
-        elif st and k in (needed or ()):
-            warnings.warn(f'{where} holds the state of a {k.split(".")[0]}, which this fit does not have: it is not '
-                          f'used (add the same callback to go on exactly)')
+    lost = [k for k in needed or () if k not in found and states.get(k)]
+    missing = [k for k, cb in found.items() if k not in states and getattr(cb, 'resume_needs_state', False)]
+    fatal = [k for k in lost if k in (required or ())] + \
+            [k for k in missing if getattr(found[k], 'resume_needs_state', False) == 'required']
+    if fatal:
+        raise CheckpointError(f'{where} and this fit differ in {", ".join(k.split(".")[0] for k in fatal)}, whose '
+                              f'state the run cannot go on without: resume with the callbacks the run had, or start a '
+                              f'new run')
+    for k in lost:
+        warnings.warn(f'{where} holds the state of a {k.split(".")[0]}, which this fit does not have: it is not used '
+                      f'(add the same callback to go on exactly)')
+    for k in missing:
+        warnings.warn(f'{where} was saved by a run without this fit\'s {k.split(".")[0]}: it starts afresh, so the '
+                      f'run does not go on exactly as it would have')
     for k, cb in found.items():
-        if k not in states and getattr(cb, 'resume_needs_state', False):
-            warnings.warn(f'{where} was saved by a run without this fit\'s {k.split(".")[0]}: it starts afresh, so the '
-                          f'run does not go on exactly as it would have')
+        if states.get(k) is not None: cb.load_state_dict(states[k])

@@ -62,8 +62,8 @@ class DataLoaders:
     @classmethod
     def from_dd(cls, dd, batch_size: int, as_tuple: bool = True, **kwargs) -> 'DataLoaders':
         """Data loaders over the splits of a `DatasetDict` `dd`, batches collated to tuples of its features. A `dd` of
-        images and labels with no transform (`miniai.hf_images.is_image_dd`) takes the fast path instead: uint8 tensors
-        decoded once and cached, normalised per batch (`miniai.hf_images.dd_dls`; DataLoader-only options such as
+        images and labels with no transform (`miniai.data.hf.is_image_dd`) takes the fast path instead: uint8 tensors
+        decoded once and cached, normalised per batch (`dd_dls`; DataLoader-only options such as
         `num_workers` are not needed there). A transformed `dd` goes item by item through its transform."""
         if as_tuple and 'collate_fn' not in kwargs and is_image_dd(dd):
             return dd_dls(dd, batch_size, **{k: v for k, v in kwargs.items() if k not in _WORKER_OPTIONS})

@@ -29,7 +29,7 @@ def read_file(path) -> torch.Tensor:
 
 
 def decode(data: torch.Tensor, name) -> torch.Tensor:
-    "Encoded bytes (1-D uint8) -> uint8 [C, H, W] with C 1 or 3 (alpha dropped, palettes expanded, 16 bits scaled to 8)."
+    "Encoded bytes (1-D uint8) -> uint8 [C, H, W], C 1 or 3 (alpha dropped, palettes expanded, 16 bits scaled to 8)."
     from torchvision.io import ImageReadMode, decode_image
     # a palette PNG (colour type 3 in IHDR) decodes to its indices unless RGB is asked for
     palette = len(data) > 25 and bytes(data[:4].tolist()) == b'\x89PNG' and int(data[25]) == 3

@@ -5,10 +5,10 @@ MASTER_ADDR/PORT) it joins the process group (NCCL when the model is on a GPU, g
 model is on this process's own device (`DeviceCB()` puts it on cuda:LOCAL_RANK), wraps the model in
 `DistributedDataParallel`, gives each rank its own shard of every epoch (the fast tensor loader and torch
 `DataLoader`s alike), has `MetricsCB` merge the metrics' states over the ranks (`RankMetrics`) so the reported
-numbers are global, and lets only rank 0 print and write files (`ProgressCB`, `SaveModelCB`, the loggers check `is_main_process`). A process
-group it joined is ended with the fit (a group the user made is left alone). Beside it, a small gloo group on the CPU
-(`cpu_group`) carries what ranks agree on outside the gradients (stopping, saving, choosing a checkpoint), so that
-never adds a GPU synchronisation.
+numbers are global, and lets only rank 0 print and write files (`ProgressCB`, `SaveModelCB`, the loggers check
+`is_main_process`). A process group it joined is ended with the fit (a group the user made is left alone). Beside
+it, a small gloo group on the CPU (`cpu_group`) carries what ranks agree on outside the gradients (stopping, saving,
+choosing a checkpoint), so that never adds a GPU synchronisation.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ __all__ = ['run_checkpoints', 'newest_checkpoint', 'choose_together', 'AutoResum
 
 def run_checkpoints(learn: Learner) -> tuple[list[Path], list[Path]]:
     """The files this Learner's callbacks write that a run can go on from (each callback with `checkpoint_paths()`
-    says which: `InterruptCB`'s file, `SaveModelCB`'s last.ckpt), and the fallbacks (its best.ckpt, an earlier state)."""
+    says which: `InterruptCB`'s file, `SaveModelCB`'s last.ckpt), and the fallbacks (its best.ckpt, an earlier
+    state)."""
     paths, fallbacks = [], []
     for cb in learn.cbs:
         if callable(f := getattr(cb, 'checkpoint_paths', None)):

@@ -37,11 +37,12 @@ def rng_snapshot() -> dict:
 
 def save_checkpoint(learn: Learner, path, **extra) -> Path:
     "Write everything needed to resume `learn` exactly to `path` (atomically); returns the path."
-    path, (cb_states, cbs_needed) = Path(path), callback_states(learn.cbs)
+    path, (cb_states, cbs_needed, cbs_required) = Path(path), callback_states(learn.cbs)
     state = {'model': plain_state_dict(learn.model), 'epoch': getattr(learn, 'epoch', None),
              'opt': learn.opt.state_dict() if 'opt' in learn.__dict__ else None, 'rng': rng_snapshot(),
              'data': loader_state(getattr(learn.dls, 'train', None)), 'callbacks': cb_states,
-             'callbacks_needed': cbs_needed, 'world_size': world_size(), 'saved_at': time.time(), **extra}
+             'callbacks_needed': cbs_needed, 'callbacks_required': cbs_required, 'world_size': world_size(),
+             'saved_at': time.time(), **extra}
     write_checkpoint(state, path)
     return path
 
@@ -134,24 +135,22 @@ def load(self: Learner, path, with_opt: bool = True) -> Learner:
     return self
 
 
-def _upgrade(ck: dict, cbs, path) -> dict:
+def _upgrade(ck: dict, cbs) -> dict:
     """A checkpoint from before every callback kept its state through `state_dict` (files of miniai 0.1 written
     before the one-house layout): its schedulers' and loss scalers' states, kept in lists in the order of the fit's
     callbacks, become states by callback name, as the file would hold them now."""
     if 'scheds' not in ck and 'amp' not in ck: return ck
-    states, needed = dict(ck.get('callbacks') or {}), list(ck.get('callbacks_needed') or [])
+    states, needed, required = dict(ck.get('callbacks') or {}), list(ck.get('callbacks_needed') or []), []
     names = {id(cb): k for k, cb in stateful_callbacks(cbs).items()}
     for key, kind in (('scheds', BaseSchedCB), ('amp', MixedPrecision)):
-        own, saved = [names[id(cb)] for cb in cbs if isinstance(cb, kind)], ck.get(key) or []
-        if key == 'scheds' and len(own) != len(saved):
-            raise CheckpointError(f'{path} holds {len(saved)} scheduler states, this fit has {len(own)} schedulers')
-        if key == 'amp' and any(saved[len(own):]):
-            warnings.warn(f'{path} holds an fp16 loss scaler state, but this fit has no MixedPrecision to take it: '
-                          f'the resumed run will not be exact')
-        for k, st in zip(own, saved):
-            states[k] = st or None
+        own, saved = [names[id(cb)] for cb in cbs if isinstance(cb, kind)], list(ck.get(key) or [])
+        saved += [None] * (len(own) - len(saved))  # this fit has more: they find no state (warned of, or refused)
+        for i, st in enumerate(saved):
+            k = own[i] if i < len(own) else f'{kind.__name__}.{i}'  # more than this fit has: a state with no taker
+            if st: states[k] = st
             if st: needed.append(k)
-    return {**ck, 'callbacks': states, 'callbacks_needed': needed}
+            if key == 'scheds': required.append(k)
+    return {**ck, 'callbacks': states, 'callbacks_needed': needed, 'callbacks_required': required}
 
 
 class ResumeCB(Callback):
@@ -170,7 +169,7 @@ class ResumeCB(Callback):
         # moves after this one finds its state beside it; and it comes after the schedulers were built (building one
         # resets the learning rate). The training data is checked and given its order then too, once DDPCB has
         # sharded it.
-        ck = _upgrade(this_rank(load_into(learn, self.path, with_opt=False), self.path), learn.cbs, self.path)
+        ck = _upgrade(this_rank(load_into(learn, self.path, with_opt=False), self.path), learn.cbs)
         self._opt = ck.get('opt')
         self._data = {k: ck.get(k) for k in ('position', 'data')}  # placed at the first training before_epoch
         if ck.get('position') is not None:
@@ -183,7 +182,8 @@ class ResumeCB(Callback):
                                       f'learn.load it, or start a new run to train more)')
             learn.epochs = range(done + 1, learn.n_epochs)
         set_rng_state(ck['rng'])
-        load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'))
+        load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'),
+                             ck.get('callbacks_required'))
         self._pending = True
 
     def before_epoch(self, learn):

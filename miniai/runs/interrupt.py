@@ -2,14 +2,14 @@
 
 During a fit with `InterruptCB`, SIGINT (Ctrl-C) and SIGTERM (what a cluster's scheduler sends before it kills a
 job) only set a flag; after the batch under way is complete, the callback saves a checkpoint of that exact point
-(weights, optimizer, schedulers, RNGs, the data order of the epoch and the batch within it) and raises `Interrupted`.
-`fit(n, resume=path)` then goes on to the very weights an uninterrupted run ends with. A second signal while the
-checkpoint is written waits for it (the file is never left half-written); a second Ctrl-C at any other time stops at
-once, without saving, while a repeated SIGTERM is only noted (a launcher may pass on a scheduler's notice that reached
-the process already; SIGKILL is the way to stop without the save). Under `torchrun` every rank stops after the same
-batch, wherever the signal arrived (`miniai.engines.cluster.StopAgreement`), and one checkpoint holds them all. `SignalGuard`
-keeps the handlers for a whole script (the command line uses it), so that a signal before or after the fit stops the
-script with `Interrupted` too, not with a traceback or without a word.
+(weights, optimizer, schedulers, RNGs, the data order of the epoch and the batch within it) and raises
+`Interrupted`. `fit(n, resume=path)` then goes on to the very weights an uninterrupted run ends with. A second
+signal while the checkpoint is written waits for it (the file is never left half-written); a second Ctrl-C at any
+other time stops at once, without saving, while a repeated SIGTERM is only noted (a launcher may pass on a
+scheduler's notice that reached the process already; SIGKILL is the way to stop without the save). Under `torchrun`
+every rank stops after the same batch, wherever the signal arrived (`miniai.engines.cluster.StopAgreement`), and one
+checkpoint holds them all. `SignalGuard` keeps the handlers for a whole script (the command line uses it), so that a
+signal before or after the fit stops the script with `Interrupted` too, not with a traceback or without a word.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from miniai.conv import *
 from miniai.learner import *
 from miniai.activations import *
 from miniai.init import *
-from miniai.fashion import fashion_dls
+from miniai.data.fashion import fashion_dls
 from fastcore.test import test_close
 
 torch.set_printoptions(precision=2, linewidth=140, sci_mode=False)
