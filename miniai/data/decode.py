@@ -69,7 +69,6 @@ def load_image(item, name) -> torch.Tensor:
 def quiet_decoders():
     "Inside, torchvision's notice about its decoders' future move to TorchCodec is not shown (they work as before)."
     with warnings.catch_warnings():
-        # torchvision 0.29 announces its decoders' future move to TorchCodec on every call; they work as before
         warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision')
         yield
 

@@ -122,9 +122,9 @@ def folder_images(path, train: str = 'train', valid: str = 'valid', valid_pct: f
 def write_image_folder(path, x: torch.Tensor, y: torch.Tensor, classes: list[str], split: str = 'train') -> list[Path]:
     """Write uint8 images `x` with labels `y` as PNGs in the ImageFolder layout, `path/split/<class>/<index>.png`
     (`/` in a class name becomes `_`), for trying `from_folder` or exporting a data set; returns the files in order.
-    The one file miniai writes without `atomic_path`: syncing each file took 1.07 ms against 0.06 ms here, which
-    would make writing Fashion-MNIST's 70,000 images 75 s instead of 4 s; a file cut short by a crash is named by
-    the cache's decoding error ("cannot be decoded ... truncated"), and writing the folder again mends it."""
+    The one set of files miniai writes without `atomic_path`: syncing each small file costs many times the write
+    (bench/results/files.md), minutes for a data set of tens of thousands of images; a file cut short by a crash is
+    named by the cache's decoding error ("cannot be decoded ... truncated"), and writing the folder again mends it."""
     folders = [Path(path) / split / c.replace('/', '_') for c in classes]
     for d in folders: d.mkdir(parents=True, exist_ok=True)
     digits = len(str(max(len(x) - 1, 0)))

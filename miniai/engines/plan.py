@@ -54,20 +54,21 @@ def fastest_plan(device=None, epochs: int | None = None) -> SpeedPlan:
     if device.type == 'cuda':
         opt, why['optimizer'] = 'fused', 'CUDA: fused AdamW updates all parameters in a few kernel launches'
     elif device.type == 'cpu':  # fused AdamW runs on CPUs since torch 2.4
-        opt, why['optimizer'] = 'fused', ('CPU: a fused AdamW step of the wide ResNet took 13 ms here, foreach 45 ms '
-                                          'and the for-loop 50 ms; training steps ran 2 to 13% faster')
+        opt, why['optimizer'] = 'fused', ('CPU: a fused AdamW step of the wide ResNet took about a quarter of the '
+                                          'time of foreach or the for-loop, and training steps ran 2 to 13% faster '
+                                          '(bench/results/compile.md)')
     else: opt, why['optimizer'] = 'foreach', f'{device.type}: foreach AdamW (fused is for CPU and CUDA)'
     if device.type == 'cuda':
         cost = (f"CUDA graphs cut an epoch of the wide ResNet from 1.22 s to 0.48 s on an H200, but the first epoch "
-                f"takes 14 s (break-even about {CUDA_COMPILE_EPOCHS} epochs)")
+                f"takes 14 s (break-even about {CUDA_COMPILE_EPOCHS} epochs, bench/results/compile.md)")
         mode = 'reduce-overhead' if epochs is not None and epochs >= CUDA_COMPILE_EPOCHS else None
         why['compile'] = (f'reduce-overhead for {epochs} epochs: {cost}' if mode else
                           f'eager for {epochs} epochs: {cost}' if epochs is not None else
                           f'eager, as the number of epochs is not given (pass epochs=): {cost}')
     else:
-        mode, why['compile'] = None, ('eager: with bf16 and channels-last, compiled training steps were 9% slower '
-                                      'than eager ones on this CPU (the convolutions are oneDNN kernels either way), '
-                                      'after one to two minutes of compiling')
+        mode, why['compile'] = None, ('eager: with bf16 and channels-last, compiled training steps were about 9% slower '
+                                      'than eager ones on the CPUs measured (the convolutions are oneDNN kernels either '
+                                      'way), after one to two minutes of compiling (bench/results/compile.md)')
     why['data'] = (f'keep the data on {device} (fashion_dls(device=...)): a batch that never crosses the bus costs '
                    f'nothing to move' if device.type != 'cpu' else 'cpu: the data is already where the model is')
     return SpeedPlan(str(device), precision, cl, opt, mode, why)
