@@ -95,7 +95,7 @@ def worker(rounds: int, out: str) -> None:
             # barrier the runs without it would end at rank 0's own end and look faster by the ranks' skew
             dist.barrier()
             self.seconds, self.cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
-            agree = next((cb._agree for cb in learn.cbs if type(cb).__name__ == 'InterruptCB'), None)
+            agree = getattr(getattr(learn, 'interrupt', None), '_agree', None)
             self.rounds = 0 if agree is None else agree.rounds
 
     times = {job: {m: [] for m in MODES} for job in jobs()}
