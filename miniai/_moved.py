@@ -123,9 +123,9 @@ def _home(where: str):
     return importlib.import_module(f'{__package__}.{mod}'), attr
 
 
-def _new_places(old: str, names=None) -> str:
-    homes = {f'miniai.{w.partition(":")[0]}' for n, w in MOVED[old].items() if names is None or n in names}
-    return ', '.join(sorted(homes))
+def _new_places(old: str) -> str:
+    "The modules where the names of the old module `old` live now."
+    return ', '.join(sorted({f'miniai.{w.partition(":")[0]}' for w in MOVED[old].values()}))
 
 
 def _say(message: str) -> None:

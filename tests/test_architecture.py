@@ -98,8 +98,7 @@ def test_imports_go_down_from_room_to_room():
 
 def test_no_module_takes_a_private_name_from_another():
     taken = [f'{name}:{line} takes {n} from {target}' for name in MODULES for target, names, line in imports_of(name)
-             for n in names if n.startswith('_') and not n.startswith('__') and target != name
-             and not (name == 'miniai.fid' and target == 'miniai.tools.fid')]  # the course's own helper names
+             for n in names if n.startswith('_') and not n.startswith('__') and target != name]
     assert not taken, taken
 
 

@@ -47,7 +47,7 @@ class TensorDataLoader:
         self._epoch_gen = None  # the generator's state before the latest epoch's order was drawn
 
     def _set_normalisation(self, mean, std):
-        self.mean = self.std = self.norm = None
+        self.norm = None
         if mean is None and std is None: return
         if mean is None or std is None: raise ValueError('TensorDataLoader: give both mean and std, or neither')
         if self.x.dtype != torch.uint8 or self.x.dim() < 2:
@@ -55,10 +55,11 @@ class TensorDataLoader:
                              f'{tuple(self.x.shape)} (normalise float data once, beforehand)')
         try: self.norm = Normalise(mean, std, channels=self.x.shape[1], spatial_dims=self.x.dim() - 2)
         except ValueError as e: raise ValueError(f'TensorDataLoader: {e}') from None
-        self.mean, self.std = self.norm.mean, self.norm.std
         # where batches are normalised: with pinned batches, on the GPU they are copied to (4x fewer bytes to copy)
         self._norm_device = resolve_device('cuda') if self.pin_memory else self.x.device
 
+    mean = property(lambda self: None if self.norm is None else self.norm.mean, doc="Per-channel mean, of [0, 1].")
+    std = property(lambda self: None if self.norm is None else self.norm.std, doc="Per-channel std, of [0, 1].")
     batch_size = property(lambda self: self.bs)
     device = property(lambda self: self.x.device)
 

@@ -12,9 +12,14 @@ from .decode import ImageDataError
 __all__ = ['Normalise', 'per_channel', 'channel_stats']
 
 
+def _floats(v) -> tuple[float, ...]:
+    "A number, or a sequence, tensor or array of them, as a tuple of floats."
+    return tuple(float(o) for o in (v if isinstance(v, (Sequence, torch.Tensor, np.ndarray)) else [v]))
+
+
 def per_channel(v, c: int, what: str) -> tuple[float, ...]:
     "`v` (a number, or one per channel) as `c` floats; one value stands for every channel."
-    v = tuple(float(o) for o in (v if isinstance(v, (Sequence, torch.Tensor, np.ndarray)) else [v]))
+    v = _floats(v)
     if len(v) == 1: v = v * c
     if len(v) != c: raise ValueError(f'{what} has {len(v)} values for {c} channels')
     return v
@@ -26,9 +31,7 @@ class Normalise:
     `(x / 255 - mean) / std`, `decode` turns normalised images back into [0, 1] pixels. `mean` and `std` are those of
     [0, 1] pixels, one per channel (or one for all of them when `channels` is given)."""
     def __init__(self, mean, std, channels: int | None = None, spatial_dims: int = 2):
-        def as_tuple(v): return tuple(float(o) for o in (v if isinstance(v, (Sequence, torch.Tensor, np.ndarray))
-                                                          else [v]))
-        c = channels or max(len(as_tuple(mean)), len(as_tuple(std)))
+        c = channels or max(len(_floats(mean)), len(_floats(std)))
         self.mean, self.std = per_channel(mean, c, 'mean'), per_channel(std, c, 'std')
         if min(self.std) <= 0: raise ValueError(f'std must be > 0, got {self.std}')
         self.channels, self.spatial_dims, self._consts = c, spatial_dims, {}

@@ -21,7 +21,7 @@ from ..core.events import Callback
 from ..core.learner import TrainLearner
 from ..data.dataloaders import DataLoaders
 
-__all__ = ['ImageEval']
+__all__ = ['ImageEval', 'calc_stats', 'calc_fid', 'calc_kid', 'squared_mmd', 'sqrtm_newton_schulz']
 
 
 def _matrix(feats: torch.Tensor, what: str) -> torch.Tensor:
@@ -34,7 +34,7 @@ def _matrix(feats: torch.Tensor, what: str) -> torch.Tensor:
     return f
 
 
-def _calc_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def calc_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "The mean [D] and covariance [D, D] (unbiased, float64) of features [N, D], on their device."
     f = _matrix(feats, 'FID statistics')
     if len(f) < 2:
@@ -64,7 +64,7 @@ def _check_widths(what: str, a: int, b: int):
                          f'from the same layer of the same model')
 
 
-def _calc_fid(m1: torch.Tensor, c1: torch.Tensor, m2: torch.Tensor, c2: torch.Tensor) -> float:
+def calc_fid(m1: torch.Tensor, c1: torch.Tensor, m2: torch.Tensor, c2: torch.Tensor) -> float:
     "The Fréchet distance between the Gaussians (m1, c1) and (m2, c2), in float64 (see the module's docstring)."
     for m, c, k in ((m1, c1, 1), (m2, c2, 2)):
         if m.dim() != 1 or c.shape != (len(m), len(m)):
@@ -77,7 +77,7 @@ def _calc_fid(m1: torch.Tensor, c1: torch.Tensor, m2: torch.Tensor, c2: torch.Te
     return max(fid.item(), 0.)  # a squared distance: below 0 only by round-off
 
 
-def _sqrtm_newton_schulz(mat: torch.Tensor, num_iters: int = 100) -> torch.Tensor:
+def sqrtm_newton_schulz(mat: torch.Tensor, num_iters: int = 100) -> torch.Tensor:
     """A square root of `mat` (float64) by the coupled Newton-Schulz iteration on `mat / |mat|`, stopping once
     `|mat - root²| <= 1e-6 |mat|` (Frobenius norms) or after `num_iters` steps. Converges for matrices whose
     eigenvalues are real and non-negative, such as a product of two covariances."""
@@ -96,7 +96,7 @@ def _sqrtm_newton_schulz(mat: torch.Tensor, num_iters: int = 100) -> torch.Tenso
     return root
 
 
-def _squared_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def squared_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The unbiased squared MMD between features x [..., m, d] and y [..., n, d] with the kernel `(a·b/d + 1)³`
     (float64): the kernel's mean within x and within y (without the diagonals) less twice its mean across."""
     m, n, d = x.shape[-2], y.shape[-2], x.shape[-1]
@@ -109,8 +109,8 @@ def _squared_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return within(kxx, m) + within(kyy, n) - 2 * k(x, y).mean((-2, -1))
 
 
-def _calc_kid(x: torch.Tensor, y: torch.Tensor, maxs: int = 50) -> float:
-    """KID between features x [N, D] and y [M, D]: `_squared_mmd` averaged over `max(4, ceil(min(N, M) / maxs))`
+def calc_kid(x: torch.Tensor, y: torch.Tensor, maxs: int = 50) -> float:
+    """KID between features x [N, D] and y [M, D]: `squared_mmd` averaged over `max(4, ceil(min(N, M) / maxs))`
     blocks, each set cut into that many consecutive, nearly equal parts (block i: rows round(i·N/n) to
     round((i+1)·N/n))."""
     x, y = _matrix(x, 'KID'), _matrix(y.to(x.device), 'KID')
@@ -121,7 +121,7 @@ def _calc_kid(x: torch.Tensor, y: torch.Tensor, maxs: int = 50) -> float:
         raise ValueError(f'KID: averages over {n} blocks of at least 2 images from each set, so each set needs at '
                          f'least {2 * n} images; got {xs} and {ys}')
     cut = lambda s, i: s[round(i * len(s) / n):round((i + 1) * len(s) / n)]  # the course's blocks, so its values
-    return (sum(_squared_mmd(cut(x, i), cut(y, i)) for i in range(n)) / n).item()
+    return (sum(squared_mmd(cut(x, i), cut(y, i)) for i in range(n)) / n).item()
 
 
 def _no_loss(preds, *targets): return preds.new_zeros(())  # ImageEval only looks: no loss is needed
@@ -145,7 +145,7 @@ class ImageEval:
         probe = _InputShape()
         self.feats = self._flat(capture_preds(self.learn, cbs=[probe])[0])
         self.image_shape = probe.shape
-        self.stats = _calc_stats(self.feats)
+        self.stats = calc_stats(self.feats)
 
     @staticmethod
     def _flat(preds: torch.Tensor) -> torch.Tensor: return preds.float().cpu().reshape(len(preds), -1)
@@ -175,8 +175,8 @@ class ImageEval:
 
     def fid(self, samp: torch.Tensor) -> float:
         "The FID between the images `samp` [N, C, H, W] (N >= 2) and the reference set."
-        return _calc_fid(*self.stats, *_calc_stats(self._sample_feats(samp, 'fid', 2)))
+        return calc_fid(*self.stats, *calc_stats(self._sample_feats(samp, 'fid', 2)))
 
     def kid(self, samp: torch.Tensor) -> float:
         "The KID between the images `samp` [N, C, H, W] (N >= 8: 4 blocks of 2) and the reference set."
-        return _calc_kid(self.feats, self._sample_feats(samp, 'kid', 8))
+        return calc_kid(self.feats, self._sample_feats(samp, 'kid', 8))
