@@ -10,7 +10,11 @@ import torchvision.transforms.functional as TF
 
 from miniai.data import fashion, hf, imagecache
 from miniai.data.decode import ImageDataError
+from torch import nn
+import torch.nn.functional as F
+
 from miniai.data.loader import TensorDataLoader
+from miniai.learner import Callback, DeviceCB, Learner, TrainCB
 from miniai.data.normalise import channel_stats
 from miniai.datasets import DataLoaders, inplace
 from miniai.data.fashion import CLASSES, fashion_arrays, find_fashion_mnist
@@ -48,24 +52,64 @@ def test_uint8_batches_are_normalised_per_channel_as_float():
         TensorDataLoader(x, y, mean=0.5)
 
 
-def test_pinned_batches_are_copied_as_uint8_and_normalised_on_the_gpu(monkeypatch):
-    "CPU-held data for a CUDA model: the batch crosses as uint8 (a quarter of the bytes), then becomes float there."
+def _cuda_machine_that_cannot_pin(monkeypatch):
+    "torch sees a CUDA GPU (for the loader's checks), and pinned buffers are plain ones (this machine cannot pin)."
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    monkeypatch.setattr(torch, 'empty', lambda *s, pin_memory=False, **kw: torch.zeros(*s, **kw))  # cannot pin here
-    import miniai.data.loader as data
-    monkeypatch.setattr(data, 'resolve_device', lambda d: 'cpu' if d is None else 'meta')  # 'meta' stands for the GPU
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, 'empty', lambda *s, pin_memory=False, **kw: real_empty(*s, **kw))
+
+
+def test_a_loader_asked_for_cpu_data_yields_cpu_batches_on_a_cuda_machine(monkeypatch):
+    """Issue 29, item 1: pinned CPU-held data used to be normalised onto the GPU while its labels stayed on the CPU,
+    so any loop without DeviceCB met a batch on two devices. Both halves of a batch are where the data is now."""
+    _cuda_machine_that_cannot_pin(monkeypatch)
     x, y = torch.randint(0, 256, (8, 1, 2, 2), dtype=torch.uint8), torch.arange(8)
     dl = TensorDataLoader(x, y, bs=4, pin_memory=True, mean=0.5, std=0.25)
+    xb, yb = next(iter(dl))
+    assert xb.device.type == yb.device.type == 'cpu' and xb.dtype == torch.float32
+    assert torch.allclose(xb, (x[:4] / 255 - 0.5) / 0.25, atol=1e-6) and dl.delivery is None
+
+
+def test_delivered_batches_cross_as_uint8_and_are_normalised_on_the_gpu(monkeypatch):
+    "Delivered to the GPU ('meta' stands for it), the images cross as uint8 (a quarter of the bytes), labels too."
+    _cuda_machine_that_cannot_pin(monkeypatch)
+    x, y = torch.randint(0, 256, (8, 1, 2, 2), dtype=torch.uint8), torch.arange(8)
+    dl = TensorDataLoader(x, y, bs=4, pin_memory=True, mean=0.5, std=0.25)
+    dl.deliver_to('meta')
     moves = []
     real_to = torch.Tensor.to
     monkeypatch.setattr(torch.Tensor, 'to', lambda t, *a, **k: moves.append((t.dtype, a, k)) or real_to(t, *a, **k))
     xb, yb = next(iter(dl))
-    # device moves of the images only (the order's indices go to where the data is; the meta device's own
-    # arithmetic converts dtypes with .to)
-    images = [m for m in moves if m[0] != torch.int64 and isinstance(m[1][0], (str, torch.device))]
-    assert images == [(torch.uint8, (torch.device('meta'),), {'non_blocking': True})], moves
-    assert xb.device.type == 'meta' and xb.dtype == torch.float32 and yb.device.type == 'cpu'
+    # device moves only (the order's indices go to where the data is; the meta device's own arithmetic converts
+    # dtypes with .to)
+    crossing = [m for m in moves if isinstance(m[1][0], (str, torch.device)) and torch.device(m[1][0]).type == 'meta']
+    assert crossing == [(torch.uint8, (torch.device('meta'),), {'non_blocking': True}),
+                        (torch.int64, (torch.device('meta'),), {'non_blocking': True})], moves
+    assert xb.device.type == yb.device.type == 'meta' and xb.dtype == torch.float32
+    dl.deliver_to(None)
+    assert next(iter(dl))[0].device.type == 'cpu'
+
+
+def test_devicecb_asks_the_loaders_to_deliver_during_its_fit_only(monkeypatch):
+    """DeviceCB tells a loader where its batches go for each epoch of its fit (so they arrive there, normalised on the
+    device), and puts it back after, even when the fit fails: a loop after the fit gets CPU batches again."""
+    _cuda_machine_that_cannot_pin(monkeypatch)
+    x, y = torch.randint(0, 256, (8, 1, 2, 2), dtype=torch.uint8), torch.arange(8) % 2
+    dls = DataLoaders(*(TensorDataLoader(x, y, bs=4, pin_memory=True, mean=0.5, std=0.25) for _ in range(2)))
+    seen = []
+    class Look(Callback):
+        order = DeviceCB.order - 1  # sees each batch as the loader gave it, before DeviceCB could move it
+        def before_batch(self, learn): seen.append({t.device.type for t in learn.batch})
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    learn = Learner(model, dls, F.cross_entropy, lr=0.1, cbs=[TrainCB(), DeviceCB('meta'), Look()])
+    learn.fit(1)
+    assert seen == [{'meta'}] * 4, 'both splits, each batch whole, delivered by the loader itself'
+    assert dls.train.delivery is None and dls.valid.delivery is None
+    class Boom(Callback):
+        def after_batch(self, learn): raise RuntimeError('boom')
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[Boom()])
+    assert dls.train.delivery is None and next(iter(dls.train))[0].device.type == 'cpu'
 
 
 def test_channel_stats_are_exact_and_refuse_constant_channels():

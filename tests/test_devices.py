@@ -124,6 +124,28 @@ def test_the_cpu_ways_out_never_touch_the_gpu(machine, fake_ddp, monkeypatch):
     assert chosen == []
 
 
+@needs_data
+def test_the_readmes_cpu_way_out_trains_on_cpu_processes_beside_too_few_gpus(machine, monkeypatch):
+    """Issue 29, item 1: `DeviceCB('cpu')` with `fashion_dls(device='cpu')` on a rank that has no GPU of its own used to
+    resolve 'cuda' to normalise its pinned batches there: the too-few-GPUs error the advice is meant to avoid."""
+    import torch.nn.functional as F
+    from torch import nn
+    from miniai.learner import Learner, TrainCB
+    chosen = machine(1, local_rank=1, n_procs=2)
+    real_empty = torch.empty  # this machine cannot pin: pinned buffers are plain ones here
+    monkeypatch.setattr(torch, 'empty', lambda *s, pin_memory=False, **kw: real_empty(*s, **kw))
+    dls = fashion_dls(bs=64, n_train=128, n_valid=64, device='cpu')
+    assert dls.train.pin_memory, 'a CUDA machine: CPU-held batches are pinned for a copy that does not wait'
+    seen = []
+    class Look(TrainCB):
+        def predict(self, learn):
+            seen.append({t.device.type for t in learn.batch})
+            super().predict(learn)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    Learner(model, dls, F.cross_entropy, lr=0.1, cbs=[Look(), DeviceCB('cpu')]).fit(1)
+    assert seen == [{'cpu'}] * 3 and chosen == [], 'CPU batches, and no GPU chosen'
+
+
 def test_miniai_device_names_the_device(machine, monkeypatch):
     chosen = machine(1, local_rank=1, n_procs=2)
     monkeypatch.setenv('MINIAI_DEVICE', 'cuda:0')  # two processes sharing one GPU (with gloo)

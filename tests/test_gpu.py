@@ -105,7 +105,8 @@ def test_two_processes_share_one_gpu_with_gloo(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         where = json.load(open(tmp_path / f'double/rank{rank}/where.json'))
-        assert where == {'model': 'cuda:0', 'data': 'cuda:0', 'backend': 'gloo'}
+        assert (where['model'], where['data'], where['backend']) == ('cuda:0', 'cuda:0', 'gloo')
+        assert where['group_ended'], 'the job ended its process group'
     w0, w1 = (load_file(tmp_path / f'double/rank{r}/weights.safetensors') for r in (0, 1))
     ws = load_file(tmp_path / 'single/rank0/weights.safetensors')
     assert all(torch.equal(w0[k], w1[k]) for k in w0), 'the ranks disagree'
@@ -125,12 +126,13 @@ def test_fp16_scaler_and_pinned_batches_reach_the_gpu():
     from miniai.accel import MixedPrecision
     from miniai.learner import Learner
     dls = fashion_dls(bs=256, n_train=1024, n_valid=256, device='cpu')
-    xb, _ = next(iter(dls.train))
-    assert xb.is_pinned()
+    xb, yb = next(iter(dls.train))
+    assert xb.device.type == yb.device.type == 'cpu' and xb.is_pinned() and yb.is_pinned(), 'CPU data: CPU batches'
     seen = []
     class Where(Callback):
-        order = 5
-        def before_batch(self, learn): seen.append(learn.batch[0].device.type)
+        order = DeviceCB.order - 1  # before DeviceCB: the loader itself delivers to the GPU during the fit
+        def before_batch(self, learn): seen.append(tuple(t.device.type for t in learn.batch))
     mp = MixedPrecision(torch.float16)
     Learner(mlp(), dls, F.cross_entropy, cbs=[DeviceCB(), mp, Where()]).fit(1)
-    assert set(seen) == {'cuda'} and mp.scaler is not None and mp.state_dict()['scaler']['scale'] > 0
+    assert set(seen) == {('cuda', 'cuda')} and mp.scaler is not None and mp.state_dict()['scaler']['scale'] > 0
+    assert next(iter(dls.train))[0].device.type == 'cpu', 'after the fit, CPU batches again'

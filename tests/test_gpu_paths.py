@@ -146,6 +146,25 @@ def test_metrics_flush_mid_epoch_without_a_host_copy_and_weighs_the_short_batch(
     assert metrics.history[-1]['loss'] == pytest.approx(want, rel=1e-6)
 
 
+def test_metrics_move_to_the_models_device_before_the_epoch_never_inside_a_batch(monkeypatch):
+    """Issue 29, item 2: torcheval's `Metric.to` copies every state from the host, a blocking copy on a GPU. It used to
+    run at the first flush, inside `after_batch`; now before the epoch, where `reset` runs, and not again."""
+    from torcheval.metrics import Metric, MulticlassAccuracy
+    moves, where = [], {'batch': False}
+    real_to = Metric.to
+    monkeypatch.setattr(Metric, 'to', lambda m, *a, **k: moves.append((type(m).__name__, where['batch'])) or
+                        real_to(m, *a, **k))
+    class Where(Callback):
+        order = -100
+        def before_batch(self, learn): where['batch'] = True
+        def cleanup_batch(self, learn): where['batch'] = False
+    learn = TrainLearner(model(), data(n=130, bs=4), F.cross_entropy, lr=0.1,
+                         cbs=[MetricsCB(MulticlassAccuracy(), flush_every=8), Where()])
+    learn.fit(2)
+    assert moves and not any(inside for _, inside in moves), moves
+    assert sorted({name for name, _ in moves}) == ['Mean', 'MulticlassAccuracy'] and len(moves) == 2, moves
+
+
 # -- 6. bf16 only where the GPU in question does it in hardware (compute capability 8.0+) -----------------------------
 @pytest.fixture
 def two_gpus(monkeypatch):

@@ -327,15 +327,21 @@ def test_a_resumed_fit_on_folder_data_ends_bitwise_equal(fashion_folder, tmp_pat
 @pytest.mark.cuda
 @needs_data
 def test_folder_data_is_normalised_and_augmented_on_the_gpu(fashion_folder):
-    "On the GPU (data there) and from CPU memory (pinned uint8 batches, normalised on the GPU): the CPU's numbers."
+    """On the GPU (data there) and from CPU memory (pinned uint8 batches delivered to the GPU and normalised there):
+    the CPU's numbers."""
     from miniai.augment import RandCropPad, RandFlip
     root, _ = fashion_folder
     cpu = DataLoaders.from_folder(root, bs=256, device='cpu', shuffle=False)
     want = next(iter(cpu.train))[0]
+    assert want.device.type == 'cpu', 'a loader asked for CPU data yields CPU batches, pinned or not'
     for device in ('cuda', 'cpu'):
         dls = DataLoaders.from_folder(root, bs=256, device=device, shuffle=False, pin_memory=device == 'cpu')
         xb, yb = next(iter(dls.train))
-        assert xb.device.type == 'cuda' and xb.dtype == torch.float32 and torch.equal(xb.cpu(), want), device
+        assert xb.device.type == yb.device.type == device, 'both halves of a batch where the data is'
+        dls.train.deliver_to('cuda')  # as DeviceCB does for each epoch of its fit
+        xb, yb = next(iter(dls.train))
+        assert xb.device.type == yb.device.type == 'cuda' and xb.dtype == torch.float32, device
+        assert torch.equal(xb.cpu(), want), device
         out = nn.Sequential(RandCropPad(2), RandFlip())(xb)
         assert out.device.type == 'cuda' and out.shape == xb.shape
         assert dls.train.x.dtype == torch.uint8 and dls.train.x.device.type == ('cuda' if device == 'cuda' else 'cpu')

@@ -63,6 +63,23 @@ def test_too_few_outputs_against_the_largest_target_when_the_data_has_no_class_n
                                          r'it needs at least 10 outputs \(one per class\)$'): learn.fit(1)
 
 
+def test_too_few_outputs_are_refused_before_the_loss_off_the_cpu_too(monkeypatch):
+    """Issue 29, item 4: on a GPU an out-of-range target makes `cross_entropy` fail with a device-side assert, which
+    leaves the CUDA context unusable; the check that exists to prevent it must run before the loss. A GPU stand-in
+    (values not read at once) and a loss that records whether it ran: the check's message, and no loss."""
+    monkeypatch.setattr(checks, '_reads_now', lambda device: False)
+    calls = []
+    def loss(preds, y):
+        calls.append(len(y))
+        return F.cross_entropy(preds, y)
+    loss.__name__ = 'cross_entropy'  # still a classification loss, as the check knows it
+    monkeypatch.setattr(checks, 'is_classification_loss', lambda f: True)
+    learn = TrainLearner(cnn(n_out=8), synth_dls(classes=False), loss)
+    with pytest.raises(ValueError, match=r'^the model outputs 8 values per item, but the first batch has target 9'):
+        learn.fit(1)
+    assert calls == [], 'refused before the loss ran'
+
+
 def test_too_many_outputs_against_the_largest_target_is_warned_when_the_batch_is_big_enough():
     dls = synth_dls(n_train=256, bs=128, classes=False)  # 128 items: at least ten a class for 12 outputs
     learn = TrainLearner(cnn(n_out=12), dls, F.cross_entropy)
@@ -325,7 +342,8 @@ def test_the_checks_leave_the_dispatch_after_the_first_batch():
 
 
 def test_off_the_cpu_the_values_are_read_at_the_end_of_the_first_epoch(monkeypatch):
-    "A GPU stand-in: values are read where MetricsCB reads its own, so that no check waits for the device in a batch."
+    """A GPU stand-in: values are read where MetricsCB reads its own, so that no check waits for the device in a batch;
+    except the largest target, read at the first batch, before the loss that it would crash (issue 29, item 4)."""
     monkeypatch.setattr(checks, '_reads_now', lambda device: False)
     count, when = CountBatches(), {}
     for name in ('_check_width', '_check_nll'):
@@ -337,7 +355,7 @@ def test_off_the_cpu_the_values_are_read_at_the_end_of_the_first_epoch(monkeypat
     dls = synth_dls(n_train=256, bs=128, classes=False)
     with pytest.warns(UserWarning, match='the largest target in the first batch of 128 is 9'):
         TrainLearner(cnn(n_out=12), dls, F.cross_entropy, cbs=[count]).fit(1)
-    assert when['_check_width'] == 2, 'read after the training epoch, not within a batch'
+    assert when['_check_width'] == 0, 'read at the first batch, before its loss'
     count.n = 0
     with pytest.warns(UserWarning, match='nll_loss takes log-probabilities'):
         TrainLearner(cnn(), synth_dls(), F.nll_loss, cbs=[count]).fit(1)

@@ -9,6 +9,7 @@ from copy import copy
 
 import torch
 
+from ..core.devices import model_device
 from ..core.events import Callback
 from ..core.ranks import is_main_process
 
@@ -62,7 +63,7 @@ def metrics_reducer(learn):
 class MetricsCB(Callback):
     """Track torcheval metrics and the mean loss over each epoch; log a row per epoch (train and eval).
 
-    Metric state stays on the device of the model's output and is read once per epoch, so the per-batch path
+    Metric state is put on the model's device before each epoch and read once per epoch, so the per-batch path
     never waits for the device. Batches are handed to the metrics `flush_every` at a time (concatenated), which
     gives the same result as one update per batch at a fraction of the cost. Every epoch's values are kept, as
     numbers, in `history`, across fits: each row says which fit it came from (`fit`: 0 for the first), and
@@ -93,6 +94,9 @@ class MetricsCB(Callback):
         return [r for r in self.history if r['fit'] == n]
 
     def before_epoch(self, learn):
+        # the metrics go where the model is here, outside the batch: torcheval's `to` copies each state from the
+        # host, which inside a batch would make the CPU wait for the device
+        if isinstance(learn.model, torch.nn.Module): self._to(model_device(learn.model))
         for m in self.all_metrics.values(): m.reset()
         self._preds, self._ys, self._losses, self._ns = [], [], [], []
         self._start = time.perf_counter()
@@ -107,13 +111,15 @@ class MetricsCB(Callback):
         # flush early when outputs are large (segmentation maps, say), so the buffer never holds much memory
         if len(self._ns) >= self.flush_every or getattr(preds, 'numel', int)() * len(self._ns) > 1 << 24: self._flush()
 
+    def _to(self, device: torch.device) -> None:
+        if device == self._device: return
+        self._device = device
+        for m in self.all_metrics.values(): m.to(device)
+
     def _flush(self):
         "Hand the buffered batches to the metrics in one update each."
         if not self._ns: return
-        loss = self._losses[0]
-        if loss.device != self._device:
-            self._device = loss.device
-            for m in self.all_metrics.values(): m.to(loss.device)
+        self._to(self._losses[0].device)  # where the model is, unless its outputs are elsewhere (rare)
         # the mean loss weighted by batch size, one update per batch size (the last batch may be smaller): the sizes
         # are Python ints and stay so, since a tensor of them would be a blocking host-to-device copy on a GPU
         by_size = {}

@@ -4,8 +4,10 @@ failure inside the model (which module, what it got, what it expects; a model an
 
 Nothing here costs a training step anything: the checks run once a fit and then take themselves out of the Learner's
 dispatch, and failures are explained only once they have happened. Values that must be read from the device (the
-largest target, the loss) are read at once on the CPU and, elsewhere, at the end of the first epoch, where the
-metrics are read anyway, so that no check adds a host-device synchronisation to a batch.
+loss) are read at once on the CPU and, elsewhere, at the end of the first epoch, where the metrics are read anyway, so
+that no check adds a host-device synchronisation to a batch. One exception: the largest target of the first batch
+(without `dls.classes`) is read at once everywhere, one small read per fit, since a target out of range crashes the
+loss itself (on CUDA, a device-side assert that leaves the GPU unusable) before any later read could explain it.
 """
 from __future__ import annotations
 
@@ -216,8 +218,9 @@ class FirstBatchChecks:
         if classes is not None and len(classes) != n_out:
             raise ValueError(f'the model outputs {n_out} values per item, but the data has {len(classes)} classes '
                              f'(dls.classes): make its last layer output {len(classes)}')
-        if classes is None and y.numel():
-            self._read([y.max()], lambda top: self._check_width(n_out, int(top), len(y)))
+        if classes is None and y.numel():  # read now, even on a GPU: one small read, at the first batch of a fit only,
+            # since an out-of-range target crashes the loss (a device-side assert on CUDA) before any later read
+            self._check_width(n_out, int(y.max().item()), len(y))
 
     def _check_width(self, n_out: int, top: int, n: int) -> None:
         if top >= n_out:

@@ -21,7 +21,7 @@ from .nested import apply_to_tensors
 from .ranks import local_rank, local_world_size
 
 __all__ = ['def_device', 'default_device', 'resolve_device', 'to_device', 'collate_device', 'pins_by_default',
-           'pinned_rows', 'model_device', 'model_dtype', 'ENV']
+           'deliver_loader', 'pinned_rows', 'model_device', 'model_dtype', 'ENV']
 
 ENV = 'MINIAI_DEVICE'
 
@@ -123,6 +123,16 @@ def pinned_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     # reads it has finished, so a batch can never be overwritten while it is on its way to the GPU.
     out = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
     return torch.index_select(t, 0, idx, out=out)
+
+
+def deliver_loader(dl, device):
+    """Ask the loader `dl` to hand out its batches on `device` if it can (it has `deliver_to`, as `TensorDataLoader`
+    does); returns the function that puts its delivery back as it was (nothing to do for other loaders)."""
+    deliver = getattr(dl, 'deliver_to', None)
+    if not callable(deliver): return lambda: None
+    before = dl.delivery
+    deliver(device)
+    return lambda: deliver(before)
 
 
 def collate_device(b):

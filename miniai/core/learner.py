@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 
 from .checks import FirstBatchChecks, explain_forward_failure, loss_failure, takes_tuples
-from .devices import resolve_device, to_device
+from .devices import deliver_loader, resolve_device, to_device
 from .events import (EVENTS, STEPS, Callback, CancelFitException, callback_name, misspelt_events, note_failure, run_cbs,
                      sort_cbs, with_cbs)
 
@@ -275,14 +275,18 @@ class TrainCB(Callback):
 
 
 class DeviceCB(Callback):
-    """Move the model to `device` when the fit starts, and each batch before it is used. `device` defaults to
+    """Move the model to `device` when the fit starts, and each batch to it before it is used. `device` defaults to
     `default_device()`; it is resolved when the callback is made, so under torchrun 'cuda' (or nothing) means
-    this process's GPU, cuda:LOCAL_RANK, before anything is placed. Batches in pinned CPU memory (as
-    `fashion_dls(device='cpu')` gives on a CUDA machine) are copied without making the CPU wait."""
+    this process's GPU, cuda:LOCAL_RANK, before anything is placed. A loader that can deliver its batches
+    (`deliver_to`, as `TensorDataLoader` does) is asked to, for each epoch of the fit: CPU-held uint8 images in
+    pinned memory (`fashion_dls(device='cpu')` on a CUDA machine) then cross to the GPU as uint8 without making the
+    CPU wait, and are normalised there; outside the fit the loader yields CPU batches again."""
     def __init__(self, device=None): self.device = resolve_device(device)
     def before_fit(self, learn):
         if hasattr(learn.model, 'to'): learn.model.to(self.device)
+    def before_epoch(self, learn): self._undeliver = deliver_loader(getattr(learn, 'dl', None), self.device)
     def before_batch(self, learn): learn.batch = to_device(learn.batch, device=self.device)
+    def cleanup_epoch(self, learn): self.__dict__.pop('_undeliver', lambda: None)()
 
 
 class SingleBatchCB(Callback):

@@ -203,8 +203,8 @@ def fashion_dls(bs: int = 1024, path=None, device=None, shuffle: bool = True, dr
     `n_train`/`n_valid` take a random subset chosen by `seed` (0 when None), for quick runs; `rank`/`world_size`
     shard both loaders (see `TensorDataLoader`). The data lives on `device`, default `default_device()` (where
     `DeviceCB()` and `def_device` put the model: no copy per batch); 'cuda' means this process's GPU under torchrun.
-    With `device='cpu'` on a CUDA machine, batches come in pinned memory (`pin_memory`) so that copying them is
-    async."""
+    With `device='cpu'` batches are CPU tensors; on a CUDA machine they come in pinned memory (`pin_memory`), and
+    during a fit `DeviceCB` has them delivered to the GPU, crossing as uint8, normalised there."""
     device = resolve_device(device)
     pin_memory = pins_by_default(device) if pin_memory is None else pin_memory
     source = _source(path)

@@ -22,8 +22,12 @@ class TensorDataLoader:
     repeat the coming orders. `device` keeps the whole set there ('cuda' means this process's GPU under torchrun).
     With `world_size` > 1, every rank (all given the same seed) draws the same permutation and takes its interleaved
     slice `rank::world_size` of the first `world_size * (n // world_size)` items: disjoint parts, equally many batches
-    on every rank, the last `n % world_size` items of each epoch's order left out. `pin_memory` (CPU-held data, CUDA
-    model) gathers batches into pinned memory; normalised batches are then copied as uint8 and normalised on the GPU."""
+    on every rank, the last `n % world_size` items of each epoch's order left out.
+
+    A batch's tensors are all where the data is, unless whoever trains elsewhere asks for delivery there
+    (`deliver_to(device)`: `DeviceCB` does so for each epoch of its fit). `pin_memory` (CPU-held data, CUDA model)
+    gathers batches into pinned memory, so that their copy to the GPU does not make the CPU wait; delivered to the
+    GPU, uint8 images cross as uint8 (a quarter of the bytes) and are normalised there."""
     def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int = 1024, shuffle: bool = False,
                  drop_last: bool = False, seed: int | None = None, device=None, rank: int = 0, world_size: int = 1,
                  pin_memory: bool = False, mean=None, std=None):
@@ -37,7 +41,7 @@ class TensorDataLoader:
             raise ValueError(f'TensorDataLoader: pin_memory=True is for CPU-held data trained on a CUDA GPU; the data '
                              f'is on {x.device} and torch sees {"a" if torch.cuda.is_available() else "no"} CUDA GPU')
         self.x, self.y, self.bs, self.shuffle, self.drop_last = x, y, bs, shuffle, drop_last
-        self.pin_memory = pin_memory
+        self.pin_memory, self._deliver = pin_memory, None
         self.rank, self.world_size = rank, world_size
         self.dataset = TensorDataset(x, y)
         self._set_normalisation(mean, std)
@@ -55,17 +59,24 @@ class TensorDataLoader:
                              f'{tuple(self.x.shape)} (normalise float data once, beforehand)')
         try: self.norm = Normalise(mean, std, channels=self.x.shape[1], spatial_dims=self.x.dim() - 2)
         except ValueError as e: raise ValueError(f'TensorDataLoader: {e}') from None
-        # where batches are normalised: with pinned batches, on the GPU they are copied to (4x fewer bytes to copy)
-        self._norm_device = resolve_device('cuda') if self.pin_memory else self.x.device
 
     mean = property(lambda self: None if self.norm is None else self.norm.mean, doc="Per-channel mean, of [0, 1].")
     std = property(lambda self: None if self.norm is None else self.norm.std, doc="Per-channel std, of [0, 1].")
     batch_size = property(lambda self: self.bs)
-    device = property(lambda self: self.x.device)
+    device = property(lambda self: self.x.device, doc="Where the data is, and its batches unless delivered elsewhere.")
+    delivery = property(lambda self: self._deliver, doc="Where batches are delivered (None: where the data is).")
+
+    def deliver_to(self, device=None) -> None:
+        """Hand out batches on `device` from now on; None (or the data's own device): where the data is. For whoever
+        trains on another device than the data's (`DeviceCB` calls it at each epoch of its fit and undoes it after)."""
+        dev = None if device is None else torch.device(resolve_device(device))
+        self._deliver = None if dev == self.x.device else dev
 
     def normalise(self, xb: torch.Tensor) -> torch.Tensor:
-        "The uint8 images `xb` as this loader's batches hold them: normalised float32 (unchanged without mean/std)."
-        return xb if self.norm is None else self.norm.encode(xb, self._norm_device)
+        """The uint8 images `xb` as this loader's batches hold them: normalised float32 (unchanged without mean/std),
+        on the device batches are delivered to (where `xb` is, unless `deliver_to` named another)."""
+        if self.norm is not None: return self.norm.encode(xb, self._deliver)
+        return xb if self._deliver is None else xb.to(self._deliver, non_blocking=True)
 
     def _n_items(self) -> int: return len(self.x) // self.world_size
 
@@ -82,8 +93,11 @@ class TensorDataLoader:
 
     def __iter__(self):
         idx = self._order()  # drawn here, not at the first batch, so `iter()` alone counts as an epoch
-        take = pinned_rows if self.pin_memory else _rows
-        return ((self.normalise(take(self.x, b)), take(self.y, b)) for b in idx.split(self.bs)[:len(self)])
+        take, dev = (pinned_rows if self.pin_memory else _rows), self._deliver
+        def batch(b):
+            yb = take(self.y, b)
+            return self.normalise(take(self.x, b)), (yb if dev is None else yb.to(dev, non_blocking=True))
+        return (batch(b) for b in idx.split(self.bs)[:len(self)])
 
     def state_dict(self) -> dict:
         """The generator's state and how many epochs were drawn: enough to repeat the coming epochs' order; and its

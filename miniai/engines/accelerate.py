@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from ..core.devices import to_device
+from ..core.devices import deliver_loader, to_device
 from ..core.learner import DeviceCB, TrainCB
 from ..core.ranks import world_size
 from .ddp import RankMetrics
@@ -129,8 +129,12 @@ class AccelerateCB(TrainCB):
         "`MetricsCB` merges its metrics over the processes while they train together."
         return RankMetrics if getattr(self, '_undo', None) and self.acc.num_processes > 1 else None
 
+    def before_epoch(self, learn): self._undeliver = deliver_loader(getattr(learn, 'dl', None), self.device)
+    def cleanup_epoch(self, learn): self.__dict__.pop('_undeliver', lambda: None)()
+
     def before_batch(self, learn):
-        # a prepared DataLoader already delivers on the device; a TensorDataLoader may hold its data elsewhere
+        # a prepared DataLoader already delivers on the device; a TensorDataLoader is asked to (before_epoch), and
+        # a batch still elsewhere (a loader that cannot deliver) is moved here
         x = learn.batch[0] if isinstance(learn.batch, (tuple, list)) and learn.batch else None
         if isinstance(x, torch.Tensor) and x.device != self.device: learn.batch = to_device(learn.batch, self.device)
 
