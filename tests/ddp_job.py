@@ -2,6 +2,7 @@
 
     python ddp_job.py OUT [--global-bs 128] [--raise-at-batch N] [--device D] [--backend gloo|nccl] [--slow-save S]
                       [--no-valid-on-rank1] [--timeout T] [--stop-at-batch N] [--resume CKPT]
+                      [--cancel-on-rank1 N]
 
 Without --device the model and data go where the library puts them by default (`$MINIAI_DEVICE`, else this
 process's GPU, else the CPU). Writes OUT/rank{R}/: weights.safetensors, history.json, where.json (the model's and
@@ -9,7 +10,9 @@ data's devices, the backend) and (through SaveModelCB, rank 0 only) last.ckpt. W
 more to write each checkpoint and where.json also says whether rank 1 found it complete once its save returned; with
 --no-valid-on-rank1, rank 1 runs none of its validation batches (as if its shard were empty). With --stop-at-batch,
 rank 0 sends itself SIGTERM after that training batch: every rank stops there, OUT/interrupted.ckpt is written and the
-job exits 143; --resume goes on from such a checkpoint."""
+job exits 143 (OUT/rank{R}/stopped.json then says after which batch each rank stopped); --resume goes on from such a
+checkpoint. With --cancel-on-rank1 N, rank 1 cancels its training batch N after the optimizer step (so the gradients
+still agree), which skips the rest of that batch's `after_batch` there only."""
 import argparse
 import json
 import os
@@ -45,6 +48,7 @@ p.add_argument('--no-valid-on-rank1', action='store_true')
 p.add_argument('--timeout', type=float, default=60.)
 p.add_argument('--stop-at-batch', type=int, default=None)
 p.add_argument('--resume', default=None)
+p.add_argument('--cancel-on-rank1', type=int, default=None)
 a = p.parse_args()
 torch.set_num_threads(1)
 set_seed(0)
@@ -58,6 +62,11 @@ class FailOnRank1(Callback):
 class NoValidOnRank1(Callback):
     def before_batch(self, learn):
         if rank() == 1 and not learn.training: raise CancelBatchException()
+
+
+class CancelOnRank1(Callback):
+    def after_step(self, learn):
+        if rank() == 1 and learn.training and learn.iter == a.cancel_on_rank1: raise CancelBatchException()
 
 
 class LooksForTheCheckpoint(Callback):
@@ -87,11 +96,14 @@ cbs = [DeviceCB(a.device), metrics, ProgressCB(), DDPCB(timeout=a.timeout, backe
        SaveModelCB(out, every_epoch=True), looks]
 if a.raise_at_batch is not None: cbs.append(FailOnRank1())
 if a.no_valid_on_rank1: cbs.append(NoValidOnRank1())
+if a.cancel_on_rank1 is not None: cbs.append(CancelOnRank1())
 if a.stop_at_batch is not None or a.resume: cbs.append(InterruptCB(os.path.join(a.out, 'interrupted.ckpt')))
 if a.stop_at_batch is not None: cbs.append(DrillCB(signal.SIGTERM, rank=0, epoch=0, batch=a.stop_at_batch))
 learn = TrainLearner(model, dls, F.cross_entropy, lr=0.1, cbs=cbs)
 try: learn.fit(1, resume=a.resume)
-except Interrupted: sys.exit(143)
+except Interrupted as e:
+    json.dump({'batch': learn.iter, 'epoch': learn.epoch}, open(os.path.join(out, 'stopped.json'), 'w'))
+    sys.exit(143)
 save_file({k: v.contiguous() for k, v in learn.model.state_dict().items()}, os.path.join(out, 'weights.safetensors'))
 json.dump(metrics.history, open(os.path.join(out, 'history.json'), 'w'))
 where = {'model': str(next(learn.model.parameters()).device), 'data': str(dls.train.device),

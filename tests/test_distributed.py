@@ -131,6 +131,18 @@ def test_a_rank_that_measured_no_batch_does_not_hang_the_others(tmp_path):
                                                                         enumerate(h1)], 'both ranks report the same'
 
 
+def test_a_batch_cancelled_on_one_rank_only_keeps_the_stop_agreement_in_step(tmp_path):
+    """Issue 29, item 6: the ranks compare stop requests in rounds counted per batch. Rank 1 cancels its training batch
+    3 after the step (its `after_batch` is skipped there), rank 0 is sent SIGTERM after batch 8, and rounds run every
+    batch (MINIAI_STOP_CHECK_SECONDS=0): every rank must still stop after the same batch and write one checkpoint."""
+    r = torchrun(tmp_path, '--cancel-on-rank1', 3, '--stop-at-batch', 8, '--timeout', 20,
+                 env={**CPU, 'MINIAI_STOP_CHECK_SECONDS': '0'}, timeout=150)
+    assert r.returncode != 0 and 'Timed out' not in r.stderr, r.stderr[-3000:]  # was: gloo timed out on both ranks
+    stops = [json.load(open(tmp_path / f'rank{i}/stopped.json')) for i in (0, 1)]  # written on `Interrupted` only
+    assert stops[0] == stops[1] and stops[0]['epoch'] == 0 and stops[0]['batch'] > 8, stops
+    assert read_checkpoint(tmp_path / 'interrupted.ckpt')['position']['batch'] == stops[0]['batch'] + 1
+
+
 @pytest.fixture
 def one_process_torchrun(monkeypatch):
     "This process as rank 0 of a torchrun job as DDPCB sees it before joining: WORLD_SIZE 2 until the group exists."

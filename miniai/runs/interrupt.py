@@ -135,12 +135,14 @@ class InterruptCB(Callback):
 
     def __init__(self, path='interrupted.ckpt'):
         self.path, self._guard, self._own, self._rng, self._agree = Path(path), None, None, None, None
+        self._took, self._outer = False, None
 
     def before_fit(self, learn):
         self._guard = active_guard()
         if self._guard is None: self._guard = self._own = SignalGuard().__enter__()
         self._guard.training, self._rng = True, None
         self._agree = StopAgreement()  # after DDPCB (order 10) has joined the process group
+        self._took, self._outer = False, sys.exc_info()[1]  # an exception being handled around the whole fit, if any
 
     def checkpoint_paths(self) -> tuple[list[Path], list[Path]]:
         "What a run can go on from (`fit(resume='auto')`): the file a stop writes."
@@ -156,7 +158,17 @@ class InterruptCB(Callback):
         # resumed run repeats the validation from the same state
         if learn.training: self._rng = rng_snapshot()
 
-    def after_batch(self, learn):
+    def after_batch(self, learn): self._take_turn(learn)
+
+    def cleanup_batch(self, learn):
+        # a batch cancelled here (CancelBatchException) skipped after_batch, perhaps on this rank only: it still takes
+        # its turn, since the ranks' rounds are counted per batch. A batch that failed takes none: its error goes on
+        took, self._took = self._took, False
+        if took or sys.exc_info()[1] not in (None, self._outer): return
+        self._take_turn(learn)
+
+    def _take_turn(self, learn):
+        self._took = True
         g, agree = self._guard, self._agree
         if g is None or agree is None: return
         signum = agree.poll(g.requested)  # every rank, every batch: the same answer at the same batch on all of them
