@@ -201,28 +201,43 @@ def test_sample_walks_the_schedule_down_to_the_image(eta):
     assert [s[1] for s in oracle.seen] == [(3,)] * 6
 
 
-def test_sample_follows_the_model_dtype_and_device():
-    "float64 stands in for another device; on 'meta' nothing can reach the host, so no step waits for the device."
+def test_sample_follows_the_model_dtype_and_device(monkeypatch):
+    """float64 stands in for another device; on 'meta' nothing can reach the host, so no step waits for the device.
+    Issue 29, item 7: each step's estimate is handed to the CPU as it comes (meta: a stand-in copy of its shape), so
+    the device holds one step's tensors, not every step's."""
+    import gc
+    import weakref
     target = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
     oracle = Oracle(target)
     preds = sample(ddim_step, oracle, (2, 1, 4, 4), steps=3)
     assert all(p.dtype == torch.float64 for p in preds) and {s[0] for s in oracle.seen} == {torch.float64}
+    from miniai.core.devices import HostCopies
     from miniai.models.diffusion import _ddim_loop
+    handed = []
+    def copy(self, t):  # a meta tensor has no values to copy: a CPU tensor of its shape stands in for the copy
+        handed.append(weakref.ref(t))
+        return torch.zeros(t.shape, dtype=t.dtype)
+    monkeypatch.setattr(HostCopies, 'copy', copy)
     with torch.device('meta'): unet = EmbUNetModel(1, 1, nfs=(8, 16), attn_chans=4)
-    out = _ddim_loop(ddim_step, unet, lambda x, t: unet((x, t)), (2, 1, 8, 8), 3, 1., False, clamp=True)
-    assert len(out) == 3 and out[-1].device.type == 'meta'
+    out = _ddim_loop(ddim_step, unet, lambda x, t: unet((x, t)), (2, 1, 8, 8), 3, 1., False, HostCopies(), clamp=True)
+    gc.collect()
+    assert len(out) == 3 and {p.device.type for p in out} == {'cpu'} and len(handed) == 3
+    assert [r() is None for r in handed] == [True] * 3, 'no step\'s estimate is kept on the device'
 
 
 @pytest.mark.cuda
 def test_sampling_on_a_gpu_never_waits_for_it():
-    "On CUDA: the whole loop runs without a host-device synchronisation (the last copy to the CPU aside)."
+    "On CUDA: the whole loop runs without a host-device synchronisation, its results copied to the CPU as they come."
     from miniai.models.diffusion import _ddim_loop
     unet = EmbUNetModel(1, 1, nfs=(8, 16), attn_chans=4).cuda()
     sample(ddim_step, unet, (2, 1, 8, 8), steps=2)  # warm-up: CUDA's and cuDNN's lazy set-up is not the loop's
+    from miniai.core.devices import HostCopies
+    host = HostCopies()
     torch.cuda.set_sync_debug_mode('error')
-    try: out = _ddim_loop(ddim_step, unet, lambda x, t: unet((x, t)), (2, 1, 8, 8), 4, 1., False, clamp=True)
+    try: out = _ddim_loop(ddim_step, unet, lambda x, t: unet((x, t)), (2, 1, 8, 8), 4, 1., False, host, clamp=True)
     finally: torch.cuda.set_sync_debug_mode(0)
-    assert len(out) == 4 and out[-1].is_cuda and torch.isfinite(out[-1]).all()
+    host.wait()  # the one wait, after the loop: each step was copied to pinned CPU memory as it came
+    assert len(out) == 4 and out[-1].device.type == 'cpu' and out[-1].is_pinned() and torch.isfinite(out[-1]).all()
 
 
 def test_cond_sample_passes_the_class():

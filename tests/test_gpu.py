@@ -136,3 +136,15 @@ def test_fp16_scaler_and_pinned_batches_reach_the_gpu():
     Learner(mlp(), dls, F.cross_entropy, cbs=[DeviceCB(), mp, Where()]).fit(1)
     assert set(seen) == {('cuda', 'cuda')} and mp.scaler is not None and mp.state_dict()['scaler']['scale'] > 0
     assert next(iter(dls.train))[0].device.type == 'cpu', 'after the fit, CPU batches again'
+
+
+def test_get_preds_on_the_gpu_copies_each_batch_to_the_cpu_without_a_sync():
+    "Issue 29, item 7: predictions leave the GPU batch by batch, into pinned memory, with no wait until the end."
+    dls = fashion_dls(bs=256, n_train=1024, n_valid=1024)
+    learn = TrainLearner(mlp(), dls, F.cross_entropy, lr=0.1, cbs=[DeviceCB()])
+    learn.get_preds()  # warm-up: CUDA's lazy set-up is not the loop's
+    preds, targs = learn.get_preds(cbs=[NoSyncCB()])
+    assert preds.device.type == targs.device.type == 'cpu' and preds.shape == (1024, 10)
+    xs = torch.cat([xb for xb, _ in dls.valid])
+    with torch.no_grad(): want = learn.model(xs).cpu()
+    assert torch.allclose(preds, want, atol=1e-5) and torch.equal(targs, dls.valid.y.cpu())

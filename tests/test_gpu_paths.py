@@ -223,3 +223,45 @@ def test_torchrun_processes_sharing_one_gpu_are_still_refused(ranks_on_one_visib
     with pytest.raises(RuntimeError, match=r'2 processes on this machine .* only 1 CUDA GPU.* MINIAI_DEVICE=cuda:0'):
         default_device()
     assert ranks_on_one_visible_gpu == []
+
+
+# -- 7. results leave the device as they come (issue 29, item 7) -------------------------------------------------------
+def test_get_preds_hands_each_batch_to_the_cpu_as_it_comes(monkeypatch):
+    """A model on 'meta' stands in for one on a GPU: every batch's predictions, targets and inputs are handed to the CPU
+    during their batch (a stand-in copy of their shape, since meta holds no values), and nothing keeps the device's
+    tensors after it, so what is held on the device stays one batch deep."""
+    import gc
+    import weakref
+    from miniai.core.devices import HostCopies
+    from miniai.learner import DeviceCB
+    handed, waited = [], []
+    def copy(self, t):
+        handed.append((t.device.type, weakref.ref(t)))
+        return torch.zeros(t.shape, dtype=t.dtype)
+    monkeypatch.setattr(HostCopies, 'copy', copy)
+    monkeypatch.setattr(HostCopies, 'wait', lambda self: waited.append(len(handed)))
+    learn = Learner(model(), data(n=64, bs=16), F.cross_entropy, cbs=[TrainCB(), DeviceCB('meta')])
+    preds, targs, inps = learn.get_preds(with_input=True)
+    gc.collect()
+    assert preds.shape == (64, 3) and targs.shape == (64,) and inps.shape == (64, 5)
+    assert {p.device.type for p in (preds, targs, inps)} == {'cpu'}
+    assert sorted({dev for dev, _ in handed}) == ['meta'] and len(handed) == 3 * 4, 'preds, targets, inputs of 4 batches'
+    alive = [r() is not None for _, r in handed]
+    assert alive[:-3] == [False] * 9, 'no earlier batch kept on the device (the Learner still holds the last one)'
+    assert waited == [12], 'one wait, at the end'
+
+
+def test_export_copies_the_model_to_the_cpu_without_a_second_copy_where_it_is(tmp_path, monkeypatch):
+    "`copy.deepcopy(model).cpu()` duplicated every parameter on the GPU first; `cpu_copy` copies each straight over."
+    from miniai.core.devices import cpu_copy
+    m = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    copies = []
+    real = torch.Tensor.__deepcopy__
+    monkeypatch.setattr(torch.Tensor, '__deepcopy__', lambda t, memo: copies.append(t.shape) or real(t, memo))
+    c = cpu_copy(m.to(torch.float64))  # float64 stands in for the device, as elsewhere in this file
+    assert copies == [], 'no tensor deep-copied where it is'
+    assert all(p.device.type == 'cpu' and isinstance(p, nn.Parameter) for p in c.parameters())
+    sd, got = m.state_dict(), c.state_dict()
+    assert sd.keys() == got.keys() and all(torch.equal(sd[k], got[k]) and sd[k].data_ptr() != got[k].data_ptr()
+                                           for k in sd)
+    assert next(m.parameters()).dtype == torch.float64 and m.training == c.training, 'the model itself is unchanged'

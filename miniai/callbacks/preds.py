@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.devices import HostCopies
 from ..core.events import Callback, CancelBatchException
 from ..core.learner import Learner, learner_method
 from ..core.state import looking
@@ -14,13 +15,15 @@ __all__ = ['CapturePreds', 'capture_preds']
 def _cat(ts: list) -> torch.Tensor | None:
     "The tensors `ts` joined along the first dimension, on the CPU; half-precision floats as float32; None if none."
     if not ts: return None
-    res = torch.cat(ts).cpu()
+    res = torch.cat(ts)
     return res.float() if res.dtype in (torch.float16, torch.bfloat16) else res
 
 
 class CapturePreds(Callback):
-    """Collect every batch's predictions and targets (and inputs, if `inps`), joined on the CPU when the fit ends (as
-    `all_preds`, `all_targs`, `all_inps`; None where there were none, such as the targets of batches without any).
+    """Collect every batch's predictions and targets (and inputs, if `inps`), each copied to the CPU as it comes (from
+    a GPU asynchronously, into pinned memory: no wait per batch, and no more than a batch held on the GPU), joined
+    when the fit ends (as `all_preds`, `all_targs`, `all_inps`; None where there were none, such as the targets of
+    batches without any).
     With `skip_loss`, each batch ends once its prediction is taken: no loss is computed (batches need no targets)."""
     order = 0  # takes each batch in after_batch before SingleBatchCB (1) ends the fit
 
@@ -28,15 +31,16 @@ class CapturePreds(Callback):
         self.inps, self.skip_loss = inps, skip_loss
         # taken in after_predict: after every other after_predict (CompileCB copies outputs out of CUDA-graph memory)
         if skip_loss: self.order = 100
-        self.all_preds, self.all_targs, self.all_inps = [], [], []
+        self.all_preds, self.all_targs, self.all_inps, self._host = [], [], [], HostCopies()
 
-    def before_fit(self, learn): self.all_preds, self.all_targs, self.all_inps = [], [], []
+    def before_fit(self, learn):
+        self.all_preds, self.all_targs, self.all_inps, self._host = [], [], [], HostCopies()
 
     def _take(self, learn):
-        b = learn.batch
-        self.all_preds.append(learn.preds.detach())
-        if len(b) > 1: self.all_targs.append(b[1])
-        if self.inps: self.all_inps.append(b[0])
+        b, host = learn.batch, self._host
+        self.all_preds.append(host(learn.preds.detach()))
+        if len(b) > 1: self.all_targs.append(host(b[1]))
+        if self.inps: self.all_inps.append(host(b[0]))
 
     def after_predict(self, learn):
         if not self.skip_loss: return
@@ -47,6 +51,7 @@ class CapturePreds(Callback):
         if not self.skip_loss: self._take(learn)
 
     def cleanup_fit(self, learn):  # not after_fit: a cancelled fit (e.g. `SingleBatchCB`) keeps what it saw
+        self._host.wait()
         self.all_preds, self.all_targs, self.all_inps = _cat(self.all_preds), _cat(self.all_targs), _cat(self.all_inps)
 
 

@@ -11,6 +11,7 @@ there. Asking for a GPU that this machine does not have is one clear error namin
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -21,7 +22,7 @@ from .nested import apply_to_tensors
 from .ranks import local_rank, local_world_size
 
 __all__ = ['def_device', 'default_device', 'resolve_device', 'to_device', 'collate_device', 'pins_by_default',
-           'deliver_loader', 'pinned_rows', 'model_device', 'model_dtype', 'ENV']
+           'deliver_loader', 'HostCopies', 'cpu_copy', 'pinned_rows', 'model_device', 'model_dtype', 'ENV']
 
 ENV = 'MINIAI_DEVICE'
 
@@ -133,6 +134,39 @@ def deliver_loader(dl, device):
     before = dl.delivery
     deliver(device)
     return lambda: deliver(before)
+
+
+class HostCopies:
+    """Copy results to the CPU as they come, without making the CPU wait: call it on a tensor (or nested tensors) to
+    get CPU ones; `wait()` once before reading them. A CUDA tensor is copied into pinned memory asynchronously, in
+    its stream's order, so its GPU memory may be reused as soon as the caller lets go of it (what is held on the GPU
+    stays one batch deep); CPU tensors are taken as they are, those on other devices copied at once."""
+    def __init__(self): self._from = set()
+
+    def __call__(self, x): return apply_to_tensors(self.copy, x)
+
+    def copy(self, t: torch.Tensor) -> torch.Tensor:
+        "One tensor on the CPU (pinned, still on its way, for a CUDA tensor)."
+        if t.device.type == 'cpu': return t
+        if t.device.type != 'cuda': return t.to('cpu')
+        self._from.add(t.device)
+        return torch.empty_like(t, device='cpu', pin_memory=True).copy_(t, non_blocking=True)
+
+    def wait(self) -> None:
+        "Wait until every copy made so far has arrived."
+        for dev in self._from: torch.cuda.synchronize(dev)
+        self._from.clear()
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the CPU, the model itself left as it is: each parameter and buffer is copied straight to
+    the CPU, never first duplicated where it is (as `copy.deepcopy(model).cpu()` would, on the GPU)."""
+    memo = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) in memo: continue
+        host = t.detach().to('cpu', copy=True)
+        memo[id(t)] = nn.Parameter(host, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else host
+    return copy.deepcopy(model, memo)  # the rest of the model (modules, attributes) copied as usual
 
 
 def collate_device(b):

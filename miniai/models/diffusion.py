@@ -22,7 +22,7 @@ import fastcore.all as fc
 import torch
 from torch.utils.data import DataLoader, default_collate
 
-from ..core.devices import model_device, model_dtype
+from ..core.devices import HostCopies, model_device, model_dtype
 from ..core.ranks import is_main_process
 __all__ = ['abar', 'inv_abar', 'noisify', 'collate_ddpm', 'dl_ddpm', 'ddim_step', 'sample', 'cond_sample']
 
@@ -85,9 +85,10 @@ def _steps(steps: int, progress: bool):
     return progress_bar(range(steps), leave=False)
 
 
-def _ddim_loop(f, model, predict, sz, steps: int, eta: float, progress: bool, **f_kwargs) -> list:
+def _ddim_loop(f, model, predict, sz, steps: int, eta: float, progress: bool, host: HostCopies, **f_kwargs) -> list:
     """The sampling loop shared by `sample` and `cond_sample`, on the model's device: `predict(x, t)` calls the
-    model. Returns the estimates x̂0 of each step, still on the device."""
+    model. Returns the estimates x̂0 of each step, on the CPU: each is copied there by `host` as it comes (from a GPU
+    without waiting: `host.wait()` before reading them), so the device holds one step's tensors, not every step's."""
     if not isinstance(steps, int) or steps < 1: raise ValueError(f'sampling needs steps >= 1; got {steps!r}')
     device, mdtype = model_device(model), model_dtype(model)
     dtype = torch.float64 if mdtype == torch.float64 else torch.float32  # the DDIM arithmetic: float32 at least
@@ -103,7 +104,7 @@ def _ddim_loop(f, model, predict, sz, steps: int, eta: float, progress: bool, **
             for i in _steps(steps, progress):
                 noise = predict(x.to(mdtype), ts[i].expand(len(x)).to(mdtype)).to(dtype)
                 x0_hat, x = f(x, noise, ab[i], ab1[i], 1 - ab[i], 1 - ab1[i], eta, 1 - (i + 1) / 100, **f_kwargs)
-                preds.append(x0_hat)
+                preds.append(host(x0_hat))
     finally: model.train(training)
     return preds
 
@@ -114,8 +115,10 @@ def sample(f: Callable, model: torch.nn.Module, sz: Sequence[int], steps: int, e
     `f` (e.g. `ddim_step`; `eta=0` is deterministic DDIM, 1 adds DDPM-like noise). Runs on the model's device, in
     its dtype, in eval mode (its mode is restored after). Returns x̂0 after each step, on the CPU: the last is the
     sample."""
-    preds = _ddim_loop(f, model, lambda x, t: model((x, t)), sz, steps, eta, progress, clamp=clamp)
-    return [p.cpu() for p in preds]
+    host = HostCopies()
+    preds = _ddim_loop(f, model, lambda x, t: model((x, t)), sz, steps, eta, progress, host, clamp=clamp)
+    host.wait()
+    return preds
 
 
 def cond_sample(c: int | torch.Tensor, f: Callable, model: torch.nn.Module, sz: Sequence[int], steps: int,
@@ -128,5 +131,7 @@ def cond_sample(c: int | torch.Tensor, f: Callable, model: torch.nn.Module, sz: 
     if c.dim() == 0: c = c.expand(n)
     elif c.shape != (n,): raise ValueError(f'cond_sample: c is one class, or one per image ({n}); got shape '
                                            f'{tuple(c.shape)}')
-    preds = _ddim_loop(f, model, lambda x, t: model((x, t, c)), sz, steps, eta, progress)
-    return [p.cpu() for p in preds]
+    host = HostCopies()
+    preds = _ddim_loop(f, model, lambda x, t: model((x, t, c)), sz, steps, eta, progress, host)
+    host.wait()
+    return preds

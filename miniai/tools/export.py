@@ -18,7 +18,6 @@ symbolic expression made of sizes and arithmetic. What does not pass is refused.
 """
 from __future__ import annotations
 
-import copy
 import io
 import json
 import logging
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.devices import model_dtype
+from ..core.devices import cpu_copy, model_dtype
 from ..core.files import atomic_path, write_atomic
 from ..core.learner import Learner, learner_method
 from ..core.state import plain_state_dict, unwrap_model
@@ -78,7 +77,7 @@ def export(self: Learner, path, n_example: int = 2) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     dls, model = self.dls, unwrap_model(self.model)
     shape = input_shape(self)
-    m = copy.deepcopy(model).cpu().eval()  # a copy: the Learner's model keeps its device and mode
+    m = cpu_copy(model).eval()  # a copy: the Learner's model keeps its device and mode
     dtype = model_dtype(m)
     example = torch.randn(n_example, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     plain = lambda v: v.tolist() if isinstance(v, torch.Tensor) else v
