@@ -163,6 +163,7 @@ def test_ranks_sharing_one_gpu_through_miniai_device_get_gloo_not_nccl(machine, 
     import miniai.engines.ddp as d
     machine(1, local_rank=1, n_procs=2)
     monkeypatch.setenv('MINIAI_DEVICE', 'cuda:0')
+    monkeypatch.setattr(d, 'gradient_group', lambda device, backend: None)  # they do share it (see the test below)
     learn = SimpleNamespace(model=FakeModel(), dls=tiny_dls(), cbs=[DeviceCB(), DDPCB()])
     for cb in learn.cbs: cb.before_fit(learn)
     assert learn.model.module.device == torch.device('cuda:0')
@@ -175,6 +176,32 @@ def test_ranks_sharing_one_gpu_through_miniai_device_get_gloo_not_nccl(machine, 
     machine(1, local_rank=0, n_procs=1)
     monkeypatch.setenv('MINIAI_DEVICE', 'cuda:0')  # one process on a named GPU: NCCL is fine
     assert d.default_backend('cuda:0') == 'nccl'
+
+
+@pytest.mark.parametrize('shared', [True, False], ids=['one-gpu-shared', 'a-gpu-each'])
+def test_processes_named_to_cuda_0_all_reduce_gradients_with_nccl_when_their_gpus_differ(machine, fake_ddp,
+                                                                                          monkeypatch, shared):
+    """Issue 29, item 5: the too-few-GPUs error advises MINIAI_DEVICE=cuda:0 when each process is shown a GPU of its
+    own, and that made DDP all-reduce gradients with gloo, through host memory. The ranks now compare their GPUs'
+    UUIDs once joined: different GPUs get an NCCL group for the gradients; one shared GPU keeps gloo."""
+    import miniai.engines.ddp as d
+    machine(1, local_rank=1, n_procs=2)
+    monkeypatch.setenv('MINIAI_DEVICE', 'cuda:0')
+    monkeypatch.setattr(d, 'gpu_id', lambda device: 'GPU-b')  # this rank's; rank 0's is GPU-a unless they share
+    other = ('node', 'GPU-b' if shared else 'GPU-a')
+    monkeypatch.setattr(d.socket, 'gethostname', lambda: 'node')
+    def all_gather_object(out, obj, group=None): out[:] = [other, obj]
+    monkeypatch.setattr(d.dist, 'all_gather_object', all_gather_object)
+    monkeypatch.setattr(d.dist, 'new_group', lambda backend, **kw: f'{backend} group')
+    monkeypatch.setattr(d, 'DistributedDataParallel', lambda m, device_ids, process_group=None, **kw:
+                        fake_ddp.update(device_ids=device_ids, group=process_group) or SimpleNamespace(module=m))
+    learn = SimpleNamespace(model=FakeModel(), dls=tiny_dls(), cbs=[DeviceCB(), DDPCB()])
+    for cb in learn.cbs: cb.before_fit(learn)
+    assert fake_ddp == {'backend': 'gloo', 'device_ids': [0], 'group': None if shared else 'nccl group'}
+    fake_ddp.clear()
+    learn = SimpleNamespace(model=FakeModel(), dls=tiny_dls(), cbs=[DeviceCB(), DDPCB(backend='gloo')])
+    for cb in learn.cbs: cb.before_fit(learn)
+    assert fake_ddp['group'] is None, 'a backend the user gave is used as given'
 
 
 def test_ddpcb_refuses_a_model_off_this_ranks_gpu(machine, fake_ddp):

@@ -101,7 +101,8 @@ def test_two_processes_share_one_gpu_with_gloo(tmp_path):
     single = subprocess.run([sys.executable, str(HERE / 'ddp_job.py'), tmp_path / 'single'], capture_output=True,
                             text=True, timeout=300, env=environ())
     assert single.returncode == 0, single.stderr[-3000:]
-    r = torchrun(tmp_path / 'double', '--backend', 'gloo', env={'MINIAI_DEVICE': 'cuda:0'}, timeout=300)
+    # no --backend: DDPCB finds that both ranks are on one GPU (their UUIDs) and keeps gloo by itself
+    r = torchrun(tmp_path / 'double', env={'MINIAI_DEVICE': 'cuda:0'}, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         where = json.load(open(tmp_path / f'double/rank{rank}/where.json'))

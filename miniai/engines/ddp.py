@@ -13,6 +13,7 @@ choosing a checkpoint), so that never adds a GPU synchronisation.
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from datetime import timedelta
 
@@ -27,8 +28,8 @@ from ..core.events import Callback
 from ..core.learner import DeviceCB
 from ..core.ranks import is_dist, is_main_process, local_rank, local_world_size, rank, world_size
 
-__all__ = ['init_distributed', 'end_distributed', 'default_backend', 'cpu_group', 'gather_to_main', 'all_agree',
-           'RankMetrics', 'DDPCB']
+__all__ = ['init_distributed', 'end_distributed', 'default_backend', 'cpu_group', 'gpu_id', 'gradient_group',
+           'gather_to_main', 'all_agree', 'RankMetrics', 'DDPCB']
 
 _joined = None  # the default process group, when `init_distributed` made it (so it is ours to end)
 _cpu = {}  # default process group -> the gloo group beside it (`cpu_group`)
@@ -37,8 +38,9 @@ _timeout = 300.  # seconds: that of the group `init_distributed` made, for the g
 
 def default_backend(device) -> str:
     """The backend for a model on `device`: NCCL for a GPU of this process's own, gloo on the CPU, and gloo when
-    several processes on this machine share one GPU through `MINIAI_DEVICE=cuda:N` (NCCL refuses two ranks on one
-    device)."""
+    several processes on this machine may share one GPU through `MINIAI_DEVICE=cuda:N` (NCCL refuses two ranks on one
+    device). Whether they do is known only once they have joined: `DDPCB` then asks (`gradient_group`) and gives
+    the gradients NCCL when each has a GPU of its own after all (each process shown its own GPU)."""
     if torch.device(device).type != 'cuda': return 'gloo'
     fixed = torch.device(os.environ[ENV]).index is not None if os.environ.get(ENV, '').strip() else False
     return 'gloo' if fixed and local_world_size() > 1 else 'nccl'
@@ -83,6 +85,24 @@ def cpu_group():
         _cpu.clear()  # an earlier default group's: gone with it
         _cpu[world] = dist.new_group(backend='gloo', timeout=timedelta(seconds=_timeout))
     return _cpu[world]
+
+
+def gpu_id(device) -> str:
+    "The identity of the physical GPU behind `device` (its UUID), the same whichever GPUs this process is shown."
+    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+
+
+def gradient_group(device, backend: str):
+    """The process group DDP all-reduces the gradients in: None for the default group, or, where the default is gloo
+    only because the processes named a GPU through `MINIAI_DEVICE=cuda:N`, an NCCL group when their GPUs turn out to
+    be different ones (each process shown a GPU of its own). A collective (every rank calls it)."""
+    device = torch.device(device)
+    if backend != 'gloo' or device.type != 'cuda' or default_backend(device) != 'gloo': return None
+    mine = (socket.gethostname(), gpu_id(device))
+    every = [None] * world_size()
+    dist.all_gather_object(every, mine, group=cpu_group())
+    if len(set(every)) < len(every): return None  # two ranks on one GPU: gloo, since NCCL refuses that
+    return dist.new_group(backend='nccl', timeout=timedelta(seconds=_timeout))
 
 
 def gather_to_main(obj) -> list | None:
@@ -174,8 +194,10 @@ class DDPCB(Callback):
         init_distributed(self.timeout, backend)
         cpu_group()  # made here, at the same point on every rank, for the callbacks that agree on the CPU
         ids = [dev.index] if dev.type == 'cuda' else None
+        group = gradient_group(dev, backend) if self.backend is None else None  # a backend given is used as given
         self.plain = learn.model
-        learn.model = DistributedDataParallel(learn.model, device_ids=ids, find_unused_parameters=self.find_unused)
+        learn.model = DistributedDataParallel(learn.model, device_ids=ids, find_unused_parameters=self.find_unused,
+                                              process_group=group)
         self.orig, self.undo = {}, []
         for name, shuffle in (('train', True), ('valid', False)):
             dl = getattr(learn.dls, name, None)
