@@ -42,7 +42,7 @@ def train_once(setting: str, epochs: int, bs: int, lr: float, seed: int, n_train
     dls = fashion_dls(bs=bs, seed=seed, n_train=n_train, n_valid=n_valid)
     metrics = MetricsCB(accuracy=MulticlassAccuracy())
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
-    learn = TrainLearner(fashion_resnet(), dls, F.cross_entropy, lr=lr, opt_func=partial(optim.AdamW, eps=1e-5),
+    learn = TrainLearner(fashion_resnet(bias=False), dls, F.cross_entropy, lr=lr, opt_func=partial(optim.AdamW, eps=1e-5),
                          cbs=[DeviceCB(), metrics, Tagged(setting), BatchSchedCB(sched)] + precision_cbs(setting))
     t = time.perf_counter()
     learn.fit(epochs)

@@ -140,7 +140,8 @@ def test_show_image_batch_shows_augmented_training_inputs():
     dls = fashion_dls(bs=64, n_train=256, n_valid=64, seed=0, device='cpu')  # the model stays on the CPU
     learn = TrainLearner(fashion_resnet(nfs=(8, 16)), dls, F.cross_entropy)
     before = copy.deepcopy(learn.model.state_dict())
-    fig = learn.show_image_batch(max_n=6, cbs=[augment_cb(RandErase(pct=0.3, max_num=2))])
+    assert learn.show_image_batch(max_n=6, cbs=[augment_cb(RandErase(pct=0.3, max_num=2))]) is None
+    fig = plt.gcf()
     assert len([ax for ax in fig.axes if ax.images]) == 6
     assert all(torch.equal(before[k], v) for k, v in learn.model.state_dict().items())
     plt.close('all')

@@ -43,7 +43,7 @@ def test_get_model_with_act_norm_and_widths():
     model = get_model(act_gr, nfs=[1, 4, 8, 16, 32], norm=nn.BatchNorm2d)
     block = model[0]
     assert [type(m) for m in block] == [nn.Conv2d, nn.BatchNorm2d, GeneralRelu]
-    assert block[0].bias is None  # BatchNorm follows: its shift makes a bias useless
+    assert block[0].bias is not None  # the course's conv keeps its bias before a BatchNorm (given as a class)
     assert (block[2].leak, block[2].sub) == (0.1, 0.4)
     assert [c.out_channels for c in convs(model)] == [4, 8, 16, 32, 10]
     head = model[-2]

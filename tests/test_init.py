@@ -35,7 +35,8 @@ def test_init_weights_gives_kaiming_std():
 
 def test_conv_layers_and_bias_default():
     c = conv(3, 8, norm=nn.BatchNorm2d)
-    assert [type(m) for m in c] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] and c[0].bias is None
+    assert [type(m) for m in c] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU] and c[0].bias is not None, "the course's bias"
+    assert conv(3, 8, norm=nn.BatchNorm2d, bias=False)[0].bias is None
     c = conv(3, 8, act=None)
     assert [type(m) for m in c] == [nn.Conv2d] and c[0].bias is not None
     assert conv(3, 8, act=False, bias=False)[0].bias is None

@@ -4,6 +4,7 @@ import torch
 import torchvision
 from torch import nn
 
+from miniai.init import GeneralRelu
 from miniai.resnet import (BasicBlock, Bottleneck, GlobalAvgPool, ResBlock, fashion_resnet, resnet18, resnet34,
                            resnet50, seed002_resnet)
 
@@ -46,6 +47,62 @@ def test_seed_models_parameter_totals():
     assert n_params(seed002_resnet()) == 1247362
     assert n_params(seed002_resnet(pool=True)) == 1226882
     assert seed002_resnet(pool=True)(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+# The course's conv and ResBlock (lessons 13-14), written out here as the course lays them out: its conv drops the
+# bias only for a BatchNorm *instance*, and every call passes the class, so each convolution keeps its bias.
+def course_conv(ni, nf, ks=3, stride=2, act=nn.ReLU, norm=None, bias=None):
+    if bias is None: bias = not isinstance(norm, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+    layers = [nn.Conv2d(ni, nf, ks, stride=stride, padding=ks // 2, bias=bias)]
+    if norm: layers.append(norm(nf))
+    if act: layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class CourseResBlock(nn.Module):
+    def __init__(self, ni, nf, stride=1, ks=3, act=nn.ReLU, norm=None):
+        super().__init__()
+        self.convs = nn.Sequential(course_conv(ni, nf, ks, 1, act, norm), course_conv(nf, nf, ks, stride, None, norm))
+        self.idconv = nn.Identity() if ni == nf else course_conv(ni, nf, 1, 1, None)
+        self.pool = nn.Identity() if stride == 1 else nn.AvgPool2d(2, ceil_mode=True)
+        self.act = act()
+
+    def forward(self, x): return self.act(self.convs(x) + self.idconv(self.pool(x)))
+
+
+def course_lesson14_model(nfs=(16, 32, 64, 128, 256, 512), norm=nn.BatchNorm2d):
+    "Lesson 14's get_model: a 5x5 stem block, stride-2 blocks, global average pooling, a bias-free Linear, BatchNorm1d."
+    act = lambda: GeneralRelu(leak=0.1, sub=0.4)
+    blocks = [CourseResBlock(1, nfs[0], ks=5, act=act, norm=norm)]
+    blocks += [CourseResBlock(nfs[i], nfs[i + 1], stride=2, act=act, norm=norm) for i in range(len(nfs) - 1)]
+    return nn.Sequential(*blocks, GlobalAvgPool(), nn.Dropout(0.), nn.Linear(nfs[-1], 10, bias=False),
+                         nn.BatchNorm1d(10))
+
+
+def test_parameter_counts_are_the_courses():
+    assert n_params(ResBlock(16, 32, norm=nn.BatchNorm2d)) == n_params(CourseResBlock(16, 32, norm=nn.BatchNorm2d)) \
+        == 14560
+    assert n_params(fashion_resnet()) == n_params(course_lesson14_model()) == 4907588, "lesson 14's printed total"
+    # the bias-free layout, on request: the two BatchNorm'd convolutions of each block lose their biases
+    assert n_params(ResBlock(16, 32, norm=nn.BatchNorm2d, bias=False)) == 14496
+    assert n_params(fashion_resnet(bias=False)) == 4905572
+    assert fashion_resnet(bias=False)[1].idconv[0].bias is not None, 'the shortcut has no norm: its bias stays'
+
+
+def test_a_state_dict_of_the_courses_layout_loads_strictly():
+    torch.manual_seed(0)
+    course = course_lesson14_model()
+    with torch.no_grad():  # BatchNorm statistics other than the defaults, so loading them shows
+        for m in course.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.)
+    ours = fashion_resnet()
+    ours.load_state_dict(course.state_dict(), strict=True)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(ours.eval()(x), course.eval()(x))
+    with pytest.raises(RuntimeError, match='Unexpected key'):
+        fashion_resnet(bias=False).load_state_dict(course.state_dict(), strict=True)
 
 
 def test_fashion_resnet_shapes():

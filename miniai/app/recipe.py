@@ -38,9 +38,11 @@ from ..tools.inference import tta
 __all__ = ['MODELS', 'AUGMENTS', 'augment_for', 'build_model', 'augment_tfms', 'recipe_dls', 'make_learner',
            'run_recipe', 'plot_run']
 
-MODELS = {'fashion_resnet': partial(fashion_resnet, drop=0.1),
-          'fashion_resnet_wide': partial(fashion_resnet, nfs=(32, 64, 128, 256, 512, 512), drop=0.1),
-          'seed002_resnet': partial(seed002_resnet, act=nn.ReLU, norm=nn.BatchNorm2d, pool=True),
+# bias=False: a convolution's bias is redundant before a BatchNorm, and runs saved before the library's convs took
+# the course's biases (the recipe has always built its ResNets without them) must still resume
+MODELS = {'fashion_resnet': partial(fashion_resnet, drop=0.1, bias=False),
+          'fashion_resnet_wide': partial(fashion_resnet, nfs=(32, 64, 128, 256, 512, 512), drop=0.1, bias=False),
+          'seed002_resnet': partial(seed002_resnet, act=nn.ReLU, norm=nn.BatchNorm2d, pool=True, bias=False),
           'resnet9': partial(resnet9, c=64), 'resnet9_small': partial(resnet9, c=32)}
 
 

@@ -81,15 +81,16 @@ class DataLoaders:
 
     vocab = property(lambda self: self.classes, doc="The class names (fastai's name for `classes`).")
 
-    def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs):
-        "Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class names."
+    def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs) -> None:
+        """Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class
+        names; like `show_images`, returns nothing (`plt.gcf()` is the figure)."""
         xb, yb = next(iter(self.train))
         xb, yb = xb[:max_n].detach().float().cpu(), yb[:max_n].cpu()
         if xb.dim() == 4 and getattr(self, 'mean', None) is not None:  # undo the loader's normalisation
             xb = Normalise(self.mean, self.std, channels=xb.shape[1]).decode(xb)
         names = getattr(self, 'classes', None)
         titles = [names[int(y)] if names is not None else str(int(y)) for y in yb]
-        return show_images(xb, ncols=ncols or min(len(xb), 3), titles=titles, **kwargs)
+        show_images(xb, ncols=ncols or min(len(xb), 3), titles=titles, **kwargs)
 
     def __repr__(self): return f'DataLoaders(train={len(self.train)} batches, valid={len(self.valid)} batches)'
 

@@ -55,10 +55,10 @@ def get_grid(n: int, nrows=None, ncols=None, title=None, weight='bold', size=14,
 
 
 @fc.delegates(subplots)
-def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs):
-    "Show the images `ims` in a grid, with optional `titles`; returns the figure."
-    fig, axs = get_grid(len(ims), nrows, ncols, **kwargs)
+def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs) -> None:
+    """Show the images `ims` in a grid, with optional `titles`. Returns nothing, as the course's does: a Figure
+    returned at the end of a Jupyter cell would show twice (`plt.gcf()` is the figure drawn)."""
+    _, axs = get_grid(len(ims), nrows, ncols, **kwargs)
     for im, t, ax in zip_longest(ims, titles or [], axs.flat):
         if im is None: break
         show_image(im, ax=ax, title=t)
-    return fig

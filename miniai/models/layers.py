@@ -65,10 +65,13 @@ def lsuv_init(model: nn.Module, m: nn.Module, m_in: nn.Module, xb: torch.Tensor,
     finally: h.remove()
 
 
-def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act=nn.ReLU, norm=None, bias=None) -> nn.Sequential:
-    "Convolution, then `norm(nf)` if given, then `act()` if given (`act=None`/`False` for none); bias unless BatchNorm."
-    if bias is None: bias = not isinstance(norm, type) or not issubclass(norm, (nn.BatchNorm1d, nn.BatchNorm2d,
-                                                                               nn.BatchNorm3d))
+def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act=nn.ReLU, norm=None,
+         bias: bool | None = None) -> nn.Sequential:
+    """Convolution, then `norm(nf)` if given, then `act()` if given (`act=None`/`False` for none). The convolution has
+    a bias unless `bias=False`, also before a BatchNorm, as in the course (whose test for a BatchNorm is given the
+    class, so its bias stays): the course's parameter counts and state_dicts are ours. Before a BatchNorm the bias is
+    redundant (the norm's shift takes its place); `bias=False` leaves it out."""
+    if bias is None: bias = True
     layers = [nn.Conv2d(ni, nf, stride=stride, kernel_size=ks, padding=ks // 2, bias=bias)]
     if norm: layers.append(norm(nf))
     if act: layers.append(act())

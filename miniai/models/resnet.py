@@ -17,17 +17,19 @@ __all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_res
 act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
 
 
-def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3):
-    return nn.Sequential(conv(ni, nf, stride=1, act=act, norm=norm, ks=ks),
-                         conv(nf, nf, stride=stride, act=None, norm=norm, ks=ks))
+def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3, bias=None):
+    return nn.Sequential(conv(ni, nf, stride=1, act=act, norm=norm, ks=ks, bias=bias),
+                         conv(nf, nf, stride=stride, act=None, norm=norm, ks=ks, bias=bias))
 
 
 class ResBlock(nn.Module):
     """Two convolutions plus a shortcut: `act(convs(x) + idconv(pool(x)))`. The shortcut average-pools when the
-    block strides and uses a 1x1 convolution when the channel count changes, so it never drops information."""
-    def __init__(self, ni: int, nf: int, stride: int = 1, ks: int = 3, act=act_gr, norm=None):
+    block strides and uses a 1x1 convolution when the channel count changes, so it never drops information. Its
+    parameters are the course's (`ResBlock(16, 32, norm=nn.BatchNorm2d)`: 14,560); `bias=False` drops the two
+    convolutions' biases, redundant before a BatchNorm (14,496), not the shortcut's, which has no norm."""
+    def __init__(self, ni: int, nf: int, stride: int = 1, ks: int = 3, act=act_gr, norm=None, bias: bool | None = None):
         super().__init__()
-        self.convs = _conv_block(ni, nf, stride, act=act, ks=ks, norm=norm)
+        self.convs = _conv_block(ni, nf, stride, act=act, ks=ks, norm=norm, bias=bias)
         self.idconv = fc.noop if ni == nf else conv(ni, nf, ks=1, stride=1, act=None)
         self.pool = fc.noop if stride == 1 else nn.AvgPool2d(2, ceil_mode=True)
         self.act = act()
@@ -41,22 +43,23 @@ class GlobalAvgPool(nn.Module):
 
 
 def fashion_resnet(nfs=(16, 32, 64, 128, 256, 512), act=act_gr, norm=nn.BatchNorm2d, drop: float = 0.,
-                   in_channels: int = 1, n_classes: int = 10, ks: int = 5) -> nn.Sequential:
+                   in_channels: int = 1, n_classes: int = 10, ks: int = 5, bias: bool | None = None) -> nn.Sequential:
     """The course's Fashion-MNIST ResNet: a `ks`x`ks` `ResBlock` stem, a stride-2 `ResBlock` per further entry of
-    `nfs`, global average pooling, dropout, and a bias-free linear head followed by BatchNorm. The course's earlier,
-    5-stage model is `fashion_resnet(nfs=(16, 32, 64, 128, 256), ks=3)`."""
-    layers = [ResBlock(in_channels, nfs[0], ks=ks, stride=1, act=act, norm=norm)]
-    layers += [ResBlock(nfs[i], nfs[i + 1], act=act, norm=norm, stride=2) for i in range(len(nfs) - 1)]
+    `nfs`, global average pooling, dropout, and a bias-free linear head followed by BatchNorm: 4,907,588 parameters,
+    as the course's lesson 14 prints (4,905,572 with `bias=False`, see `ResBlock`). The course's earlier, 5-stage
+    model is `fashion_resnet(nfs=(16, 32, 64, 128, 256), ks=3)`."""
+    layers = [ResBlock(in_channels, nfs[0], ks=ks, stride=1, act=act, norm=norm, bias=bias)]
+    layers += [ResBlock(nfs[i], nfs[i + 1], act=act, norm=norm, stride=2, bias=bias) for i in range(len(nfs) - 1)]
     layers += [GlobalAvgPool(), nn.Dropout(drop), nn.Linear(nfs[-1], n_classes, bias=False), nn.BatchNorm1d(n_classes)]
     return nn.Sequential(*layers)
 
 
 def seed002_resnet(act=nn.ReLU, nfs=(8, 16, 32, 64, 128, 256), norm=None, pool: bool = False,
-                   in_channels: int = 1, n_classes: int = 10) -> nn.Sequential:
+                   in_channels: int = 1, n_classes: int = 10, bias: bool | None = None) -> nn.Sequential:
     """The two models of the ResNet walk-through (seed 002): `pool=False` ends with a 1x1-output conv and Flatten
     (1,247,362 parameters; 28x28 inputs only), `pool=True` with `GlobalAvgPool`, Flatten and Linear (1,226,882)."""
-    layers = [ResBlock(in_channels, nfs[0], stride=1, act=act, norm=norm)]
-    layers += [ResBlock(nfs[i], nfs[i + 1], stride=2, act=act, norm=norm) for i in range(len(nfs) - 1)]
+    layers = [ResBlock(in_channels, nfs[0], stride=1, act=act, norm=norm, bias=bias)]
+    layers += [ResBlock(nfs[i], nfs[i + 1], stride=2, act=act, norm=norm, bias=bias) for i in range(len(nfs) - 1)]
     head = ([GlobalAvgPool(), nn.Flatten(), nn.Linear(nfs[-1], n_classes)] if pool else
             [conv(nfs[-1], n_classes, act=None, norm=False, bias=True), nn.Flatten()])
     return nn.Sequential(*layers, *head)

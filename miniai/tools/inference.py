@@ -107,12 +107,13 @@ class _GrabBatch(Callback):
 
 
 @learner_method
-def show_image_batch(self: Learner, max_n: int = 9, cbs=None, **kwargs):
-    "Show up to `max_n` images of a training batch as the model would get it (after `cbs`, e.g. augmentation)."
+def show_image_batch(self: Learner, max_n: int = 9, cbs=None, **kwargs) -> None:
+    """Show up to `max_n` images of a training batch as the model would get it (after `cbs`, e.g. augmentation);
+    like `show_images`, returns nothing (`plt.gcf()` is the figure)."""
     from ..data.show import show_images  # imported when shown: matplotlib costs 0.4 s
     grab = _GrabBatch()
     with looking(self): self.fit(1, valid=False, cbs=[grab] + list(cbs or []))
-    return show_images(grab.batch[0][:max_n].float().cpu(), **kwargs)
+    show_images(grab.batch[0][:max_n].float().cpu(), **kwargs)
 
 
 def tta(learn: Learner, tfm=lambda x: x.flip(-1)) -> dict:
