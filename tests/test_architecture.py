@@ -131,6 +131,8 @@ ONE_PLACE = [
     (r'torch\.bincount\(', {'data/normalise.py'}),  # counting pixel values for the statistics
     (r'def _tensors|def _move\(|def _copy_out|def shape_of', {'engines/compile.py'}),  # the nested-tensor walker
     (r'\* std \+ mean|- mean\) / std|/ \(255 \*', {'data/normalise.py'}),  # (un)normalising images
+    (r'pin_memory=True\)', {'core/devices.py'}),  # pinned buffers (batches gathered, results copied out)
+    (r'deepcopy\(\w*model', {'core/devices.py'}),  # copying a model (to the CPU: never a second copy on its GPU)
 ]
 
 
