@@ -218,7 +218,7 @@ class FirstBatchChecks:
         if classes is not None and len(classes) != n_out:
             raise ValueError(f'the model outputs {n_out} values per item, but the data has {len(classes)} classes '
                              f'(dls.classes): make its last layer output {len(classes)}')
-        if classes is None and y.numel():  # read now, even on a GPU: one small read, at the first batch of a fit only,
+        if classes is None and y.numel() and y.device.type != 'meta':  # read now, even on a GPU: one small read, at the first batch of a fit only,
             # since an out-of-range target crashes the loss (a device-side assert on CUDA) before any later read
             self._check_width(n_out, int(y.max().item()), len(y))
 
