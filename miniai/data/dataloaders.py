@@ -12,7 +12,7 @@ from ..core.devices import pins_by_default, resolve_device
 from .folders import folder_images
 from .hf import dd_images, is_image_dd
 from .imagecache import ImageSet
-from .items import ItemsDataLoader, data_preprocess, test_dl
+from .items import ItemsDataLoader, data_preprocess, items_dl
 from .loader import TensorDataLoader, subset
 from .normalise import Normalise
 from .show import show_images
@@ -89,10 +89,10 @@ class DataLoaders:
 
     def test_dl(self, items, labels=None, bs: int | None = None, device=None) -> ItemsDataLoader:
         """A loader of new items made as the training data was (decoded, resized, normalised; see
-        `miniai.data.items.test_dl`): a folder, files, PIL images or tensors, for `learn.get_preds(dl=...)` and
+        `miniai.data.items.items_dl`): a folder, files, PIL images or tensors, for `learn.get_preds(dl=...)` and
         `ClassificationInterpretation.from_learner(learn, dl)` (which needs labels: class folders, or `labels`)."""
         bs = bs or getattr(self.valid, 'bs', None) or 64
-        return test_dl(data_preprocess(self, 'test_dl'), items, labels, getattr(self, 'classes', None), bs, device)
+        return items_dl(data_preprocess(self, 'test_dl'), items, labels, getattr(self, 'classes', None), bs, device)
 
     def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs):
         "Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class names."

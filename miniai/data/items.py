@@ -1,8 +1,9 @@
 """New items for a trained model, made into its input the way the training data was made: `Preprocess` takes what a
 user has (a file's path, a PIL image, a numpy array or uint8 tensor as decoded, or an already-normalised float tensor),
 decodes it, matches its channels, resizes it with `resize_cover` (the image cache's rule: scale to cover, crop the
-centre) and normalises it with the training statistics (`Normalise`). `test_dl` makes a loader of many new items
-(files, a folder, tensors) through the same path; `DataLoaders.test_dl` is it with the training data's facts."""
+centre) and normalises it with the training statistics (`Normalise`). `items_dl` makes a loader of many new items
+(files, a folder, tensors) through the same path; `DataLoaders.test_dl` (fastai's name) is it with the training data's
+facts."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ from .loader import TensorDataLoader
 from .normalise import Normalise, per_channel
 
 __all__ = ['RESIZE_RULE', 'Preprocess', 'item_shape', 'data_preprocess', 'is_path', 'image_files', 'ItemsDataLoader',
-           'test_dl']
+           'items_dl']
 
 RESIZE_RULE = 'cover'  # resize_cover: scale (antialiased) to cover the size, crop the centre; what the cache does
 
@@ -205,7 +206,7 @@ def _folder_items(folder: Path, classes) -> tuple[list, list | None]:
     return files, None
 
 
-def test_dl(prep: Preprocess, items, labels=None, classes=None, bs: int = 64, device=None) -> ItemsDataLoader:
+def items_dl(prep: Preprocess, items, labels=None, classes=None, bs: int = 64, device=None) -> ItemsDataLoader:
     """A loader of new `items`, made as the training data was (`prep`): a folder (every image below it; labelled by
     class folders named as `classes`), a list of files, PIL images or tensors, or a batch tensor. `labels` (class
     indices or names) gives batches their targets, for `ClassificationInterpretation`. uint8 items are kept as
