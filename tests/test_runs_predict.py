@@ -1,7 +1,9 @@
 """A run of the main job you can load and use on new images: `load_run(folder)` from a real `miniai train` run on a
 folder of PNGs and JPEGs of mixed sizes (its model rebuilt from what the run recorded, no knowledge of the recipe),
 and `miniai predict` on a run and on an export, with a broken file among the images."""
+import contextlib
 import csv
+import io
 import json
 import shutil
 
@@ -30,24 +32,32 @@ def run(tmp_path_factory):
     write_images(root / 'data' / 'train', *pick('train', 20), names, 1)
     write_images(root / 'data' / 'valid', *pick('test', 6), names, 2)
     new = write_images(root / 'new', *pick('test', 2, start=30), names, 3)
-    out = root / 'out'
-    code = main(['train', '--data', root / 'data', '--size', 16, '--epochs', 1, '--bs', 16, '--out', out,
-                 '--no-summary', '--no-tta', '--threads', 1])
+    out, said = root / 'out', io.StringIO()
+    with contextlib.redirect_stdout(said):
+        code = main(['train', '--data', root / 'data', '--size', 16, '--epochs', 1, '--bs', 16, '--out', out,
+                     '--no-summary', '--no-tta', '--threads', 1, '--target', 0.3])
     assert code == 0
-    yield root, out, new
+    yield root, out, new, said.getvalue()
     mp.undo()
 
 
 def test_a_run_records_what_rebuilds_its_model(run):
-    _, out, _ = run
+    _, out, _, _ = run
     meta = json.loads((out / 'model.json').read_text())
     assert meta['build_model'] == {'name': 'resnet9_small', 'drop': None, 'in_channels': 1, 'n_classes': 3, 'size': 16}
     assert meta['classes'] == sorted(LABELS) and meta['input_shape'] == [1, 16, 16] and meta['resize'] == 'cover'
     assert len(meta['mean']) == len(meta['std']) == 1 and meta['data']['size'] == 16
 
 
+def test_on_other_data_the_job_names_the_validation_split_and_the_target_it_was_given(run):
+    printed = run[3]
+    assert '\nValidation accuracy: ' in printed and 'Test accuracy' not in printed
+    assert 'Time to the target given, 30.0% validation accuracy (--target 0.3): ' in printed
+    assert 'test accuracy' not in printed
+
+
 def test_load_run_gives_a_learner_that_predicts_interprets_fine_tunes_and_exports(run, tmp_path):
-    root, out, new = run
+    root, out, new, _ = run
     learn = load_run(out)  # its data is still there: reloaded
     res = json.loads((out / 'result.json').read_text())
     preds, targs = learn.get_preds()
@@ -66,7 +76,7 @@ def test_load_run_gives_a_learner_that_predicts_interprets_fine_tunes_and_export
 
 
 def test_miniai_predict_on_a_run_and_an_export_with_a_broken_file(run, tmp_path, capsys):
-    root, out, new = run
+    root, out, new, _ = run
     folder = tmp_path / 'imgs'
     shutil.copytree(root / 'new', folder)
     broken = folder / 'top' / 'broken.png'

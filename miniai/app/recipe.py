@@ -199,7 +199,8 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
            'average': average, 'accuracy': last['accuracy'], 'loss': last['loss'], 'processes': n_procs}
     if (clock := getattr(learn, 'time_to_accuracy', None)) is not None:
         res.update(target=target, time_to_target=None if clock.reached is None else clock.reached['seconds'],
-                   epochs_to_target=None if clock.reached is None else clock.reached['epoch'] + 1, curve=clock.curve)
+                   epochs_to_target=None if clock.reached is None else clock.reached['epoch'] + 1,
+                   epoch_reached=None if clock.reached is None else clock.reached['epoch'], curve=clock.curve)
     if not is_main_process(): return res  # the others trained; rank 0 evaluates and writes
     if use_tta: res['tta_accuracy'] = tta(learn)['tta_accuracy']
     learn.save(out / 'final.ckpt')
