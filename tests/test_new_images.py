@@ -100,6 +100,8 @@ def test_predict_takes_a_file_a_pil_image_uint8_pixels_and_floats(trained):
     x = Normalise(learn.dls.mean, learn.dls.std, channels=1).encode(resize_cover(img, (SIZE, SIZE)))
     assert torch.allclose(learn.predict(x).probs, by_hand(learn, img), atol=1e-5), 'an already-normalised float'
     assert torch.allclose(learn.predict(img[0].numpy()).probs, by_hand(learn, img), atol=1e-5), 'a numpy [H, W]'
+    greys = torch.stack([decode_image(str(f))[0] for f in (png, new[2])])  # [N, H, W]: grey images, no channel
+    assert learn.predict(greys).label == [learn.predict(png).label, learn.predict(new[2]).label], 'a batch'
     rgb = Image.open(png).convert('RGB')  # colour for a grey model: made grey, as its luminance
     assert learn.predict(rgb).label == learn.predict(png).label
 

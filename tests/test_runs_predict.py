@@ -35,7 +35,7 @@ def run(tmp_path_factory):
     out, said = root / 'out', io.StringIO()
     with contextlib.redirect_stdout(said):
         code = main(['train', '--data', root / 'data', '--size', 16, '--epochs', 1, '--bs', 16, '--out', out,
-                     '--no-summary', '--no-tta', '--threads', 1, '--target', 0.3])
+                     '--no-summary', '--no-tta', '--threads', 1, '--target', 0.3, '--precision', 'fp32'])
     assert code == 0
     yield root, out, new, said.getvalue()
     mp.undo()

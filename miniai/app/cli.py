@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='CPU threads for torch (default: torch\'s choice; on a busy machine 1 is often faster)')
     t.add_argument('--no-tta', dest='tta', action='store_false', help='skip test-time augmentation at the end')
     t.add_argument('--n-train', type=_positive(int), default=None, help='use only this many training images')
-    t.add_argument('--n-valid', type=_positive(int), default=None, help='use only this many validation images (Fashion-MNIST: test images)')
+    t.add_argument('--n-valid', type=_positive(int), default=None,
+                   help='use only this many validation images (Fashion-MNIST: test images)')
     t.add_argument('--no-summary', dest='summary', action='store_false', help="don't print the model summary")
     t.add_argument('--debug', action='store_true',
                    help='show the traceback of errors reported in one line (also: environment MINIAI_DEBUG=1)')

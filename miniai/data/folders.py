@@ -71,9 +71,9 @@ def _layout(path: Path, train: str, valid: str, valid_pct, seed) -> tuple[dict, 
         if not 0 < valid_pct < 1: raise ValueError(f'valid_pct must be in (0, 1), got {valid_pct}')
         tdir = path / train if (path / train).is_dir() else path  # a folder of class folders, with no split
         if tdir != path and (held := _valid_dir(path, valid)) is not None:
-            raise ImageDataError(f'{path} has a {held.name}/ folder, but valid_pct={valid_pct} (--valid-pct) would hold '
-                                 f'out part of {train}/ and leave {held.name}/ unused: drop valid_pct to validate on '
-                                 f'{held.name}/, or give valid_pct the folder of class folders itself ({tdir})')
+            raise ImageDataError(f'{path} has a {held.name}/ folder, but valid_pct={valid_pct} (--valid-pct) would '
+                                 f'hold out part of {train}/ and leave {held.name}/ unused: drop valid_pct to validate '
+                                 f'on {held.name}/, or give valid_pct the folder of class folders itself ({tdir})')
         per_class = _classes(tdir, skipped)
         classes = list(per_class)
         files = [(f, c) for c, name in enumerate(classes) for f in per_class[name]]

@@ -92,7 +92,9 @@ class Preprocess:
         if is_path(x) or _is_pil(x): return True
         if isinstance(x, (np.ndarray, torch.Tensor)):
             n = len(self.shape)
-            return x.ndim == n or (x.ndim == n - 1 and self.images and (self.shape[0] == 1 or x.shape[-1] == 3))
+            if self.images and x.ndim == n and x.shape[0] not in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
+                return False  # [N, H, W]: grey images without their channel
+            return x.ndim == n or (x.ndim == n - 1 and self.images)  # [H, W]: one grey image
         return False
 
     def _not_images(self, item):
