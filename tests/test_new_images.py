@@ -223,3 +223,21 @@ def test_the_exports_shape_and_dtype_errors_say_what_to_pass(trained, tmp_path):
                                          r'that were never normalised: use \.predict\(item\)'):
         m(torch.zeros(1, 1, SIZE, SIZE, dtype=torch.uint8))
     assert m.predict(torch.zeros(100, 100, dtype=torch.uint8)).label in learn.dls.classes, 'predict resizes'
+
+
+@pytest.mark.cuda
+def test_predict_and_a_test_dl_with_the_model_on_a_gpu(trained):
+    "The items are made on the CPU and cross to the model's device as uint8 or floats; the answer is the CPU's."
+    from miniai.learner import DeviceCB
+    learn, _, new, _ = trained
+    cpu, cpu_preds = learn.predict(new[0]), learn.get_preds(dl=learn.dls.test_dl(new[:4]))[0]
+    dev = DeviceCB('cuda')
+    learn.cbs.append(dev)
+    try:
+        p = learn.predict(new[0])
+        preds = learn.get_preds(dl=learn.dls.test_dl(new[:4]))[0]
+    finally:
+        learn.cbs.remove(dev)
+        learn.model.cpu()
+    assert p.label == cpu.label and torch.allclose(p.probs, cpu.probs, atol=1e-4)
+    assert torch.allclose(preds, cpu_preds, atol=1e-4)

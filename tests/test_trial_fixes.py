@@ -49,7 +49,7 @@ def test_a_set_mixing_grey_and_colour_says_which_it_became_and_why(tmp_path, cap
     images = folder_images(root)
     assert images.x.shape[1] == 3
     err = capsys.readouterr().err
-    assert re.fullmatch(r'miniai: .*/d: 1 of the 12 images are colour \(e\.g\. .*/d/train/b/3\.png\) and 11 grey '
+    assert re.fullmatch(r'miniai: .*/d: 1 of the 12 images is colour \(e\.g\. .*/d/train/b/3\.png\) and 11 grey '
                         r'\(e\.g\. .*/d/train/a/0\.png\), so all are read as colour, 3 channels, the grey ones '
                         r'repeated in each \(one set, one channel count\); make the colour ones grey to train on 1 '
                         r'channel\n', err), err

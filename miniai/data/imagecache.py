@@ -224,8 +224,8 @@ def _build(file: Path, key: str, batches, labels: torch.Tensor, splits: dict, cl
             colour = e.args[0]
             continue
         if grey:
-            n = len(labels)
-            print(f'miniai: {source}: {n - len(grey):,} of the {n:,} images are colour (e.g. {colour}) and '
+            n, k = len(labels), len(labels) - len(grey)
+            print(f'miniai: {source}: {k:,} of the {n:,} images {"is" if k == 1 else "are"} colour (e.g. {colour}) and '
                   f'{len(grey):,} grey (e.g. {sorted(grey)[0]}), so all are read as colour, 3 channels, the grey ones '
                   f'repeated in each (one set, one channel count); make the colour ones grey to train on 1 channel',
                   file=sys.stderr)
