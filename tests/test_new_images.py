@@ -145,7 +145,7 @@ def test_wrong_dtypes_are_named_before_channels_or_features(trained):
     with pytest.raises(TypeError, match=uint8) as e: linear.get_preds(dl=[(raw,)])
     assert 'features' not in str(e.value).split('. (')[0]
     with pytest.raises(TypeError, match=r"^the model's input is torch\.float64 but its weights are torch\.float32: "
-                                        r"convert it \(x\.float\(\)\)\."):
+                                        r"convert it \(x\.to\(torch\.float32\)\)\."):
         learn.get_preds(dl=[(learn.dls.normalise(raw).double(),)])
     assert torch.allclose(learn.get_preds(dl=[(learn.dls.normalise(raw),)])[0],
                           learn.get_preds(dl=[(learn.dls.valid.normalise(raw),)])[0]), 'dls.normalise: the loaders\''

@@ -87,11 +87,13 @@ def dtype_mismatch(model: nn.Module, x) -> str | None:
     """Why the input `x` cannot go through `model` if it is not of its weights' float dtype (uint8 pixels that were
     never normalised, integers, float64); else None."""
     if not isinstance(x, torch.Tensor) or x.dtype == (w := model_dtype(model)): return None
+    if not x.is_floating_point() and x.dtype != torch.uint8 and any(
+            isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()): return None  # indices: as meant
     if x.dtype == torch.uint8:
         return (f"the model's input is uint8, pixels that were never normalised (what decode_image and dls.valid.x "
                 f"hold), but its weights are {w}: normalise them first. learn.predict(x) does it for you (and "
                 f"takes files and PIL images); for a batch, dls.normalise(x) gives what the loaders give the model")
-    fix = 'x.float()' if x.is_floating_point() else 'x.to(torch.uint8) and normalise it if it holds pixels'
+    fix = f'x.to({w})' if x.is_floating_point() else 'x.to(torch.uint8) and normalise it if it holds pixels'
     return f"the model's input is {x.dtype} but its weights are {w}: convert it ({fix})"
 
 

@@ -181,8 +181,7 @@ def item_shape(dl) -> tuple:
 def data_preprocess(dls, what: str = 'predict') -> Preprocess:
     "How the inputs of `dls` (a `DataLoaders`) were made: its validation items' shape, its `mean` and `std`."
     mean, std = getattr(dls, 'mean', None), getattr(dls, 'std', None)
-    shape = getattr(dls, 'input_shape', None) or item_shape(dls.valid)
-    return Preprocess(shape, mean, std, what=what)
+    return Preprocess(item_shape(dls.valid), mean, std, what=what)
 
 
 class ItemsDataLoader(TensorDataLoader):
