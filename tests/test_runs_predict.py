@@ -54,6 +54,7 @@ def test_on_other_data_the_job_names_the_validation_split_and_the_target_it_was_
     assert '\nValidation accuracy: ' in printed and 'Test accuracy' not in printed
     assert 'Time to the target given, 30.0% validation accuracy (--target 0.3): ' in printed
     assert 'test accuracy' not in printed
+    assert json.loads((run[1] / 'result.json').read_text())['measured_on'] == 'validation'
 
 
 def test_load_run_gives_a_learner_that_predicts_interprets_fine_tunes_and_exports(run, tmp_path):

@@ -242,9 +242,9 @@ def train(args: argparse.Namespace) -> dict:
     dev = torch.device(default_device())
     res['device'] = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev.type
     if getattr(args, 'command_line', None): res['command'] = args.command_line
-    write_atomic(out / 'result.json', json.dumps(res, indent=2) + '\n')
     # Fashion-MNIST's held-out split is its test set; on other data it is the validation split of that data
-    split = 'test' if args.data == 'fashion' else 'validation'
+    res['measured_on'] = split = 'test' if args.data == 'fashion' else 'validation'
+    write_atomic(out / 'result.json', json.dumps(res, indent=2) + '\n')
     print(f"\n{split.capitalize()} accuracy: {res['accuracy']:.4f}" + (f"  (with TTA: {res['tta_accuracy']:.4f})"
                                                                      if res.get('tta_accuracy') is not None else ''))
     if res.get('target') is not None:
