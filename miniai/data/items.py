@@ -98,8 +98,9 @@ class Preprocess:
         return False
 
     def _not_images(self, item):
-        raise TypeError(f'{self.what}: got {type(item).__name__} {item if is_path(item) else ""}, an image, but the '
-                        f'model takes inputs of shape {self.shape}, not images: pass a tensor of that shape')
+        got = repr(str(item)) if is_path(item) else f'a {type(item).__name__} of {getattr(item, "dtype", "pixels")}'
+        raise TypeError(f'{self.what}: got {got}, an image, but the model takes inputs of shape {self.shape}, not '
+                        f'images: pass a float tensor of that shape')
 
     def pixels(self, item, name=None) -> torch.Tensor:
         """A file's path, a PIL image or uint8 pixels ([H, W], [H, W, C] or [C, H, W]) as the training images were:

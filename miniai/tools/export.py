@@ -71,9 +71,9 @@ def _torch_quiet():
 
 def _exported(m: nn.Module, example: torch.Tensor):
     """`m` as a torch.export program for batches of any size and, where the model allows it, images of any size
-    (from 2 pixels, else from the training size up): the program and the smallest (height, width) it takes, None
-    where its image size is fixed. A program
-    that holds guards (conditions on the sizes that torch would check by running code) is not taken."""
+    (from 2 pixels, else from the training size up, to 8192): the program and the smallest (height, width) it takes,
+    None where its image size is fixed. A program that holds guards (conditions on the sizes, which torch would check
+    by running code) is not taken."""
     Dim = torch.export.Dim
     batch = {0: Dim('batch', min=1)}
     smallest = [(2, 2), tuple(example.shape[2:])] if example.dim() == 4 else []  # images: try a dynamic size
