@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from PIL import Image
 
 from miniai import load_run
 from miniai.app.cli import main
@@ -88,7 +87,7 @@ def test_miniai_predict_on_a_run_and_an_export_with_a_broken_file(run, tmp_path,
     shown = capsys.readouterr()
     lines = shown.out.splitlines()
     assert lines[0].split() == ['file', 'label', 'prob', 'top', '2'] and len(lines) == 1 + 7 + 1
-    assert any(f'broken.png' in l and 'error: ' in l and 'cannot be decoded' in l for l in lines)
+    assert any('broken.png' in l and 'error: ' in l and 'cannot be decoded' in l for l in lines)
     assert shown.err == 'miniai: 1 of 7 file(s) could not be read as images (see their lines)\n'
     rows = list(csv.DictReader((tmp_path / 'preds.csv').open()))
     assert [r['file'] for r in rows] == [str(f) for f in sorted(folder.rglob('*.*'))]
