@@ -24,3 +24,4 @@ from .callbacks import preds, schedule  # noqa: F401,E402
 from .runs import autoresume, checkpoint  # noqa: F401,E402
 from .tools import export, inference, summary  # noqa: F401,E402
 from .tools.export import load_exported  # noqa: E402
+from .app.runfolder import load_run  # noqa: E402

@@ -43,14 +43,15 @@ THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 
 #: miniai does not have); their names are laid down first, room by room in the direction of imports
 LIBRARY_MODULES = ('core.ranks', 'core.basic_loop', 'core.devices', 'core.events', 'core.messages', 'core.nested',
                    'core.state', 'core.checks', 'core.learner', 'core.files', 'core.memory', 'data.decode',
-                   'data.normalise', 'data.loader', 'data.imagecache', 'data.folders', 'data.hf', 'data.show',
+                   'data.normalise', 'data.loader', 'data.items', 'data.imagecache', 'data.folders', 'data.hf', 'data.show',
                    'data.dataloaders', 'data.fashion', 'data.augment', 'callbacks.metrics', 'callbacks.progress',
                    'callbacks.schedule', 'callbacks.hooks', 'callbacks.transform', 'callbacks.preds',
                    'callbacks.averaging', 'callbacks.tricks', 'callbacks.loggers', 'models.layers', 'models.resnet',
                    'models.unet', 'models.diffusion', 'engines.precision', 'engines.compile', 'engines.plan',
                    'engines.ddp', 'engines.cluster', 'engines.accelerate', 'runs.ckptfile', 'runs.checkpoint',
                    'runs.interrupt', 'runs.autoresume', 'tools.summary', 'tools.inference', 'tools.interpret',
-                   'tools.export', 'tools.fid', 'app.recipe')
+                   'tools.export', 'tools.fid', 'app.recipe', 'app.runfolder',
+                   'app.predict')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')

@@ -164,7 +164,8 @@ def test_time_to_accuracy_reports_the_first_epoch_at_target(capsys):
     assert [r['accuracy'] for r in clock.curve] == pytest.approx(accs)
     first = next(i for i, a in enumerate(accs) if a >= 0.75)  # the data is learnable: it gets there
     assert clock.reached == clock.curve[first]
-    assert f'Reached accuracy 75.00% after epoch {first + 1}' in capsys.readouterr().out
+    assert (f'Reached accuracy 75.00% in epoch {first} (numbered as in the table; {first + 1} epoch(s) of training): '
+            in capsys.readouterr().out), 'the table numbers epochs from 0'
     assert all(0 < a['seconds'] <= b['seconds'] for a, b in zip(clock.curve, clock.curve[1:]))
     never = TimeToAccuracyCB(target=1.0 + 1e-9, verbose=False)
     learner(never).fit(2)
@@ -189,7 +190,10 @@ def test_the_main_job_reports_time_to_target_with_ema_on_fashion_mnist(tmp_path)
     assert res['average'] == 'ema' and res['target'] == 0.5 and len(res['curve']) == 2
     assert res['curve'][-1]['accuracy'] == pytest.approx(res['accuracy'])
     assert res['time_to_target'] is not None, res['curve']  # 1024 images of Fashion-MNIST get past 50% in 2 epochs
-    said = f"Time to 50.0% test accuracy: {res['time_to_target']:.1f} s (after epoch {res['epochs_to_target']})"
+    said = (f"Time to 50.0% test accuracy: {res['time_to_target']:.1f} s (in epoch {res['epoch_reached']} as numbered "
+            f"in the table; {res['epochs_to_target']} epoch(s) of training)")
+    assert res['epoch_reached'] == res['epochs_to_target'] - 1 == res['curve'].index(next(
+        c for c in res['curve'] if c['accuracy'] >= 0.5))
     assert said in r.stdout
     final = read_checkpoint(out / 'final.ckpt')
     assert 'WeightAverageCB' in final['callbacks']

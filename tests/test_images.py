@@ -222,7 +222,7 @@ def test_each_bad_input_is_one_error_naming_the_file_or_folder(tmp_path, capsys)
     with pytest.MonkeyPatch.context() as m, pytest.raises(ImageDataError, match=r"cannot write in the image cache's "
                                                                                 r'folder .*/a_file/images .*MINIAI_CACHE'):
         m.setenv('MINIAI_CACHE', str(tmp_path / 'a_file'))
-        DataLoaders.from_folder(tmp_path / '1' / 'bad', valid_pct=0.5)
+        DataLoaders.from_folder(tmp_path / '1' / 'bad' / 'train', valid_pct=0.5)
     # files that are not images are skipped and counted, in one line
     root = tmp_path / 'extras'
     x = torch.arange(64, dtype=torch.uint8).view(4, 1, 4, 4)

@@ -5,6 +5,7 @@ is the global one, each process takes its share, and only global rank 0 prints a
 from __future__ import annotations
 
 import inspect
+import json
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from ..callbacks.metrics import MetricsCB, quiet_torcheval
 from ..callbacks.progress import ProgressCB
 from ..callbacks.schedule import BatchSchedCB, RecorderCB
 from ..callbacks.transform import augment_cb
-from ..core.files import atomic_path
+from ..core.files import atomic_path, write_atomic
 from ..core.learner import DeviceCB, Learner, TrainCB
 from ..core.ranks import is_main_process, rank, world_size
 from ..core.state import set_seed
@@ -27,6 +28,7 @@ from ..data.dataloaders import dd_dls, folder_dls
 from ..data.decode import ImageDataError
 from ..data.fashion import fashion_dls
 from ..data.hf import is_image_dd
+from ..data.items import data_preprocess
 from ..engines.ddp import DDPCB
 from ..engines.plan import fastest_plan, fastest_settings
 from ..engines.precision import precision_cbs
@@ -35,8 +37,9 @@ from ..runs.checkpoint import SaveModelCB
 from ..runs.interrupt import InterruptCB, drills_from_env
 from ..tools.inference import tta
 
-__all__ = ['MODELS', 'AUGMENTS', 'augment_for', 'build_model', 'augment_tfms', 'recipe_dls', 'make_learner',
-           'run_recipe', 'plot_run']
+__all__ = ['MODELS', 'AUGMENTS', 'RUN_FILE', 'RUN_FORMAT', 'augment_for', 'build_model', 'augment_tfms',
+           'recipe_dls', 'make_learner', 'record_run', 'run_recipe', 'plot_run']
+RUN_FILE, RUN_FORMAT = 'model.json', 'miniai-run-1'  # what rebuilds a run's model, next to its checkpoints
 
 # bias=False: a convolution's bias is redundant before a BatchNorm, and runs saved before the library's convs took
 # the course's biases (the recipe has always built its ResNets without them) must still resume
@@ -128,6 +131,16 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     return Learner(model, dls, loss, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
 
 
+def record_run(out: Path, model_args: dict, dls, data_args: dict) -> Path:
+    """Write `out/model.json`: what rebuilds the run's model without this recipe's code (`build_model`'s arguments),
+    its classes and how its inputs are made (shape, normalisation, resize rule), and the data it was trained on
+    (`recipe_dls`'s arguments): `miniai.app.runfolder.load_run` reads it."""
+    prep = data_preprocess(dls).to_json()
+    meta = {'format': RUN_FORMAT, 'build_model': model_args, 'classes': list(dls.classes), **prep, 'data': data_args}
+    write_atomic(Path(out) / RUN_FILE, json.dumps(meta, indent=1) + '\n')
+    return Path(out) / RUN_FILE
+
+
 def plot_run(learn: Learner, out: Path) -> list[Path]:
     "Save the loss curves and the learning-rate schedule of the last fit as PNGs in `out`."
     learn.progress.plot_losses()
@@ -160,7 +173,8 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
     dls = recipe_dls(data, bs // n_procs, n_train, n_valid, seed, size, valid_pct, rank=rank(), world_size=n_procs)
     if augment == 'auto': augment = augment_for(epochs)
     (n, c, *hw), n_classes = dls.train.x.shape, len(dls.classes)
-    net = build_model(model, drop, in_channels=c, n_classes=n_classes, size=max(hw))
+    model_args = dict(name=model, drop=drop, in_channels=c, n_classes=n_classes, size=max(hw))
+    net = build_model(**model_args)
     learn, chosen = make_learner(net, dls, epochs, lr, precision, augment, out, wd=wd,
                                  label_smoothing=label_smoothing, average=average, ema_decay=ema_decay, target=target)
     learn.cbs += drills_from_env()  # $MINIAI_DRILL: rehearse a preemption (a signal at a given rank and batch)
@@ -175,6 +189,11 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
         + {None: '', 'ema': f'; EMA of the weights (decay {ema_decay})',
            'swa': '; SWA over the last quarter'}[average], flush=True)
     if summary and is_main_process(): print(learn.summary(), '\n', sep='')
+    if is_main_process():  # before the fit: an interrupted run's checkpoints can be loaded too
+        out.mkdir(parents=True, exist_ok=True)
+        record_run(out, model_args, dls, dict(data=str(Path(data).resolve()) if data != 'fashion' else data,
+                                              size=size, valid_pct=valid_pct, seed=seed, n_train=n_train,
+                                              n_valid=n_valid))
     learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
     res = {'data': str(data), 'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
@@ -182,7 +201,8 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
            'average': average, 'accuracy': last['accuracy'], 'loss': last['loss'], 'processes': n_procs}
     if (clock := getattr(learn, 'time_to_accuracy', None)) is not None:
         res.update(target=target, time_to_target=None if clock.reached is None else clock.reached['seconds'],
-                   epochs_to_target=None if clock.reached is None else clock.reached['epoch'] + 1, curve=clock.curve)
+                   epochs_to_target=None if clock.reached is None else clock.reached['epoch'] + 1,
+                   epoch_reached=None if clock.reached is None else clock.reached['epoch'], curve=clock.curve)
     if not is_main_process(): return res  # the others trained; rank 0 evaluates and writes
     if use_tta: res['tta_accuracy'] = tta(learn)['tta_accuracy']
     learn.save(out / 'final.ckpt')

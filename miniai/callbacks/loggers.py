@@ -139,8 +139,9 @@ class TimeToAccuracyCB(Callback):
         if self.reached is None and v >= self.target:
             self.reached = row
             if self.verbose and is_main_process():
-                print(f'Reached {self.metric} {self.target:.2%} after epoch {learn.epoch + 1}: {row["seconds"]:.1f} s '
-                      f'from the start of fit ({self.metric} {v:.4f})', flush=True)
+                print(f'Reached {self.metric} {self.target:.2%} in epoch {learn.epoch} (numbered as in the table; '
+                      f'{learn.epoch + 1} epoch(s) of training): {row["seconds"]:.1f} s from the start of fit '
+                      f'({self.metric} {v:.4f})', flush=True)
 
     def state_dict(self) -> dict:
         "The time so far, the curve and the first row at the target: a resumed fit goes on with them."

@@ -88,6 +88,8 @@ class ProgressCB(Callback):
         if self.bars:
             _, progress_bar = _progress()
             learn.dl = progress_bar(learn.dl, leave=False, parent=self.mbar)
+            # fastprogress counts epochs from 1 ('Epoch 2/3'); the table, the logs and the stop messages from 0
+            learn.dl.prefix = f'epoch {learn.epoch} {"train" if learn.training else "eval"} :'
 
     def after_batch(self, learn):
         if self.plot and learn.training: self._pending.append(learn.loss.detach())

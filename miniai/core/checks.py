@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import model_device
+from .devices import model_device, model_dtype
 from .events import Callback
 from .messages import warn_user
 from .nested import first_shape, tensors_in
 
 __all__ = ['ModuleForwardError', 'takes_tuples', 'module_expects', 'forward_error', 'failed_module', 'device_mismatch',
-           'explain_forward_failure', 'is_nll_loss', 'is_classification_loss', 'loss_failure', 'NamedBatchCB',
-           'FirstBatchChecks']
+           'dtype_mismatch', 'explain_forward_failure', 'is_nll_loss', 'is_classification_loss', 'loss_failure',
+           'NamedBatchCB', 'FirstBatchChecks']
 
 class ModuleForwardError(RuntimeError):
     "A forward pass failed inside a module; the message names the module's path and the input shape it got."
@@ -85,6 +85,20 @@ def device_mismatch(model: nn.Module, data, cbs=()) -> str | None:
     return f"the model's parameters are on {dev} but the batch is on {', '.join(others)}: {fix}"
 
 
+def dtype_mismatch(model: nn.Module, x) -> str | None:
+    """Why the input `x` cannot go through `model` if it is not of its weights' float dtype (uint8 pixels that were
+    never normalised, integers, float64); else None."""
+    if not isinstance(x, torch.Tensor) or x.dtype == (w := model_dtype(model)): return None
+    if not x.is_floating_point() and x.dtype != torch.uint8 and any(
+            isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()): return None  # indices: as meant
+    if x.dtype == torch.uint8:
+        return (f"the model's input is uint8, pixels that were never normalised (what decode_image and dls.valid.x "
+                f"hold), but its weights are {w}: normalise them first. learn.predict(x) does it for you (and "
+                f"takes files and PIL images); for a batch, dls.normalise(x) gives what the loaders give the model")
+    fix = f'x.to({w})' if x.is_floating_point() else 'x.to(torch.uint8) and normalise it if it holds pixels'
+    return f"the model's input is {x.dtype} but its weights are {w}: convert it ({fix})"
+
+
 def explain_forward_failure(learn, e: RuntimeError) -> Exception | None:
     "A clearer error for `e`, raised by the model's forward pass during a fit, or None when there is nothing to add."
     if isinstance(e, torch.OutOfMemoryError): return None
@@ -92,6 +106,10 @@ def explain_forward_failure(learn, e: RuntimeError) -> Exception | None:
     # only when torch's error is about devices: a model may move its inputs itself and fail for another reason
     if any(w in said for w in ('device', 'cuda', 'mps')) and (why := device_mismatch(learn.model, batch, learn.cbs)):
         return RuntimeError(f'{why}. ({e})')
+    # the cause before any channel or feature count: a uint8 batch fails in the first layer whatever its shape
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if any(w in said for w in ('type', 'byte', 'long', 'double')) and (why := dtype_mismatch(learn.model, x)):
+        return TypeError(f'{why}. ({e})')
     if (where := failed_module(e, learn.model)) is None: return None
     return forward_error(learn.model, *where, e, batch_shape=first_shape(batch))
 

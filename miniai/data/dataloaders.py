@@ -12,6 +12,7 @@ from ..core.devices import pins_by_default, resolve_device
 from .folders import folder_images
 from .hf import dd_images, is_image_dd
 from .imagecache import ImageSet
+from .items import ItemsDataLoader, data_preprocess, items_dl
 from .loader import TensorDataLoader, subset
 from .normalise import Normalise
 from .show import show_images
@@ -80,6 +81,18 @@ class DataLoaders:
         return folder_dls(path, train, valid, valid_pct, size, bs=bs, device=device, seed=seed, **kwargs)
 
     vocab = property(lambda self: self.classes, doc="The class names (fastai's name for `classes`).")
+
+    def normalise(self, xb: torch.Tensor) -> torch.Tensor:
+        "uint8 images `xb` as the loaders give them to the model: normalised float32 with the training statistics."
+        if getattr(self, 'mean', None) is None: raise ValueError('dls.normalise: these loaders have no mean/std')
+        return Normalise(self.mean, self.std, channels=xb.shape[-3]).encode(xb)
+
+    def test_dl(self, items, labels=None, bs: int | None = None, device=None) -> ItemsDataLoader:
+        """A loader of new items made as the training data was (decoded, resized, normalised; see
+        `miniai.data.items.items_dl`): a folder, files, PIL images or tensors, for `learn.get_preds(dl=...)` and
+        `ClassificationInterpretation.from_learner(learn, dl)` (which needs labels: class folders, or `labels`)."""
+        bs = bs or getattr(self.valid, 'bs', None) or 64
+        return items_dl(data_preprocess(self, 'test_dl'), items, labels, getattr(self, 'classes', None), bs, device)
 
     def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs) -> None:
         """Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class

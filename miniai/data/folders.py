@@ -57,6 +57,11 @@ def _classes(folder: Path, skipped: list) -> dict[str, list[tuple[str, int, int]
     return found
 
 
+def _valid_dir(path: Path, valid: str) -> Path | None:
+    "The validation folder of `path`: `valid`, else valid/ or test/; None if there is none."
+    return next((path / v for v in dict.fromkeys((valid, 'valid', 'test')) if (path / v).is_dir()), None)
+
+
 def _layout(path: Path, train: str, valid: str, valid_pct, seed) -> tuple[dict, list, list]:
     "The training and validation files with their labels, the class names, and the files skipped."
     if not path.exists(): raise ImageDataError(f'{path}: no such folder')
@@ -65,6 +70,10 @@ def _layout(path: Path, train: str, valid: str, valid_pct, seed) -> tuple[dict, 
     if valid_pct is not None:
         if not 0 < valid_pct < 1: raise ValueError(f'valid_pct must be in (0, 1), got {valid_pct}')
         tdir = path / train if (path / train).is_dir() else path  # a folder of class folders, with no split
+        if tdir != path and (held := _valid_dir(path, valid)) is not None:
+            raise ImageDataError(f'{path} has a {held.name}/ folder, but valid_pct={valid_pct} (--valid-pct) would '
+                                 f'hold out part of {train}/ and leave {held.name}/ unused: drop valid_pct to validate '
+                                 f'on {held.name}/, or give valid_pct the folder of class folders itself ({tdir})')
         per_class = _classes(tdir, skipped)
         classes = list(per_class)
         files = [(f, c) for c, name in enumerate(classes) for f in per_class[name]]
@@ -79,7 +88,7 @@ def _layout(path: Path, train: str, valid: str, valid_pct, seed) -> tuple[dict, 
         raise ImageDataError(f'{path} has no {train!r} folder: lay images out as {path}/{train}/<class>/<image> '
                              f'and {path}/{valid}/<class>/<image>, or give valid_pct (--valid-pct) to hold out part '
                              f'of {path}/<class>/ folders')
-    vdir = next((path / v for v in dict.fromkeys((valid, 'valid', 'test')) if (path / v).is_dir()), None)
+    vdir = _valid_dir(path, valid)
     if vdir is None:
         raise ImageDataError(f'{path} has no {valid!r} or \'test\' folder: add one with the same class folders as '
                              f'{path / train}, or hold out part of the training images with valid_pct=0.2 '

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import threading
 import warnings
 import zlib
@@ -145,9 +146,10 @@ def read_images(path: Path, key: str, verify: bool = True) -> tuple[ImageSet | N
                     tuple(head['std']), head.get('source', '')), ''
 
 
-def _fill(pixels: np.ndarray, batches, size, first: str) -> None:
+def _fill(pixels: np.ndarray, batches, size, first: str, grey: list) -> None:
     """Decode every batch `(start, items, names)` into `pixels` [N, C, H, W] in threads. An item is a file's path,
-    encoded bytes (1-D uint8) or decoded pixels. Images must all be `pixels`' size unless `size` resizes them."""
+    encoded bytes (1-D uint8) or decoded pixels. Images must all be `pixels`' size unless `size` resizes them. The
+    names of grey images made colour (their value in each channel) are added to `grey`."""
     n_chan, hw = pixels.shape[1], tuple(pixels.shape[2:])
     failed = threading.Event()
 
@@ -162,7 +164,8 @@ def _fill(pixels: np.ndarray, batches, size, first: str) -> None:
                                          f'{hw[1]}x{hw[0]}: images of different sizes need size= (--size on the '
                                          f'command line) to be resized to one size')
                 if img.shape[0] != n_chan:
-                    if n_chan == 1: raise _NeedsColour()
+                    if n_chan == 1: raise _NeedsColour(name)
+                    grey.append(name)  # list.append holds the GIL: safe from the decoding threads
                     img = img.expand(n_chan, -1, -1)
                 pixels[start + i] = img.numpy()
         except BaseException:
@@ -212,10 +215,21 @@ def _build(file: Path, key: str, batches, labels: torch.Tensor, splits: dict, cl
     with quiet_decoders(): first = load_image(items[0], names[0])
     hw = tuple(first.shape[1:]) if size is None else size
     meta = dict(key=key, splits=splits, classes=classes, source=source)
+    colour = names[0] if first.shape[0] == 3 else None  # a colour image, to name in the message on a mixed set
     for n_chan in dict.fromkeys((first.shape[0], 3)):  # grey first if the first image is; colour if one is not
-        fill = lambda px: _fill(px, batches(0, len(labels)), size, names[0])
-        try: return write_images(file, (len(labels), n_chan, *hw), fill, labels, meta, next(iter(splits.values())))
-        except _NeedsColour: continue
+        grey = []
+        fill = lambda px: _fill(px, batches(0, len(labels)), size, names[0], grey)
+        try: write_images(file, (len(labels), n_chan, *hw), fill, labels, meta, next(iter(splits.values())))
+        except _NeedsColour as e:
+            colour = e.args[0]
+            continue
+        if grey:
+            n, k = len(labels), len(labels) - len(grey)
+            print(f'miniai: {source}: {k:,} of the {n:,} images {"is" if k == 1 else "are"} colour (e.g. {colour}) and '
+                  f'{len(grey):,} grey (e.g. {sorted(grey)[0]}), so all are read as colour, 3 channels, the grey ones '
+                  f'repeated in each (one set, one channel count); make the colour ones grey to train on 1 channel',
+                  file=sys.stderr)
+        return
 
 
 def cached_images(stem: str, key: str, batches, labels: torch.Tensor, splits: dict, classes: list, size,

@@ -36,8 +36,9 @@ from ..core.devices import cpu_copy, model_dtype
 from ..core.files import atomic_path, write_atomic
 from ..core.learner import Learner, learner_method
 from ..core.state import plain_state_dict, unwrap_model
+from ..data.items import RESIZE_RULE, Preprocess
 from ..data.normalise import Normalise
-from .inference import Prediction, input_shape
+from .inference import Prediction, batch_of, input_shape, predictions
 
 __all__ = ['ExportError', 'ExportedModel', 'export', 'load_exported', 'check_program']
 
@@ -67,12 +68,39 @@ def _torch_quiet():
     finally: log.setLevel(level)
 
 
+def _exported(m: nn.Module, example: torch.Tensor):
+    """`m` as a torch.export program for batches of any size and, where the model allows it, images of any size
+    (from 2 pixels, else from the training size up, to 8192): the program and the smallest (height, width) it takes,
+    None where its image size is fixed. A program that holds guards (conditions on the sizes, which torch would check
+    by running code) is not taken."""
+    Dim = torch.export.Dim
+    batch = {0: Dim('batch', min=1)}
+    smallest = [(2, 2), tuple(example.shape[2:])] if example.dim() == 4 else []  # images: try a dynamic size
+    for lo in smallest + [None]:
+        dynamic = lo is not None
+        dims = {**batch, 2: Dim('height', min=lo[0], max=8192), 3: Dim('width', min=lo[1], max=8192)} if dynamic \
+            else batch
+        try: ep = torch.export.export(m, (example,), dynamic_shapes=(dims,))
+        except Exception:  # torch.export's errors are many kinds (constraints violated, guards, unsupported ops...)
+            if dynamic: continue
+            raise
+        if getattr(ep, '_guards_code', None):
+            if dynamic: continue
+            raise ValueError('the exported program holds guards code')
+        if not torch.allclose(ep.module()(example), m(example), rtol=1e-4, atol=1e-5):
+            if dynamic: continue
+            raise ValueError("the exported program's outputs differ from the model's")
+        return ep, lo
+
+
 @learner_method
 def export(self: Learner, path, n_example: int = 2) -> Path:
     """Write the Learner's model for inference to the folder `path` (see this module's docstring): a `torch.export`
-    program for batches of any size, traced on `n_example` items of the validation data in eval mode, or its weights
-    where torch.export cannot take it (with a warning saying why); and the preprocessing facts. The Learner's model
-    is left as it was. Returns the folder."""
+    program for batches of any size (and images of any size where the model allows it), traced on `n_example` items
+    of the validation data's shape in eval mode, or its weights where torch.export cannot take it (with a warning
+    saying why); and the preprocessing facts (shape, normalisation, resize rule, classes), so that
+    `load_exported(path).predict(item)` takes what `learn.predict` takes. The Learner's model is left as it was.
+    Returns the folder."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     dls, model = self.dls, unwrap_model(self.model)
@@ -84,13 +112,12 @@ def export(self: Learner, path, n_example: int = 2) -> Path:
     meta = {'format': FORMAT, 'input_shape': list(shape), 'input_dtype': str(dtype).replace('torch.', ''),
             'mean': plain(getattr(dls, 'mean', None)), 'std': plain(getattr(dls, 'std', None)),
             'classes': list(getattr(dls, 'classes', None) or []) or None,
-            'model_class': f'{type(model).__module__}.{type(model).__qualname__}'}
+            'model_class': f'{type(model).__module__}.{type(model).__qualname__}', 'resize': RESIZE_RULE,
+            'dynamic_size': False}
     for old in ('model.pt2', 'weights.safetensors'): (path / old).unlink(missing_ok=True)
     try:
-        with torch.no_grad(), _torch_quiet():
-            ep = torch.export.export(m, (example,), dynamic_shapes=({0: torch.export.Dim('batch', min=1)},))
-            if not torch.allclose(ep.module()(example), m(example), rtol=1e-4, atol=1e-5):
-                raise ValueError("the exported program's outputs differ from the model's")
+        with torch.no_grad(), _torch_quiet(): ep, smallest = _exported(m, example)
+        meta.update(dynamic_size=smallest is not None, min_size=smallest and list(smallest))
         ep.example_inputs = None  # kept out: loading them is a pickle
         with atomic_path(path / 'model.pt2') as tmp:
             torch.export.save(ep, tmp)
@@ -181,7 +208,33 @@ class ExportedModel:
     classes = property(lambda self: self.meta.get('classes'))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        "The model's output for a batch of its inputs (normalised floats); an input it cannot take is named first."
+        if why := self.refuses(x): raise ValueError(why)
         with torch.no_grad(): return self.fn(x)
+
+    def refuses(self, x) -> str | None:
+        "Why the program cannot take the batch `x` (its dtype or shape), in words a user can act on; else None."
+        shape, dtype = self.input_shape, self.meta['input_dtype']
+        fix = ('use .predict(item), which takes files, PIL images and uint8 pixels and resizes and normalises them as '
+               'the training images were')
+        if not isinstance(x, torch.Tensor):
+            return f'the exported model takes a batch tensor, not {type(x).__name__}: {fix}'
+        if x.dtype == torch.uint8:
+            return (f'the exported model takes normalised {dtype} batches, but got uint8 pixels that were never '
+                    f'normalised: {fix} (or .normalize(x) for a batch of the right size)')
+        if not x.is_floating_point(): return f'the exported model takes {dtype} batches, but got {x.dtype}: {fix}'
+        if x.dim() != len(shape) + 1: return (f'the exported model takes batches [N, {", ".join(map(str, shape))}], '
+                                              f'got shape {tuple(x.shape)}: {fix}')
+        low = self.meta.get('min_size')
+        fits = x.shape[1] == shape[0] and (tuple(x.shape[2:]) == shape[1:] if not self.meta.get('dynamic_size') else
+                                           all(a >= b for a, b in zip(x.shape[2:], low)))
+        if fits: return None
+        takes = f'images of {shape[0]} channel(s) from {low[0]}x{low[1]} (HxW) up' if self.meta.get('dynamic_size') \
+            else f'{"x".join(map(str, shape))} (CxHxW) inputs'
+        return f'the exported model takes {takes}, got a batch of shape {tuple(x.shape)}: {fix}'
+
+    preprocess = property(lambda self: Preprocess.from_json(self.meta, 'load_exported(...).predict'),
+                          doc='How new items become inputs, as training made them (shape, normalisation, resize rule).')
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in [0, 1] (uint8 are divided by 255) normalised as in training: an image or a batch, grey images
@@ -194,12 +247,11 @@ class ExportedModel:
         elif x.dtype == torch.uint8: x = x.float() / 255
         return x.to(getattr(torch, self.meta['input_dtype']))
 
-    def predict(self, x: torch.Tensor) -> Prediction:
-        "Classes (named if known), their probabilities and all probabilities, for a batch of model inputs."
-        probs = self(x).float().softmax(1)
-        prob, idx = probs.max(1)
-        labels = [self.classes[i] if self.classes else i for i in idx.tolist()]
-        return Prediction(labels, prob, probs)
+    def predict(self, x) -> Prediction | list[Prediction]:
+        """The class of `x` (named if known), its probability and all probabilities: `x` as `learn.predict` takes it
+        (a path, a PIL image, uint8 pixels or normalised floats; one item, a list or a batch), the same result."""
+        xb, how = batch_of(self.preprocess, x)
+        return predictions(self(xb.to(getattr(torch, self.meta['input_dtype']))).float().softmax(1), self.classes, how)
 
 
 def load_exported(path, model: nn.Module | None = None) -> ExportedModel:

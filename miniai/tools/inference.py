@@ -11,6 +11,7 @@ from __future__ import annotations
 from copy import copy
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -21,9 +22,10 @@ from ..core.devices import model_device, to_device
 from ..core.events import Callback, CancelFitException
 from ..core.learner import Learner, learner_method
 from ..core.state import looking
-from ..core.state import unchanged
+from ..data.items import Preprocess, data_preprocess, item_shape
 
-__all__ = ['Prediction', 'get_preds', 'predict', 'per_item_loss', 'input_shape', 'tta', 'show_image_batch']
+__all__ = ['Prediction', 'predictions', 'batch_of', 'get_preds', 'predict', 'per_item_loss', 'input_shape',
+           'learner_preprocess', 'tta', 'show_image_batch']
 
 
 def per_item_loss(loss_func, preds: torch.Tensor, targs: torch.Tensor) -> torch.Tensor:
@@ -65,11 +67,12 @@ def get_preds(self: Learner, dl=None, with_input: bool = False, with_loss: bool 
 
 def input_shape(learn: Learner) -> tuple:
     "The shape of one input item, from the Learner's validation data (whose order is left as it was)."
-    dl = learn.dls.valid
-    if isinstance(getattr(dl, 'x', None), torch.Tensor): return tuple(dl.x.shape[1:])  # TensorDataLoader: no batch
-    with unchanged(nn.Module(), dl):  # drawing a batch may move the loader's (and the global) generator on
-        b = next(iter(dl))
-    return tuple((b[0] if isinstance(b, (tuple, list)) else b).shape[1:])
+    return item_shape(learn.dls.valid)
+
+
+def learner_preprocess(learn: Learner, what: str = 'learn.predict') -> Preprocess:
+    "How the Learner's inputs were made from images (shape, normalisation, resize rule), from its data."
+    return data_preprocess(learn.dls, what)
 
 
 class Prediction(NamedTuple):
@@ -79,24 +82,38 @@ class Prediction(NamedTuple):
     probs: torch.Tensor
 
 
+def predictions(probs: torch.Tensor, classes, how: str) -> Prediction | list[Prediction]:
+    """`probs` [N, classes] as `predict` gives them, `how` the items came: 'one' (one `Prediction`), 'list' (a list
+    of them) or 'batch' (one `Prediction` of lists: classes, a tensor of probabilities, a row of probabilities each)."""
+    if probs.dim() != 2:
+        raise ValueError(f'predict gives classes, but the model outputs shape {tuple(probs.shape)} per batch, not '
+                         f'(items, classes): use learn.get_preds(dl=...) for other outputs')
+    prob, idx = probs.max(1)
+    labels = [classes[i] if classes else i for i in idx.tolist()]
+    if how == 'batch': return Prediction(labels, prob, probs)
+    res = [Prediction(lab, p.item(), ps) for lab, p, ps in zip(labels, prob, probs)]
+    return res[0] if how == 'one' else res
+
+
+def batch_of(prep: Preprocess, x) -> tuple[torch.Tensor, str]:
+    "New items `x` as one model batch, and how they came ('one', 'list' or 'batch'; see `predictions`)."
+    if prep.is_one(x): return prep.batch([x]), 'one'
+    if isinstance(x, (torch.Tensor, np.ndarray)): return prep.batch(x), 'batch'
+    return prep.batch(list(x)), 'list'
+
+
 @learner_method(name='predict_item')
-def predict(self: Learner, x: torch.Tensor, act=None) -> Prediction:
-    """The class of `x`, one item (its shape is the data's input shape) or a batch of them, its probability and all
-    probabilities (for a batch: a list of classes, a tensor of probabilities, and one row of probabilities each).
+def predict(self: Learner, x, act=None) -> Prediction | list[Prediction]:
+    """The class of `x`, its probability and all probabilities. `x` is what a user has: a file's path, a PIL image,
+    uint8 pixels as decoded, or an already-normalised float tensor (see `miniai.data.items.Preprocess`: decoded,
+    resized as the training images were, normalised with their statistics); one item gives one `Prediction`, a list
+    of them a list, a batch tensor one `Prediction` of lists (classes, a tensor of probabilities, one row each).
     `act` turns the model's outputs into probabilities: softmax by default, `exp` for a model trained with nll_loss."""
-    one = x.dim() == len(input_shape(self))
-    xb = x[None] if one else x
+    xb, how = batch_of(learner_preprocess(self), x)
     xb = to_device(xb, model_device(self.model))  # DeviceCB, if there is one, keeps it there
     if act is None: act = torch.exp if is_nll_loss(self.loss_func) else (lambda o: o.float().softmax(1))
     out = get_preds(self, dl=[(xb,)])[0]
-    if out.dim() != 2:
-        raise ValueError(f'predict gives classes, but the model outputs shape {tuple(out.shape)} per batch, not '
-                         f'(items, classes): use learn.get_preds(dl=...) for other outputs')
-    probs = act(out)
-    prob, idx = probs.max(1)
-    classes = getattr(self.dls, 'classes', None)
-    labels = [classes[i] if classes is not None else i for i in idx.tolist()]
-    return Prediction(labels[0], prob[0].item(), probs[0]) if one else Prediction(labels, prob, probs)
+    return predictions(act(out) if out.dim() == 2 else out, getattr(self.dls, 'classes', None), how)
 
 
 class _GrabBatch(Callback):

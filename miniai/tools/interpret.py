@@ -37,7 +37,12 @@ class ClassificationInterpretation:
 
     @classmethod
     def from_learner(cls, learn: Learner, dl=None) -> ClassificationInterpretation:
-        "One pass of `learn.get_preds` over `dl` (default: the validation loader), a look that changes nothing."
+        """One pass of `learn.get_preds` over `dl` (default: the validation loader; or new items, `dls.test_dl(...)`
+        with labels), a look that changes nothing."""
+        if getattr(dl, 'labelled', True) is False:
+            raise ValueError("ClassificationInterpretation needs each item's true class, and this test_dl has none: "
+                             "make it from a folder of class folders named as dls.classes (dls.test_dl('new/')), or "
+                             "give labels (dls.test_dl(files, labels=[...]))")
         out, targs, inputs, losses = get_preds(learn, dl, with_input=True, with_loss=True)
         probs = out.float().exp() if is_nll_loss(learn.loss_func) else out.float().softmax(1)
         dls = learn.dls
