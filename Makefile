@@ -7,9 +7,9 @@ STAMP  := $(VENV)/.miniai-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= dev
 
-.PHONY: setup data test train bench notebooks clean
+.PHONY: setup data test wheel-smoke train bench notebooks clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
@@ -23,6 +23,10 @@ data:
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the built wheel in a fresh venv, outside the source tree (scripts/wheel_smoke.sh says what it checks)
+wheel-smoke: setup
+	PY=$(PY) bash scripts/wheel_smoke.sh
 
 train: setup
 	$(PY) -m miniai train $(ARGS)
