@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.miniai-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= dev
 
-.PHONY: setup data test wheel-smoke train bench notebooks clean
+.PHONY: setup data test wheel-smoke docs train bench notebooks clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ test: setup
 # the built wheel in a fresh venv, outside the source tree (scripts/wheel_smoke.sh says what it checks)
 wheel-smoke: setup
 	PY=$(PY) bash scripts/wheel_smoke.sh
+
+# the documentation site, built --strict (a broken link or reference fails) into build/site; mkdocs.yml says how
+docs: setup
+	$(PY) -m pip install -q -e '.[docs]'
+	$(PY) scripts/docs_pages.py build/docs
+	$(PY) -m mkdocs build --strict
 
 train: setup
 	$(PY) -m miniai train $(ARGS)
