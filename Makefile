@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.miniai-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= dev
 
-.PHONY: setup data test wheel-smoke docs train bench notebooks clean
+.PHONY: setup data test wheel-smoke docs docs-check train bench notebooks clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,11 @@ docs: setup
 	$(PY) -m pip install -q -e '.[docs]'
 	$(PY) scripts/docs_pages.py build/docs
 	$(PY) -m mkdocs build --strict
+
+# the built site opened in headless Chromium (apt-get install chromium): the home page, a tutorial and an API page
+# render; screenshots to docs/screenshots/. Not in CI: installing Chromium would take CI past its time budget
+docs-check: docs
+	$(PY) scripts/docs_render_check.py
 
 train: setup
 	$(PY) -m miniai train $(ARGS)
