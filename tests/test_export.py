@@ -3,6 +3,7 @@
 falls back to its weights, saying why; and a .pt2 that asks torch to unpickle or run anything is refused."""
 import io
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -180,3 +181,14 @@ def test_the_untouched_program_passes_and_garbage_is_refused(exported, tmp_path)
     check_program((folder / 'model.pt2').read_bytes(), 'model.pt2')
     with pytest.raises(ExportError, match='not a .pt2 archive'): check_program(b'not a zip', 'x.pt2')
     with pytest.raises(ExportError, match='no readable miniai.json'): load_exported(tmp_path)
+
+
+def test_a_program_another_torch_wrote_gets_an_error_naming_both_torches(exported, tmp_path, monkeypatch):
+    "A torch.export archive is read only by the torch that wrote it: the wheel smoke met torch 2.3 reading 2.14's."
+    _, folder = exported
+    assert json.loads((folder / 'miniai.json').read_text())['torch'] == torch.__version__
+    def unreadable(f): raise KeyError("There is no item named 'version' in the archive")
+    monkeypatch.setattr(torch.export, 'load', unreadable)
+    with pytest.raises(ExportError, match=rf'torch {re.escape(torch.__version__)} cannot read this program, written by '
+                                          rf'torch {re.escape(torch.__version__)} \(KeyError'):
+        load_exported(folder)

@@ -109,7 +109,7 @@ def export(self: Learner, path, n_example: int = 2) -> Path:
     dtype = model_dtype(m)
     example = torch.randn(n_example, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     plain = lambda v: v.tolist() if isinstance(v, torch.Tensor) else v
-    meta = {'format': FORMAT, 'input_shape': list(shape), 'input_dtype': str(dtype).replace('torch.', ''),
+    meta = {'format': FORMAT, 'torch': torch.__version__, 'input_shape': list(shape), 'input_dtype': str(dtype).replace('torch.', ''),
             'mean': plain(getattr(dls, 'mean', None)), 'std': plain(getattr(dls, 'std', None)),
             'classes': list(getattr(dls, 'classes', None) or []) or None,
             'model_class': f'{type(model).__module__}.{type(model).__qualname__}', 'resize': RESIZE_RULE,
@@ -266,7 +266,14 @@ def load_exported(path, model: nn.Module | None = None) -> ExportedModel:
     if meta['kind'] == 'program':
         data = (path / 'model.pt2').read_bytes()  # read once: what is checked is what torch loads
         check_program(data, path / 'model.pt2')
-        return ExportedModel(torch.export.load(io.BytesIO(data)).module(), meta)
+        try: program = torch.export.load(io.BytesIO(data))
+        except Exception as e:
+            # a torch.export archive is read only by the torch release that wrote it (or a close one)
+            wrote = meta.get('torch', 'an unrecorded version')
+            raise ExportError(f'{path / "model.pt2"}: torch {torch.__version__} cannot read this program, written by '
+                              f'torch {wrote} ({type(e).__name__}: {e}); load it with that torch, or export again with '
+                              f'this one') from e
+        return ExportedModel(program.module(), meta)
     if model is None:
         raise ExportError(f'{path} holds the weights of a {meta["model_class"]} (torch.export could not take it: '
                           f'{meta.get("why")}): pass model=, an instance of that class, to load them into')
