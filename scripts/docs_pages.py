@@ -1,5 +1,5 @@
-"""Assemble the documentation site's pages into one folder for MkDocs (`make docs`): the hand-written pages in docs/,
-pages cut from the README's sections (so the README and the site say the same thing, written once), the notebooks
+"""Assemble the documentation site's pages into one folder for MkDocs (`make docs`): the guides in docs/, the getting-started page
+cut from the README's first sections (so the README and the site say the same thing, written once), the notebooks
 with their saved outputs as tutorials, the benchmark results with their plots, and an API page per room listing
 every module (mkdocstrings renders each module's public names, its `__all__`, from the docstrings).
     python scripts/docs_pages.py OUT"""
@@ -10,18 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# page -> (title, README sections it is made of, in order)
+# page -> (title, README sections it is made of, in order); the other guides are pages in docs/
 PAGES = {
     'getting-started.md': ('Getting started', ['Install', 'Two commands', 'Quick start (notebook style)']),
-    'your-images.md': ('Your own images', ['Your own images']),
-    'use-your-model.md': ('Use your model', ['Use your model', 'Use the model on new images']),
-    'on-a-gpu.md': ('On a GPU', ['On a GPU', 'Distributed']),
-    'on-a-cluster.md': ('On a cluster', ['On a cluster']),
-    'callbacks.md': ('The loop and the callbacks', ['The loop', 'Writing a callback']),
-    'errors.md': ('When things go wrong', ['When things go wrong']),
-    'whats-in-it.md': ('What is in it', ['What is in it', 'How it differs from the course\'s miniai']),
-    'diffusion.md': ('Diffusion, FID and KID', ['Generative models: diffusion, FID and KID']),
-    'benchmarks.md': ('Benchmarks', ['Measured here']),
 }
 ROOMS = ['core', 'data', 'callbacks', 'models', 'engines', 'runs', 'tools', 'app']
 

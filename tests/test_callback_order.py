@@ -1,5 +1,6 @@
-"""A stop never costs a finished epoch its checkpoint, whatever the order of the callback that stops; the README's
-table of built-in callbacks says each one's real `order` and every event it handles; history is kept across fits."""
+"""A stop never costs a finished epoch its checkpoint, whatever the order of the callback that stops; the table of
+built-in callbacks (docs/callbacks.md) says each one's real `order` and every event it handles; history is kept across
+fits."""
 import csv
 import importlib
 import pkgutil
@@ -20,7 +21,7 @@ from miniai.data.loader import TensorDataLoader
 from miniai.learner import MetricsCB, ProgressCB, TrainLearner
 from miniai.callbacks.loggers import CSVLoggerCB
 
-README = Path(__file__).resolve().parents[1] / 'README.md'
+TABLE = Path(__file__).resolve().parents[1] / 'docs' / 'callbacks.md'  # the callback table, once in the README
 
 
 def learner(cbs=()):
@@ -75,7 +76,7 @@ def test_history_is_kept_across_fits_with_the_fit_it_came_from(capsys, tmp_path)
     assert next(csv.reader(open(tmp_path / 'm.csv'))) == ['loss', 'epoch', 'train', 'time'], 'CSV columns unchanged'
 
 
-# -- the README's table of built-in callbacks --------------------------------------------------------------------------
+# -- the table of built-in callbacks (docs/callbacks.md) --------------------------------------------------------------------------
 def shipped_callbacks() -> dict[str, type]:
     for m in pkgutil.walk_packages(miniai.__path__, 'miniai.'):
         if not m.name.endswith('__main__'): importlib.import_module(m.name)
@@ -92,8 +93,8 @@ EXTENSIONS = ('state_dict', 'unscale_grads', 'metrics_reducer', 'annotate_metric
 
 
 def readme_table() -> dict[str, tuple[int, set]]:
-    "Each row of the README's callback table: name -> (order, the events and extension points it names)."
-    lines = README.read_text().split('### Built-in callbacks', 1)[1].splitlines()
+    "Each row of the callback table (docs/callbacks.md): name -> (order, the events and extension points it names)."
+    lines = TABLE.read_text().split('### Built-in callbacks', 1)[1].splitlines()
     first = next(i for i, l in enumerate(lines) if l.startswith('| callback |'))
     rows = {}
     for line in lines[first + 2:]:
@@ -109,8 +110,8 @@ def test_the_readme_table_lists_every_callback_with_its_real_order_and_events():
     assert set(rows) == set(shipped), f'missing: {set(shipped) - set(rows)}, not shipped: {set(rows) - set(shipped)}'
     for name, (order, events) in rows.items():
         cls = shipped[name]
-        assert order == cls.order, f'{name}: the README says order {order}, the class has {cls.order}'
+        assert order == cls.order, f'{name}: docs/callbacks.md says order {order}, the class has {cls.order}'
         handled = {e for e in EVENTS + STEPS + EXTENSIONS if callable(getattr(cls, e, None))}
-        assert events == handled, f'{name}: the README names {sorted(events)}, the class handles {sorted(handled)}'
+        assert events == handled, f'{name}: docs/callbacks.md names {sorted(events)}, the class handles {sorted(handled)}'
     orders = [o for o, _ in rows.values()]
     assert orders == sorted(orders), 'the table runs in the order the loop calls them'

@@ -7,7 +7,7 @@ Errors a user can fix (missing or damaged data, an unusable checkpoint, bad opti
 and shows its traceback. Ctrl-C or SIGTERM stops at the next batch, saves, prints the command that goes on, and
 exits with 130 or 143 (see `miniai.runs.interrupt`). Under `torchrun` it trains data-parallel, every rank stopping after
 the same batch, and only global rank 0 prints and writes; `--resume auto` goes on from the run folder's newest
-checkpoint, so a restarted or requeued job finishes by itself (README, "On a cluster")."""
+checkpoint, so a restarted or requeued job finishes by itself (docs/on-a-cluster.md)."""
 from __future__ import annotations
 
 import argparse

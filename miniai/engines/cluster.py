@@ -113,7 +113,7 @@ def save_together(learn, path, rng: dict | None = None, **extra) -> Path:
 def this_rank(ck: dict, where) -> dict:
     """The checkpoint `ck` as this rank goes on from it: with its own random states and data order when the file holds
     every rank's. Resuming with another number of processes than saved it works, with a warning saying what is not
-    exact (README, "On a cluster")."""
+    exact (docs/on-a-cluster.md)."""
     saved, now, ranks = ck.get('world_size') or 1, world_size(), ck.get('ranks')
     if saved != now and is_main_process():
         warnings.warn(
