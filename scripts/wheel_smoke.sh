@@ -5,14 +5,17 @@
 # the editable install exported. `make wheel-smoke` runs it (CI too).
 #   PY           the editable install's python (default .venv/bin/python)
 #   BUILD_PY     the python that runs `build` (default PY)
-#   SMOKE_TORCH  the torch pair for the fresh venv (default the Makefile's pins; set it to test another torch)
+#   SMOKE_TORCH  the torch pair for the fresh venv to install, e.g. 'torch==2.3.1 torchvision==0.18.1' (default: lend
+#                it PY's torch, torchvision and what they need, through a .pth file: scripts/wheel_smoke_torch.py)
+#   SMOKE_EXPORT_IN_VENV=1  export with the fresh venv's torch (its python, the source tree on its path, for that step
+#                only): a torch.export program loads only into the torch that wrote it, so testing another torch needs it
 #   SMOKE_PIP    extra arguments for that venv's pip (e.g. --find-links DIR for torch wheels downloaded beforehand)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PY:-.venv/bin/python}
 BUILD_PY=${BUILD_PY:-$PY}
-SMOKE_TORCH=${SMOKE_TORCH:-torch==2.14.1 torchvision==0.29.1}
+SMOKE_TORCH=${SMOKE_TORCH:-lend}
 SMOKE_PIP=${SMOKE_PIP:-}
 WORK=$(mktemp -d /tmp/miniai-wheel-smoke.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
@@ -30,21 +33,31 @@ infos = z.infolist()
 print(f'wheel: {len(infos)} files, {sum(i.file_size for i in infos) / 1e3:.0f} kB unpacked')
 PYEOF
 
-step "export a model with the editable install"
-"$PY" scripts/wheel_smoke_export.py "$WORK/exported"
-
-unset PYTHONPATH  # nothing of the source tree from here on
+EDITABLE_PATH=${PYTHONPATH:-}  # what the editable side was run with
+unset PYTHONPATH  # nothing of the source tree from here on, except for the export
 export MINIAI_DEVICE=cpu
-step "a fresh venv: $SMOKE_TORCH, then the wheel"
+step "a fresh venv: torch ($SMOKE_TORCH), then the wheel"
 python3 -m venv "$WORK/venv"
 VPY=$WORK/venv/bin/python
 # shellcheck disable=SC2086  # SMOKE_TORCH and SMOKE_PIP are lists of arguments
 vpip() { "$VPY" -m pip install -q --disable-pip-version-check $SMOKE_PIP "$@" > "$WORK/pip.log" 2>&1 \
          || { grep -v '^WARNING: Location' "$WORK/pip.log"; exit 1; }; }
-vpip $SMOKE_TORCH
+if [ "$SMOKE_TORCH" = lend ]; then
+  "$PY" scripts/wheel_smoke_torch.py "$WORK/torch-site"
+  echo "$WORK/torch-site" > "$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/lent_torch.pth"
+else
+  vpip $SMOKE_TORCH
+fi
 step "pip install $(basename "$WHEEL")"
 vpip "$WHEEL"
 "$VPY" -m pip check
+if [ "${SMOKE_EXPORT_IN_VENV:-0}" = 1 ]; then
+  step "export a model with the source tree and the fresh venv's torch"
+  PYTHONPATH=$REPO "$VPY" scripts/wheel_smoke_export.py "$WORK/exported"
+else
+  step "export a model with the editable install"
+  PYTHONPATH=$EDITABLE_PATH "$PY" scripts/wheel_smoke_export.py "$WORK/exported"
+fi
 "$VPY" -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|torchvision|fastprogress|miniai-learner)=' | tr '\n' ' '
 echo
 
