@@ -151,3 +151,9 @@ def code_lines(path: Path) -> list[str]:
 def test_each_mechanism_lives_in_one_place(pattern, homes):
     found = {str(p.relative_to(PKG)) for p in PKG.rglob('*.py') if any(re.search(pattern, l) for l in code_lines(p))}
     assert found <= homes, f'{pattern!r} outside {sorted(homes)}: {sorted(found - homes)}'
+
+
+def test_every_folder_of_the_package_is_a_package_the_wheel_will_hold():
+    "find_packages skips a folder without __init__.py, and the wheel then lacks it (miniai/runs once did)."
+    folders = {p.parent for p in PKG.rglob('*.py') if '__pycache__' not in p.parts}
+    assert not [str(f.relative_to(PKG)) for f in folders if not (f / '__init__.py').exists()]
