@@ -1,7 +1,7 @@
-"""Assemble the documentation site's pages into one folder for MkDocs (`make docs`): the guides in docs/, the getting-started page
-cut from the README's first sections (so the README and the site say the same thing, written once), the notebooks
-with their saved outputs as tutorials, the benchmark results with their plots, and an API page per room listing
-every module (mkdocstrings renders each module's public names, its `__all__`, from the docstrings).
+"""Assemble the documentation site's pages into one folder for MkDocs (`make docs`): the guides in docs/, the
+getting-started page cut from the README's first sections (so the README and the site say the same thing, written
+once), the notebooks with their saved outputs as tutorials, the benchmark results with their plots, and an API page
+per room listing every module (mkdocstrings renders each module's public names, its `__all__`, from the docstrings).
     python scripts/docs_pages.py OUT"""
 import re
 import shutil
@@ -51,7 +51,8 @@ def write_benchmarks(out: Path) -> None:
     with open(out / 'benchmarks.md', 'a') as f:
         f.write('\n## Plots\n\n' + ''.join(f'![{p}](bench/{p})\n\n' for p in plots))
         f.write('## Result tables\n\nEach written by its script under `bench/`: '
-                + ', '.join(f'[{t[:-3]}](bench/{t})' for t in tables) + '; all of them in [one page](bench/README.md).\n')
+                + ', '.join(f'[{t[:-3]}](bench/{t})' for t in tables)
+                + '; all of them in [one page](bench/README.md).\n')
 
 
 def write_api(out: Path) -> None:
@@ -60,8 +61,8 @@ def write_api(out: Path) -> None:
         pkg = ROOT / 'miniai' / room
         mods = sorted(p.stem for p in pkg.glob('*.py') if not p.stem.startswith('_'))
         doc = (pkg / '__init__.py').read_text().split('"""')[1] if (pkg / '__init__.py').exists() else ''
-        body = ''.join(f'## miniai.{room}.{m}\n\n::: miniai.{room}.{m}\n    options:\n      show_root_heading: false\n\n'
-                       for m in mods)
+        body = ''.join(f'## miniai.{room}.{m}\n\n::: miniai.{room}.{m}\n'
+                       f'    options:\n      show_root_heading: false\n\n' for m in mods)
         (out / 'api' / f'{room}.md').write_text(f'# miniai.{room}\n\n{doc.strip()}\n\n{body}')
 
 

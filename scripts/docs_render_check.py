@@ -42,12 +42,14 @@ def main(site: Path) -> None:
         flags = [exe, '--headless', '--no-sandbox', '--disable-gpu', f'--user-data-dir={profile}',
                  '--window-size=1280,900', '--virtual-time-budget=5000']
         for page, needles in PAGES.items():
-            dom = subprocess.run([*flags, '--dump-dom', base + page], capture_output=True, text=True, timeout=120).stdout
+            dom = subprocess.run([*flags, '--dump-dom', base + page], capture_output=True, text=True,
+                                 timeout=120).stdout
             missing = [n for n in needles if n not in dom]
             shot = shots / (page.replace('/index.html', '').replace('/', '_').replace('.html', '') + '.png')
             subprocess.run([*flags, f'--screenshot={shot}', base + page], capture_output=True, timeout=120)
             ok = not missing and shot.exists() and shot.stat().st_size > 10_000
-            print(f'{"ok  " if ok else "FAIL"} {page}: {len(dom):,} characters of DOM, screenshot {shot.relative_to(ROOT)}'
+            print(f'{"ok  " if ok else "FAIL"} {page}: {len(dom):,} characters of DOM, '
+                  f'screenshot {shot.relative_to(ROOT)}'
                   + (f'; missing {missing}' if missing else ''))
             if not ok: failed.append(page)
     server.shutdown()

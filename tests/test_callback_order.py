@@ -76,7 +76,7 @@ def test_history_is_kept_across_fits_with_the_fit_it_came_from(capsys, tmp_path)
     assert next(csv.reader(open(tmp_path / 'm.csv'))) == ['loss', 'epoch', 'train', 'time'], 'CSV columns unchanged'
 
 
-# -- the table of built-in callbacks (docs/callbacks.md) --------------------------------------------------------------------------
+# -- the table of built-in callbacks (docs/callbacks.md) --------------------------------------------------------------
 def shipped_callbacks() -> dict[str, type]:
     for m in pkgutil.walk_packages(miniai.__path__, 'miniai.'):
         if not m.name.endswith('__main__'): importlib.import_module(m.name)
@@ -112,6 +112,7 @@ def test_the_readme_table_lists_every_callback_with_its_real_order_and_events():
         cls = shipped[name]
         assert order == cls.order, f'{name}: docs/callbacks.md says order {order}, the class has {cls.order}'
         handled = {e for e in EVENTS + STEPS + EXTENSIONS if callable(getattr(cls, e, None))}
-        assert events == handled, f'{name}: docs/callbacks.md names {sorted(events)}, the class handles {sorted(handled)}'
+        assert events == handled, \
+            f'{name}: docs/callbacks.md names {sorted(events)}, the class handles {sorted(handled)}'
     orders = [o for o, _ in rows.values()]
     assert orders == sorted(orders), 'the table runs in the order the loop calls them'

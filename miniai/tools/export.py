@@ -109,7 +109,8 @@ def export(self: Learner, path, n_example: int = 2) -> Path:
     dtype = model_dtype(m)
     example = torch.randn(n_example, *shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     plain = lambda v: v.tolist() if isinstance(v, torch.Tensor) else v
-    meta = {'format': FORMAT, 'torch': torch.__version__, 'input_shape': list(shape), 'input_dtype': str(dtype).replace('torch.', ''),
+    meta = {'format': FORMAT, 'torch': torch.__version__, 'input_shape': list(shape),
+            'input_dtype': str(dtype).replace('torch.', ''),
             'mean': plain(getattr(dls, 'mean', None)), 'std': plain(getattr(dls, 'std', None)),
             'classes': list(getattr(dls, 'classes', None) or []) or None,
             'model_class': f'{type(model).__module__}.{type(model).__qualname__}', 'resize': RESIZE_RULE,
