@@ -63,7 +63,8 @@ setup(
     # Lower bounds only: Colab and clusters bring their own torch, and an upper cap would make pip replace it. The
     # Makefile pins exact versions for reproducible runs. torch 2.3: torch.amp.GradScaler('cuda') and torch.uint32
     # (NumPy's generator state in checkpoints); safetensors 0.6 stores uint32 tensors; torchvision 0.18 goes with
-    # torch 2.3 (the course's code imports it).
+    # torch 2.3 (the course's code imports it). Tested with scripts/wheel_smoke.sh (SMOKE_TORCH): 2.3.1 trains,
+    # exports fall back to weights there; 2.11.0 and 2.14.1 pass the whole smoke.
     install_requires=[
         'torch>=2.3',
         'torchvision>=0.18',
