@@ -42,10 +42,10 @@ THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 
 #: miniai's room modules whose names the course's imports module does not star-import (most of them the course's
 #: miniai does not have); their names are laid down first, room by room in the direction of imports
 LIBRARY_MODULES = ('core.ranks', 'core.basic_loop', 'core.devices', 'core.events', 'core.messages', 'core.nested',
-                   'core.state', 'core.checks', 'core.learner', 'core.files', 'core.memory', 'data.decode',
+                   'core.state', 'core.checks', 'core.groups', 'core.learner', 'core.freezing', 'core.files', 'core.memory', 'data.decode',
                    'data.normalise', 'data.loader', 'data.items', 'data.imagecache', 'data.folders', 'data.hf', 'data.show',
                    'data.dataloaders', 'data.fashion', 'data.augment', 'callbacks.metrics', 'callbacks.progress',
-                   'callbacks.schedule', 'callbacks.hooks', 'callbacks.transform', 'callbacks.preds',
+                   'callbacks.suggest', 'callbacks.schedule', 'callbacks.onecycle', 'callbacks.hooks', 'callbacks.transform', 'callbacks.preds',
                    'callbacks.averaging', 'callbacks.tricks', 'callbacks.loggers', 'models.layers', 'models.resnet',
                    'models.unet', 'models.diffusion', 'engines.precision', 'engines.compile', 'engines.plan',
                    'engines.ddp', 'engines.cluster', 'engines.accelerate', 'runs.ckptfile', 'runs.checkpoint',
