@@ -28,7 +28,10 @@ setup(
         # the tests also call torch.is_autocast_enabled(device), new in torch 2.4
         "dev": ["torch>=2.4", "pytest>=7", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "tensorboard>=2.14",
                 "accelerate>=0.30", "fvcore>=0.1.5",
-                "ipywidgets>=8"],  # progress bars in the notebooks (datasets' tqdm warns without it)
+                "ipywidgets>=8",  # progress bars in the notebooks (datasets' tqdm warns without it)
+                "timm>=1.0"],  # the tests load timm backbones (vision_learner)
+        # timm backbones for vision_learner ('convnext_tiny' from timm, ...); torchvision's need nothing more
+        "timm": ["timm>=1.0"],
         # scipy: bench.fid compares FID with the course's scipy.linalg.sqrtm (the library itself does not need it)
         "bench": ["fastai>=2.7", "lightning>=2.1", "torchinfo>=1.8", "fvcore>=0.1.5", "scipy>=1.9"],
     },

@@ -54,6 +54,7 @@ def test_freeze_trains_only_the_head_and_batchnorm():
     conv_w, bn_w, head_w = '0.0.weight', '0.1.weight', '1.2.weight'
     assert torch.equal(before[conv_w], after[conv_w]) and learn.model[0][0].weight.grad is None
     assert not torch.equal(before[bn_w], after[bn_w]) and not torch.equal(before[head_w], after[head_w])
+    learn.splitter = lambda m: [m[0][:3], m[0][3:], m[1]]
     learn.freeze_to(1)
     assert not learn.model[0][0].weight.requires_grad and learn.model[0][3].weight.requires_grad
     learn.unfreeze()

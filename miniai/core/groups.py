@@ -17,7 +17,7 @@ def _has_conv(m: nn.Module) -> bool:
 
 def default_splitter(model: nn.Module) -> list:
     """The groups of a model the library builds: for `Sequential(body, head)` (`vision_learner`) and for the ResNets
-    (a `Sequential` whose last children hold no convolution: the head), the body's two halves and the head; any other
+    (a `Sequential` whose last children hold no convolution: the head), the body in two (its first three quarters, its last) and the head; any other
     model is one group (give `Learner(splitter=...)` to split it)."""
     if not isinstance(model, nn.Sequential) or len(model) < 2: return [model]
     kids = list(model)
@@ -28,8 +28,9 @@ def default_splitter(model: nn.Module) -> list:
         while cut > 0 and not _has_conv(kids[cut - 1]): cut -= 1
         if cut in (0, len(kids)): return [model]
         body, head = kids[:cut], kids[cut:]
-    half = (len(body) + 1) // 2
-    return [g for g in (body[:half], body[half:], head) if g]
+    while len(body) == 1 and len(list(body[0].children())) > 1: body = list(body[0].children())  # a body in one
+    cut = max(1, len(body) * 3 // 4)  # the last quarter (a ResNet's last stages) is nearest the new task
+    return [g for g in (body[:cut], body[cut:], head) if g]
 
 
 def split_params(model: nn.Module, splitter=None) -> list[list[nn.Parameter]]:
