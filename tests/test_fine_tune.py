@@ -80,6 +80,11 @@ def test_fit_one_cycle_counts_its_steps_from_the_loaders_per_group():
     assert (lrs[-1] < peak / 10).all()  # annealed by the last batch: the schedule is as long as the fit
 
 
+def test_fit_one_cycle_takes_a_fit_of_a_few_steps():
+    learn = tiny_learner(n=32)  # 4 batches: a warm-up of exactly one step, which OneCycleLR cannot divide by
+    learn.fit_one_cycle(1, 1e-2)
+
+
 def test_fit_flat_cos_holds_then_anneals():
     learn = tiny_learner()
     rec = RecorderCB(lr=lambda cb: cb.pg['lr'])
@@ -141,3 +146,21 @@ def test_loader_schedule_refuses_a_resume_of_another_length(tmp_path):
     from miniai.core.state import CheckpointError
     with pytest.raises(CheckpointError, match='scheduled for'):
         learn.fit_one_cycle(4, resume=tmp_path / 'last.ckpt')
+
+
+def test_schedule_built_after_sharding_matches_and_resumes_exactly(tmp_path, monkeypatch):
+    "Under several processes the schedule is built at the first training epoch (after DDPCB shards): same rates."
+    import miniai.callbacks.onecycle as oc
+    def lrs(**kw):
+        learn, rec = tiny_learner(seed=2), RecorderCB(lr=lambda cb: [g['lr'] for g in cb.pgs])
+        learn.fit_one_cycle(2, slice(1e-4, 1e-2), cbs=rec, **kw)
+        return rec.recs['lr'], learn
+    alone, full = lrs()
+    monkeypatch.setattr(oc, 'world_size', lambda: 2)
+    deferred, _ = lrs()
+    assert deferred == alone
+    half = tiny_learner(seed=2)
+    half.fit_one_cycle(2, slice(1e-4, 1e-2), cbs=[SaveModelCB(tmp_path, every_epoch=True, save_best=False),
+                                                  _StopAfter(0)])
+    _, again = lrs(resume=tmp_path / 'last.ckpt')
+    for a, b in zip(full.model.state_dict().values(), again.model.state_dict().values()): assert torch.equal(a, b)

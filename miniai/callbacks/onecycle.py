@@ -53,7 +53,9 @@ def _momentum_kw(opt) -> dict:
 def one_cycle(pct_start: float = 0.25, div: float = 25., div_final: float = 1e5):
     "A `make` for `LoaderSchedCB`: `OneCycleLR` peaking at each group's rate after `pct_start` of the fit."
     def make(opt, total, base):
-        return OneCycleLR(opt, max_lr=base, total_steps=total, pct_start=pct_start, div_factor=div,
+        # OneCycleLR divides by its warm-up's length, pct_start * total - 1: zero for e.g. 4 steps at 0.25
+        pct = pct_start if abs(pct_start * total - 1) > 1e-6 else 1.5 / total
+        return OneCycleLR(opt, max_lr=base, total_steps=total, pct_start=pct, div_factor=div,
                           final_div_factor=div_final, **_momentum_kw(opt))
     return make
 
