@@ -164,3 +164,13 @@ def test_schedule_built_after_sharding_matches_and_resumes_exactly(tmp_path, mon
                                                   _StopAfter(0)])
     _, again = lrs(resume=tmp_path / 'last.ckpt')
     for a, b in zip(full.model.state_dict().values(), again.model.state_dict().values()): assert torch.equal(a, b)
+
+
+def test_lr_find_plot_marks_the_three_suggestions():
+    import matplotlib
+    matplotlib.use('Agg')
+    from miniai.callbacks.schedule import LRFinderCB
+    cb = LRFinderCB(plot=False)
+    cb.lrs, cb.losses = [1e-5 * 1.3 ** i for i in range(30)], [2.0 - 0.05 * i for i in range(20)] + [3.0] * 10
+    labels = [t.get_text().split()[0] for t in cb.plot().get_legend().get_texts()]
+    assert labels == ['valley', 'minimum', 'steep']
