@@ -24,7 +24,7 @@ EXTRAS['dev'] = [
     'pytest>=7', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6', 'fvcore>=0.1.5',
     'ipywidgets>=8',  # progress bars in the notebooks (datasets' tqdm warns without it)
     'build>=1.2',     # scripts/wheel_smoke.sh builds the wheel and the sdist
-    *EXTRAS['tensorboard'], *EXTRAS['accelerate'],
+    *EXTRAS['tensorboard'], *EXTRAS['accelerate'], *EXTRAS['timm'],  # vision_learner's timm path is tested too
 ]
 
 setup(

@@ -20,7 +20,8 @@ from ._moved import install_moved_modules  # noqa: E402
 install_moved_modules()  # the flat modules of earlier versions (`miniai.fashion`...) import, with a FutureWarning
 
 # imported for the Learner methods they add
-from .callbacks import preds, schedule  # noqa: F401,E402
+from .core import freezing  # noqa: F401,E402
+from .callbacks import onecycle, preds, schedule  # noqa: F401,E402
 from .runs import autoresume, checkpoint  # noqa: F401,E402
 from .tools import export, inference, summary  # noqa: F401,E402
 from .tools.export import load_exported  # noqa: E402

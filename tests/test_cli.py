@@ -300,3 +300,26 @@ def test_a_model_made_for_fashion_mnist_only_is_refused_for_other_data(monkeypat
     assert isinstance(recipe.build_model('tiny', size=28), nn.Linear)
     with pytest.raises(ValueError, match="model 'tiny' takes no in_channels, so it cannot be built for in_channels=3"):
         recipe.build_model('tiny', in_channels=3)
+
+
+@needs_data
+def test_arch_pretrained_fine_tunes_a_torchvision_backbone_from_its_cached_weights(tmp_path):
+    "`--arch resnet18 --pretrained`: the weights come through torchvision's `weights=` (from $TORCH_HOME), then fine_tune."
+    import torch
+    import torchvision
+    home = tmp_path / 'torch'
+    (home / 'hub' / 'checkpoints').mkdir(parents=True)
+    torch.manual_seed(0)
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    torch.save(torchvision.models.resnet18().state_dict(), home / 'hub' / 'checkpoints' / url.rsplit('/', 1)[-1])
+    out = tmp_path / 'run'
+    r = subprocess.run([sys.executable, '-m', 'miniai', 'train', '--arch', 'resnet18', '--pretrained', '--epochs', '2',
+                        '--bs', '32', '--n-train', '64', '--n-valid', '32', '--out', str(out), '--no-summary',
+                        '--no-tta', '--threads', '1', '--average', 'none'], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, 'MPLBACKEND': 'Agg', 'TORCH_HOME': str(home)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((out / 'result.json').read_text())
+    assert res['model'] == 'resnet18' and res['epochs'] == 2
+    meta = json.loads((out / 'model.json').read_text())
+    assert meta['build_model']['name'] == 'resnet18'
+    assert len((out / 'metrics.csv').read_text().splitlines()) == 5  # a frozen fit's epoch, then the unfrozen one's

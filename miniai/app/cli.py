@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters) reached 94%% soonest (bench/results/time_to_accuracy.md); fashion_resnet_wide "
                         "(9.6 M) and fashion_resnet (4.9 M) are the course-style ResNets, resnet9 the width-64 "
                         "ResNet-9")
+    t.add_argument('--arch', dest='model', metavar='NAME', default=argparse.SUPPRESS,
+                   help='a torchvision or timm architecture (resnet18, convnext_tiny...) instead of --model, with a '
+                        'new head for the data\'s classes and channels')
+    t.add_argument('--pretrained', action='store_true',
+                   help='with --arch: load its pretrained weights (downloaded once to $TORCH_HOME), normalise with '
+                        'their statistics, and fine-tune (one frozen epoch, then all at rates from lr/100 to lr)')
     t.add_argument('--precision', choices=PRECISIONS, default='auto',
                    help="'auto' picks the fastest safe setting for this machine (bf16 autocast and channels-last on "
                         "CPUs with AMX/AVX-512 bf16, mixed precision on CUDA); 'fp32' is the plain path")
@@ -235,7 +241,8 @@ def train(args: argparse.Namespace) -> dict:
                      n_train=args.n_train, n_valid=args.n_valid, summary=args.summary, wd=args.wd,
                      label_smoothing=args.label_smoothing, drop=args.drop,
                      average=None if args.average == 'none' else args.average, ema_decay=args.ema_decay,
-                     target=args.target, data=args.data, size=args.size, valid_pct=args.valid_pct)
+                     target=args.target, data=args.data, size=args.size, valid_pct=args.valid_pct,
+                     pretrained=args.pretrained)
     if not is_main_process(): return res
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
     res['threads'] = torch.get_num_threads()

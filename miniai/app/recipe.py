@@ -33,6 +33,7 @@ from ..engines.ddp import DDPCB
 from ..engines.plan import fastest_plan, fastest_settings
 from ..engines.precision import precision_cbs
 from ..models.resnet import fashion_resnet, resnet9, seed002_resnet
+from ..models.vision import vision_model
 from ..runs.checkpoint import SaveModelCB
 from ..runs.interrupt import InterruptCB, drills_from_env
 from ..tools.inference import tta
@@ -64,8 +65,15 @@ def augment_for(epochs: int) -> str:
 def build_model(name: str, drop: float | None = None, in_channels: int = 1, n_classes: int = 10,
                 size: int | None = None) -> nn.Module:
     """A fresh model by name (see `MODELS`) for images of `in_channels` channels and `size` pixels (the larger side;
-    the ResNet-9s pool large images down first) in `n_classes` classes, with dropout `drop` before the head if given."""
-    if name not in MODELS: raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    the ResNet-9s pool large images down first) in `n_classes` classes, with dropout `drop` before the head if given.
+    Any other name is a torchvision or timm architecture with a new head (`vision_model`, without pretrained weights:
+    a run's checkpoint holds them)."""
+    if name not in MODELS:
+        head = {} if drop is None else {'p': drop}
+        try: return vision_model(name, n_classes, in_channels, pretrained=False, **head)[0]
+        except ValueError as e:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or an architecture: "
+                             f"{e}") from e
     takes = inspect.signature(MODELS[name]).parameters
     kw = {} if drop is None else {'drop': drop}
     for k, v, default in (('in_channels', in_channels, 1), ('n_classes', n_classes, 10), ('size', size, None)):
@@ -160,8 +168,10 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
                wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = 'ema',
                ema_decay: float = 0.999, target: float | None = 0.94, data: str = 'fashion', size=None,
-               valid_pct: float | None = None) -> dict:
+               valid_pct: float | None = None, pretrained: bool = False) -> dict:
     """Train on `data` (see `recipe_dls`), evaluate (with TTA) and save under `out`; returns the final metrics.
+    `model` may be a torchvision or timm architecture (`resnet18`); with `pretrained` its weights are loaded, the data
+    normalised with their statistics, and the run is `learn.fine_tune(epochs - 1, base_lr=lr)` (no resume).
     `resume`: a checkpoint, or 'auto' (the newest in `out`, else a fresh start). Under `torchrun`, `bs` is the global
     batch size (each of the N processes takes bs/N a step, so nothing else changes with N), and only global rank 0
     prints and writes."""
@@ -174,7 +184,12 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
     if augment == 'auto': augment = augment_for(epochs)
     (n, c, *hw), n_classes = dls.train.x.shape, len(dls.classes)
     model_args = dict(name=model, drop=drop, in_channels=c, n_classes=n_classes, size=max(hw))
-    net = build_model(**model_args)
+    if pretrained:
+        if model in MODELS: raise ValueError(f'--pretrained needs an architecture (--arch resnet18...), not {model!r}')
+        if resume is not None: raise ValueError('a pretrained fine-tune (two fits) cannot be resumed; start it again')
+        net, stats = vision_model(model, n_classes, c, pretrained=True, **({} if drop is None else {'p': drop}))
+        dls.normalize_with(*stats)
+    else: net = build_model(**model_args)
     learn, chosen = make_learner(net, dls, epochs, lr, precision, augment, out, wd=wd,
                                  label_smoothing=label_smoothing, average=average, ema_decay=ema_decay, target=target)
     learn.cbs += drills_from_env()  # $MINIAI_DRILL: rehearse a preemption (a signal at a given rank and batch)
@@ -194,7 +209,10 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
         record_run(out, model_args, dls, dict(data=str(Path(data).resolve()) if data != 'fashion' else data,
                                               size=size, valid_pct=valid_pct, seed=seed, n_train=n_train,
                                               n_valid=n_valid))
-    learn.fit(epochs, resume=resume)
+    if pretrained:  # its schedules come from fine_tune: one frozen epoch, then all at discriminative rates
+        learn.cbs = [cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB)]
+        learn.fine_tune(epochs - 1, base_lr=lr, freeze_epochs=1)
+    else: learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
     res = {'data': str(data), 'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,
            'augment': augment, 'wd': wd, 'label_smoothing': label_smoothing, 'drop': drop,

@@ -12,6 +12,7 @@ from ..core.state import looking
 from ..core.ranks import world_size
 from ..core.state import CheckpointError
 from .progress import show_or_save
+from .suggest import SuggestedLRs, lr_suggestions, smooth_losses
 
 __all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'HasLearnCB', 'RecorderCB', 'LRFinderCB', 'suggest_lr',
            'lr_find']
@@ -99,12 +100,14 @@ class HasLearnCB(Callback):
 
 
 class RecorderCB(Callback):
-    "Record `fn(self)` for each keyword `fn` after every training batch (`self.pg` is the first param group)."
+    """Record `fn(self)` for each keyword `fn` after every training batch: `self.pg` is the optimizer's last parameter
+    group (the head's; the only one with a plain learning rate), `self.pgs` all of them (`lr=slice(...)`)."""
     skip_in_probes = True
     def __init__(self, **d): self.d, self.recs = d, {k: [] for k in d}
     def before_fit(self, learn):
         self.recs = {k: [] for k in self.d}
-        self.pg = learn.opt.param_groups[0]
+        self.pgs = learn.opt.param_groups
+        self.pg = self.pgs[-1]
     def after_batch(self, learn):
         if not learn.training: return
         for k, fn in self.d.items(): self.recs[k].append(fn(self))
@@ -122,13 +125,8 @@ class RecorderCB(Callback):
 def suggest_lr(lrs, losses, beta: float = 0.98) -> float:
     "One tenth of the learning rate at which the (bias-corrected exponentially smoothed) loss was lowest."
     if not lrs: raise ValueError('suggest_lr: no learning rate was recorded')
-    avg, best, best_i = 0., math.inf, 0
-    for i, loss in enumerate(losses):
-        if not math.isfinite(loss): break
-        avg = beta * avg + (1 - beta) * loss
-        smooth = avg / (1 - beta ** (i + 1))
-        if smooth < best: best, best_i = smooth, i
-    return lrs[best_i] / 10
+    s = smooth_losses(losses, beta)
+    return lrs[min(range(len(s)), key=s.__getitem__) if s else 0] / 10
 
 
 class LRFinderCB(Callback):
@@ -145,7 +143,7 @@ class LRFinderCB(Callback):
 
     def after_batch(self, learn):
         if not learn.training: raise CancelEpochException()
-        self.lrs.append(learn.opt.param_groups[0]['lr'])
+        self.lrs.append(learn.opt.param_groups[-1]['lr'])  # the head's, when there are several groups
         loss = learn.loss.item()
         self.losses.append(loss)
         if loss < self.min: self.min = loss
@@ -153,10 +151,10 @@ class LRFinderCB(Callback):
         self.sched.step()
 
     @property
-    def suggestion(self) -> float: return suggest_lr(self.lrs, self.losses)
+    def suggestion(self) -> SuggestedLRs: return lr_suggestions(self.lrs, self.losses)
 
     def plot(self, ax=None):
-        "Loss against learning rate on a log axis, the suggested learning rate marked."
+        "Loss against learning rate on a log axis, the suggested learning rates (valley, minimum, steep) marked."
         import matplotlib.pyplot as plt
         if ax is None: _, ax = plt.subplots(figsize=(5, 3.5))
         keep = [(lr, l) for lr, l in zip(self.lrs, self.losses) if math.isfinite(l)]
@@ -165,7 +163,8 @@ class LRFinderCB(Callback):
         ax.set_xlabel('learning rate')
         ax.set_ylabel('loss')
         if self.lrs:
-            ax.axvline(self.suggestion, color='C1', ls='--', label=f'suggested {self.suggestion:.2e}')
+            for c, (k, v) in zip(('C1', 'C2', 'C3'), self.suggestion.as_dict().items()):
+                ax.axvline(v, color=c, ls='--', label=f'{k} {v:.2e}')
             ax.legend()
         return ax
 
@@ -179,11 +178,12 @@ class LRFinderCB(Callback):
 
 @learner_method
 def lr_find(self: Learner, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10,
-            plot=True) -> float:
+            plot=True) -> SuggestedLRs:
     """Train from `start_lr`, multiplying it by `gamma` each batch, until the loss exceeds `max_mult` times its
-    minimum; plot loss against learning rate (`plot` may be a path to save it to) and return the suggestion of
-    `suggest_lr` (a tenth of the learning rate at the smoothed loss's minimum). Afterwards the model, the optimizer,
-    the data order and the RNGs are as they were before."""
+    minimum; plot loss against learning rate (`plot` may be a path to save it to) and return the suggestions: a
+    `SuggestedLRs`, which as a number is `minimum` (a tenth of the rate at the smoothed loss's lowest point) and also
+    holds `valley` and `steep` (see `miniai.callbacks.suggest`), all three drawn on the plot. Afterwards the model,
+    the optimizer, the data order and the RNGs are as they were before."""
     cb = LRFinderCB(gamma=gamma, max_mult=max_mult, plot=plot)
     with looking(self): self.fit(max_epochs, lr=start_lr, cbs=cb)
     return cb.suggestion

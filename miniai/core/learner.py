@@ -34,6 +34,7 @@ from .checks import FirstBatchChecks, explain_forward_failure, loss_failure, tak
 from .devices import deliver_loader, resolve_device, to_device
 from .events import (EVENTS, STEPS, Callback, CancelFitException, callback_name, misspelt_events, note_failure, run_cbs,
                      sort_cbs, with_cbs)
+from .groups import optimizer_params
 
 __all__ = ['Learner', 'TrainLearner', 'MomentumLearner', 'TrainCB', 'DeviceCB', 'SingleBatchCB', 'compute_loss',
            'learner_method']
@@ -81,11 +82,13 @@ class Learner:
     Methods that other modules add, next to the feature they belong to (`@learner_method`):
     `lr_find` (miniai.callbacks.schedule), `capture_preds` (miniai.callbacks.preds), `summary` (miniai.tools.summary),
     `get_preds`, `predict_item`, `show_image_batch` (miniai.tools.inference), `export` (miniai.tools.export),
-    `save`, `load`, `resume_cb` (miniai.runs.checkpoint). Importing miniai adds them all.
+    `save`, `load`, `resume_cb` (miniai.runs.checkpoint), `freeze`, `freeze_to`, `unfreeze` (miniai.core.freezing),
+    `fit_one_cycle`, `fit_flat_cos`, `fine_tune` (miniai.callbacks.onecycle). Importing miniai adds them all.
     """
     def __init__(self, model: nn.Module, dls=(0,), loss_func=F.mse_loss, lr: float = 0.1, cbs=None,
-                 opt_func=optim.SGD):
+                 opt_func=optim.SGD, splitter=None):
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
+        self.splitter = splitter  # model -> parameter groups (None: `default_splitter`); see miniai.core.groups
         self.cbs = fc.L(list(fc.L(cbs)))  # a copy: fit and probes add and remove callbacks on it
         self._dispatch = None
 
@@ -130,9 +133,9 @@ class Learner:
             if train: self.one_epoch(True)
             if valid: self.one_epoch(False)
 
-    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr: float | None = None,
-            resume=None):
-        """Train for `n_epochs` with a fresh optimizer at `lr`; `cbs` are used for this fit only.
+    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr=None, resume=None):
+        """Train for `n_epochs` with a fresh optimizer at `lr` (a number; or `slice(lo, hi)`, rates growing
+        geometrically over the parameter groups, see `miniai.core.groups`); `cbs` are used for this fit only.
         `resume`: a checkpoint path (see `miniai.runs.checkpoint`) to continue a run from where it was saved."""
         if not isinstance(n_epochs, int) or isinstance(n_epochs, bool) or n_epochs < 0:
             raise ValueError(f'fit: n_epochs must be a whole number >= 0, got {n_epochs!r}')
@@ -145,7 +148,7 @@ class Learner:
             self.n_epochs, self.phases = n_epochs, (train, valid)
             self.epochs = range(n_epochs)
             if lr is None: lr = self.lr
-            if self.opt_func: self.opt = self.opt_func(self.model.parameters(), lr)
+            if self.opt_func: self.opt = self.opt_func(*optimizer_params(self.model, lr, getattr(self, 'splitter', None)))
             self._fit(train, valid)
         finally:  # nothing here may raise: it would replace the exception on its way
             for cb in cbs:

@@ -87,6 +87,17 @@ class DataLoaders:
         if getattr(self, 'mean', None) is None: raise ValueError('dls.normalise: these loaders have no mean/std')
         return Normalise(self.mean, self.std, channels=xb.shape[-3]).encode(xb)
 
+    def normalize_with(self, mean, std) -> 'DataLoaders':
+        """Normalise the batches of both loaders with `mean` and `std` (of [0, 1] pixels, per channel) instead of the
+        data's own statistics: a pretrained network's (`vision_learner` asks for it). Still per batch, from uint8."""
+        for dl in (self.train, self.valid):
+            if not hasattr(dl, 'set_normalisation'):
+                raise TypeError(f'normalize_with: {type(dl).__name__} cannot change its normalisation; normalise the '
+                                f'data with mean={mean}, std={std} where it is made')
+            dl.set_normalisation(mean, std)
+        self.mean, self.std = self.train.mean, self.train.std
+        return self
+
     def test_dl(self, items, labels=None, bs: int | None = None, device=None) -> ItemsDataLoader:
         """A loader of new items made as the training data was (decoded, resized, normalised; see
         `miniai.data.items.items_dl`): a folder, files, PIL images or tensors, for `learn.get_preds(dl=...)` and
@@ -115,20 +126,23 @@ _WORKER_OPTIONS = ('num_workers', 'persistent_workers', 'prefetch_factor', 'work
 
 def image_dls(images: ImageSet, train: str, valid: str, bs: int = 64, device=None, shuffle: bool = True,
               drop_last: bool = False, seed: int | None = None, n_train: int | None = None,
-              n_valid: int | None = None, rank: int = 0, world_size: int = 1, pin_memory: bool | None = None):
+              n_valid: int | None = None, rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
+              normalize=None):
     """Training and validation loaders over the splits `train` and `valid` of `images`, normalised per batch with the
-    training split's statistics; `.classes` (and `.vocab`), `.mean` and `.std` (per channel) on the result.
+    training split's statistics (or `normalize=(mean, std)`, e.g. a pretrained network's); `.classes` (and
+    `.vocab`), `.mean` and `.std` (per channel) on the result.
     `n_train`/`n_valid` take seeded random subsets (copied out of the mapping); `device` as in `fashion_dls`."""
     device = resolve_device(device)
     pin_memory = pins_by_default(device) if pin_memory is None else pin_memory
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
     xt, yt = subset(*images.split(train), n_train, gen, 'n_train')
     xv, yv = subset(*images.split(valid), n_valid, gen, 'n_valid')
-    norm = dict(mean=images.mean, std=images.std, device=device, rank=rank, world_size=world_size,
+    mean, std = (images.mean, images.std) if normalize is None else normalize
+    norm = dict(mean=mean, std=std, device=device, rank=rank, world_size=world_size,
                 pin_memory=pin_memory)
     dls = DataLoaders(TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **norm),
                       TensorDataLoader(xv, yv, bs, **norm))
-    dls.mean, dls.std, dls.classes, dls.source = images.mean, images.std, images.classes, images.source
+    dls.mean, dls.std, dls.classes, dls.source = dls.train.mean, dls.train.std, images.classes, images.source
     return dls
 
 

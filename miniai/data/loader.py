@@ -44,13 +44,14 @@ class TensorDataLoader:
         self.pin_memory, self._deliver = pin_memory, None
         self.rank, self.world_size = rank, world_size
         self.dataset = TensorDataset(x, y)
-        self._set_normalisation(mean, std)
+        self.set_normalisation(mean, std)
         if seed is None and shuffle: seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         self.seed, self.epochs_drawn = seed, 0
         self.gen = torch.Generator().manual_seed(seed or 0)
         self._epoch_gen = None  # the generator's state before the latest epoch's order was drawn
 
-    def _set_normalisation(self, mean, std):
+    def set_normalisation(self, mean, std) -> None:
+        "Normalise uint8 batches with `mean` and `std` ([0, 1] pixels, one per channel or one for all; both None: no)."
         self.norm = None
         if mean is None and std is None: return
         if mean is None or std is None: raise ValueError('TensorDataLoader: give both mean and std, or neither')

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..callbacks.metrics import improved, monitor_mode, monitor_value
 from ..callbacks.schedule import BaseSchedCB
 from ..core.events import Callback, CancelBatchException, CancelEpochException
+from ..core.freezing import freeze_to, frozen_groups, unfreeze
 from ..core.learner import Learner, learner_method
 from ..core.ranks import is_main_process, world_size
 from ..core.state import (callback_states, load_callback_states, loader_state, match_state_layout, plain_keys,
@@ -42,7 +43,7 @@ def save_checkpoint(learn: Learner, path, **extra) -> Path:
              'opt': learn.opt.state_dict() if 'opt' in learn.__dict__ else None, 'rng': rng_snapshot(),
              'data': loader_state(getattr(learn.dls, 'train', None)), 'callbacks': cb_states,
              'callbacks_needed': cbs_needed, 'callbacks_required': cbs_required, 'world_size': world_size(),
-             'saved_at': time.time(), **extra}
+             'frozen_to': frozen_groups(learn), 'saved_at': time.time(), **extra}
     write_checkpoint(state, path)
     return path
 
@@ -181,6 +182,8 @@ class ResumeCB(Callback):
                                       f'that run is complete, nothing is left to resume (its weights are in the file: '
                                       f'learn.load it, or start a new run to train more)')
             learn.epochs = range(done + 1, learn.n_epochs)
+        if ck.get('frozen_to'): freeze_to(learn, ck['frozen_to'])  # the run trained these groups, and only these
+        elif 'frozen_to' in ck and frozen_groups(learn): unfreeze(learn)
         set_rng_state(ck['rng'])
         load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'),
                              ck.get('callbacks_required'))
