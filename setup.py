@@ -28,7 +28,13 @@ setup(
         # the tests also call torch.is_autocast_enabled(device), new in torch 2.4
         "dev": ["torch>=2.4", "pytest>=7", "nbclient>=0.9", "nbformat>=5.9", "ipykernel>=6", "tensorboard>=2.14",
                 "accelerate>=0.30", "fvcore>=0.1.5",
-                "ipywidgets>=8"],  # progress bars in the notebooks (datasets' tqdm warns without it)
+                "ipywidgets>=8",  # progress bars in the notebooks (datasets' tqdm warns without it)
+                # the trackers' tests: `wandb leet inspect` reads offline runs back; MLflow to a local folder
+                "wandb>=0.31", "mlflow-skinny>=2.10"],
+        # experiment trackers (WandBCB, MLflowCB, `miniai train --log wandb|mlflow`); sqlalchemy and alembic: MLflow's
+        # default local store is an SQLite file
+        "wandb": ["wandb>=0.20"],
+        "mlflow": ["mlflow-skinny>=2.10", "sqlalchemy>=2", "alembic>=1.8"],
         # scipy: bench.fid compares FID with the course's scipy.linalg.sqrtm (the library itself does not need it)
         "bench": ["fastai>=2.7", "lightning>=2.1", "torchinfo>=1.8", "fvcore>=0.1.5", "scipy>=1.9"],
     },
