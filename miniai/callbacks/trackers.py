@@ -131,7 +131,8 @@ class TrackerCB(Callback):
         if not is_main_process() or self.is_open or self.failed: return  # a run kept open: the next fit goes on in it
         import_client(self.client, self.extra)  # a missing client is the user's to fix: say so, before training
         self.is_open, resume, self._resume = True, self._resume, None
-        if resume is not None: self.run_id, self.batches = resume['run_id'], resume['batches']
+        if resume is not None:
+            self.run_id, self.batches, self.best = resume['run_id'], resume['batches'], dict(resume.get('best', {}))
         self.run_id = self._try(self.open, self.run_name, self.run_id, run_settings(learn, self.config)) or self.run_id
 
     def after_batch(self, learn):
@@ -187,8 +188,8 @@ class TrackerCB(Callback):
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        "The run's id and the training batches logged: a resumed fit goes on in that run, at the next step."
-        return {'run_id': self.run_id, 'batches': self.batches}
+        "The run's id, the training batches logged and the best values: a resumed fit goes on in that run."
+        return {'run_id': self.run_id, 'batches': self.batches, 'best': dict(self.best)}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get('run_id') is not None: self._resume = dict(state)
