@@ -120,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--log', nargs='+', choices=('csv', 'tensorboard', 'wandb', 'mlflow'), default=['csv'],
                    metavar='LOGGER', help="where to log besides the terminal, one or several of csv (metrics.csv, always "
                    "written), tensorboard (RUN/tb), wandb (project 'miniai'; WANDB_MODE=offline keeps it in RUN), "
-                   "mlflow (experiment 'miniai' at MLFLOW_TRACKING_URI)")
+                   "mlflow (experiment 'miniai' at MLFLOW_TRACKING_URI) (default: csv)")
     t.add_argument('--run-name', default=None, help="the run's name in the trackers and the runs table (default: "
                    "the run folder's name)")
     t.add_argument('--debug', action='store_true',
                    help='show the traceback of errors reported in one line (also: environment MINIAI_DEBUG=1)')
     add_predict_parser(sub, _Help)
+    r = sub.add_parser('runs', help='the runs under folders side by side: settings that differ, metrics, status',
+                       formatter_class=_Help)
+    r.add_argument('folders', nargs='*', type=Path, default=[Path('runs')], metavar='FOLDER',
+                   help='run folders, or folders to look under for them (default: runs)')
+    r.add_argument('--plot', type=Path, default=None, metavar='PNG', help="save their loss and metric curves there")
     return p
 
 
@@ -153,6 +158,7 @@ def main(argv=None) -> int:
         with SignalGuard():
             if args.command == 'train': train(args)
             elif args.command == 'predict': return predict_command(args)
+            elif args.command == 'runs': return runs_command(args)
     except Interrupted as e:
         # exiting already: a late notice (torchrun passing on another rank's exit) must not turn this exit into a kill
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -217,6 +223,19 @@ def _report_interrupt(e, argv: list[str], out: Path | None) -> None:
     elif e.where == 'after training' and last is not None:
         say(f'training had finished: its weights are in {last}')
     else: say('to start again: python -m miniai ' + shlex.join(argv))
+
+
+def runs_command(args: argparse.Namespace) -> int:
+    "`miniai runs`: print the table of the runs under `args.folders` (and save their curves with `--plot`)."
+    from ..runs.compare import find_runs, runs_text
+    if not find_runs(*args.folders):
+        raise _UserError(f"no runs (folders with a metrics.csv) in {', '.join(map(str, args.folders))}")
+    if args.plot is not None:
+        import matplotlib
+        matplotlib.use('Agg')
+    print(runs_text(*args.folders, plot=args.plot))
+    if args.plot is not None: print(f'Curves saved to {args.plot}')
+    return 0
 
 
 def train(args: argparse.Namespace) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from ..engines.plan import fastest_plan, fastest_settings
 from ..engines.precision import precision_cbs
 from ..models.resnet import fashion_resnet, resnet9, seed002_resnet
 from ..runs.checkpoint import SaveModelCB
+from ..runs.compare import SETTINGS_FILE
 from ..runs.interrupt import InterruptCB, drills_from_env
 from ..tools.inference import tta
 
@@ -42,7 +44,6 @@ __all__ = ['MODELS', 'AUGMENTS', 'RUN_FILE', 'RUN_FORMAT', 'augment_for', 'build
            'recipe_dls', 'make_learner', 'record_run', 'run_recipe', 'plot_run', 'LOGGERS', 'logger_cbs',
            'SETTINGS_FILE']
 RUN_FILE, RUN_FORMAT = 'model.json', 'miniai-run-1'  # what rebuilds a run's model, next to its checkpoints
-SETTINGS_FILE = 'settings.json'  # what the run was trained with, beside metrics.csv (`miniai runs` compares them)
 LOGGERS = ('csv', 'tensorboard', 'wandb', 'mlflow')
 
 # bias=False: a convolution's bias is redundant before a BatchNorm, and runs saved before the library's convs took
@@ -211,7 +212,7 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
            'swa': '; SWA over the last quarter'}[average], flush=True)
     summ = learn.summary() if summary and is_main_process() else None
     if summary and summ is not None: print(summ, '\n', sep='')
-    extra = dict(run_name=run_name or out.name, data=str(data), model=model, epochs=epochs, bs=bs, seed=seed,
+    extra = dict(run_name=run_name or out.name, started=datetime.now().isoformat(timespec='seconds'), data=str(data), model=model, epochs=epochs, bs=bs, seed=seed,
                  precision=chosen, augment=augment, wd=wd, label_smoothing=label_smoothing, drop=drop, average=average,
                  ema_decay=ema_decay if average == 'ema' else None, target=target, n_train=len(dls.train.x),
                  n_valid=len(dls.valid.x), flops=summ.totals['flops'] if summ else None)
