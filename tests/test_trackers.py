@@ -130,6 +130,8 @@ def test_a_resumed_fit_goes_on_in_the_same_run_with_no_repeated_or_missing_step(
            (lambda: WandBCB(dir=tmp_path / 'wb', loss_every=1))
     first = make()
     learner([first, SaveModelCB(tmp_path, every_epoch=True)]).fit(3, cbs=[StopAfter(0)])
+    if tracker == 'mlflow':  # a fit ended by a callback (as early stopping does) finished: it did not fail
+        assert mlflow_client(tmp_path).get_run(first.run_id).info.status == 'FINISHED'
     second = make()
     learner([second, SaveModelCB(tmp_path, every_epoch=True)]).fit(3, resume=tmp_path / 'last.ckpt')
     assert second.run_id == first.run_id
@@ -230,3 +232,11 @@ def test_the_course_lesson_21_wandbcb_runs_unchanged_on_metricscb(capsys):
     files = [f['path'] for r in recs if r['type'] == 'files' for f in r['files']['files']]
     assert sum(f.startswith('media/images/samples_') for f in files) == 2
     assert capsys.readouterr().out.count("'train': 'eval'") == 2, 'and it prints each row, as the course did'
+
+
+def test_a_fit_that_fails_ends_its_run_failed_and_the_error_reaches_the_caller(tmp_path):
+    class Boom(Callback):
+        def after_epoch(self, learn): raise ValueError('boom')
+    cb = MLflowCB(tracking_uri=f'file://{tmp_path}/mlruns')
+    with pytest.raises(ValueError, match='boom'): learner([cb, Boom()]).fit(2)
+    assert mlflow_client(tmp_path).get_run(cb.run_id).info.status == 'FAILED'

@@ -174,9 +174,9 @@ class TrackerCB(Callback):
     def cleanup_fit(self, learn):
         if not self.is_open: return
         self._flush_losses()
-        if not self._done:
-            exc = sys.exc_info()[1]
-            self.finish('interrupted' if isinstance(exc, KeyboardInterrupt) else 'failed')
+        exc = sys.exc_info()[1]  # what is ending the fit, if anything (a CancelFitException is over by now)
+        if not self._done and exc is None: self.after_fit(learn)  # a callback ended it (early stopping): it finished
+        if not self._done: self.finish('interrupted' if isinstance(exc, KeyboardInterrupt) else 'failed')
         elif self.finish_at_end: self.finish()
 
     def finish(self, status: str = 'finished', files=(), summary: dict | None = None) -> None:
