@@ -11,8 +11,9 @@ VERSION = re.search(r"^__version__ = '([^']+)'", (HERE / 'miniai' / '__init__.py
 # Each extra is named for what it brings; `dev` is what the test suite needs.
 EXTRAS = {
     'timm': ['timm>=0.9'],                 # backbones from timm
-    'wandb': ['wandb>=0.16'],              # Weights & Biases logging
-    'mlflow': ['mlflow>=2.10'],            # MLflow tracking
+    'wandb': ['wandb>=0.20'],              # Weights & Biases logging (WandBCB, `miniai train --log wandb`)
+    # MLflow tracking (MLflowCB); sqlalchemy and alembic: MLflow's default local store is an SQLite file
+    'mlflow': ['mlflow-skinny>=2.10', 'sqlalchemy>=2', 'alembic>=1.8'],
     'accelerate': ['accelerate>=0.30'],    # AccelerateCB (Hugging Face Accelerate)
     'tensorboard': ['tensorboard>=2.14'],  # TensorBoardCB
     # peers measured side by side; scipy: bench.fid compares FID with the course's scipy.linalg.sqrtm
@@ -25,6 +26,8 @@ EXTRAS['dev'] = [
     'ipywidgets>=8',  # progress bars in the notebooks (datasets' tqdm warns without it)
     'build>=1.2',     # scripts/wheel_smoke.sh builds the wheel and the sdist
     *EXTRAS['tensorboard'], *EXTRAS['accelerate'], *EXTRAS['timm'],  # vision_learner's timm path is tested too
+    # the trackers' tests: `wandb leet inspect` reads offline runs back; MLflow to a local folder
+    'wandb>=0.31', 'mlflow-skinny>=2.10',
 ]
 
 setup(

@@ -59,7 +59,7 @@ def test_unknown_arch_names_the_closest_and_missing_timm_names_the_extra(monkeyp
         resolve_arch('resnt18')
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, 'find_spec', lambda n, *a: None if n == 'timm' else real(n, *a))
-    with pytest.raises(ValueError, match=r"pip install 'miniai\[timm\]'"): resolve_arch('test_resnet')
+    with pytest.raises(ValueError, match=r"pip install 'miniai-learner\[timm\]'"): resolve_arch('test_resnet')
 
 
 @pytest.mark.skipif(importlib.util.find_spec('timm') is None, reason='timm is not installed')

@@ -123,9 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--n-valid', type=_positive(int), default=None,
                    help='use only this many validation images (Fashion-MNIST: test images)')
     t.add_argument('--no-summary', dest='summary', action='store_false', help="don't print the model summary")
+    t.add_argument('--log', nargs='+', choices=('csv', 'tensorboard', 'wandb', 'mlflow'), default=['csv'],
+                   metavar='LOGGER', help="where to log besides the terminal, one or several of csv (metrics.csv, always "
+                   "written), tensorboard (RUN/tb), wandb (project 'miniai'; WANDB_MODE=offline keeps it in RUN), "
+                   "mlflow (experiment 'miniai' at MLFLOW_TRACKING_URI) (default: csv)")
+    t.add_argument('--run-name', default=None, help="the run's name in the trackers and the runs table (default: "
+                   "the run folder's name)")
     t.add_argument('--debug', action='store_true',
                    help='show the traceback of errors reported in one line (also: environment MINIAI_DEBUG=1)')
     add_predict_parser(sub, _Help)
+    r = sub.add_parser('runs', help='the runs under folders side by side: settings that differ, metrics, status',
+                       formatter_class=_Help)
+    r.add_argument('folders', nargs='*', type=Path, default=[Path('runs')], metavar='FOLDER',
+                   help='run folders, or folders to look under for them (default: runs)')
+    r.add_argument('--plot', type=Path, default=None, metavar='PNG', help="save their loss and metric curves there")
     return p
 
 
@@ -141,11 +152,19 @@ def main(argv=None) -> int:
     elif resume not in (None, 'auto') and not resume.exists():
         parser.error(f'--resume: no checkpoint at {args.resume}')
     from ..runs.interrupt import Interrupted, SignalGuard
+    from ..callbacks.trackers import MissingClient, import_client
+    for name in getattr(args, 'log', ()):
+        if name in ('wandb', 'mlflow'):  # before any training: a missing client is said in one line
+            try: import_client(name, name)
+            except MissingClient as e:
+                print(f'miniai: error: {e}', file=sys.stderr)
+                return 2
     debug = getattr(args, 'debug', False) or os.environ.get('MINIAI_DEBUG', '') not in ('', '0')
     try:
         with SignalGuard():
             if args.command == 'train': train(args)
             elif args.command == 'predict': return predict_command(args)
+            elif args.command == 'runs': return runs_command(args)
     except Interrupted as e:
         # exiting already: a late notice (torchrun passing on another rank's exit) must not turn this exit into a kill
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -212,12 +231,25 @@ def _report_interrupt(e, argv: list[str], out: Path | None) -> None:
     else: say('to start again: python -m miniai ' + shlex.join(argv))
 
 
+def runs_command(args: argparse.Namespace) -> int:
+    "`miniai runs`: print the table of the runs under `args.folders` (and save their curves with `--plot`)."
+    from ..runs.compare import find_runs, runs_text
+    if not find_runs(*args.folders):
+        raise _UserError(f"no runs (folders with a metrics.csv) in {', '.join(map(str, args.folders))}")
+    if args.plot is not None:
+        import matplotlib
+        matplotlib.use('Agg')
+    print(runs_text(*args.folders, plot=args.plot))
+    if args.plot is not None: print(f'Curves saved to {args.plot}')
+    return 0
+
+
 def train(args: argparse.Namespace) -> dict:
     "Run the main job described by `args` (see `build_parser`); returns the final metrics."
     import matplotlib
     matplotlib.use('Agg')
     from ..core.files import write_atomic
-    from .recipe import run_recipe
+    from .recipe import logger_cbs, run_recipe
     from ..core.ranks import is_main_process, world_size
     import torch
     from ..engines.precision import warn_fp16_on_cpu
@@ -236,13 +268,19 @@ def train(args: argparse.Namespace) -> dict:
     except OSError as e:
         raise _UserError(f'--out {out}: cannot make the run folder there ({e.strerror}); choose another') from e
     start = time.perf_counter()
-    res = run_recipe(epochs=args.epochs, bs=args.bs, lr=args.lr, model=args.model, precision=args.precision,
-                     out=out, resume=args.resume, seed=args.seed, augment=args.augment, use_tta=args.tta,
-                     n_train=args.n_train, n_valid=args.n_valid, summary=args.summary, wd=args.wd,
-                     label_smoothing=args.label_smoothing, drop=args.drop,
-                     average=None if args.average == 'none' else args.average, ema_decay=args.ema_decay,
-                     target=args.target, data=args.data, size=args.size, valid_pct=args.valid_pct,
-                     pretrained=args.pretrained)
+    trackers = logger_cbs(args.log, out, args.run_name)
+    try:
+        res = run_recipe(epochs=args.epochs, bs=args.bs, lr=args.lr, model=args.model, precision=args.precision,
+                         out=out, resume=args.resume, seed=args.seed, augment=args.augment, use_tta=args.tta,
+                         n_train=args.n_train, n_valid=args.n_valid, summary=args.summary, wd=args.wd,
+                         label_smoothing=args.label_smoothing, drop=args.drop,
+                         average=None if args.average == 'none' else args.average, ema_decay=args.ema_decay,
+                         target=args.target, data=args.data, size=args.size, valid_pct=args.valid_pct,
+                         pretrained=args.pretrained, cbs=trackers, run_name=args.run_name)
+    except BaseException as e:  # after the fit (the fit closes them itself when it stops)
+        for cb in trackers:
+            if getattr(cb, 'is_open', False): cb.finish('interrupted' if isinstance(e, KeyboardInterrupt) else 'failed')
+        raise
     if not is_main_process(): return res
     res['wall_seconds'] = round(time.perf_counter() - start, 1)
     res['threads'] = torch.get_num_threads()
@@ -252,6 +290,11 @@ def train(args: argparse.Namespace) -> dict:
     # Fashion-MNIST's held-out split is its test set; on other data it is the validation split of that data
     res['measured_on'] = split = 'test' if args.data == 'fashion' else 'validation'
     write_atomic(out / 'result.json', json.dumps(res, indent=2) + '\n')
+    files = [out / f for f in ('result.json', 'settings.json', 'metrics.csv', 'model.json', 'loss.png', 'lr.png',
+                               'best.ckpt')]
+    final = {k: res[k] for k in ('accuracy', 'tta_accuracy', 'time_to_target', 'wall_seconds') if res.get(k) is not None}
+    for cb in trackers:
+        if callable(getattr(cb, 'finish', None)): cb.finish(files=files, summary=final)
     print(f"\n{split.capitalize()} accuracy: {res['accuracy']:.4f}" + (f"  (with TTA: {res['tta_accuracy']:.4f})"
                                                                      if res.get('tta_accuracy') is not None else ''))
     if res.get('target') is not None:

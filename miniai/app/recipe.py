@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from ..callbacks.loggers import CSVLoggerCB, TimeToAccuracyCB
 from ..callbacks.metrics import MetricsCB, quiet_torcheval
 from ..callbacks.progress import ProgressCB
 from ..callbacks.schedule import BatchSchedCB, RecorderCB
+from ..callbacks.trackers import run_settings
 from ..callbacks.transform import augment_cb
 from ..core.files import atomic_path, write_atomic
 from ..core.learner import DeviceCB, Learner, TrainCB
@@ -35,12 +37,15 @@ from ..engines.precision import precision_cbs
 from ..models.resnet import fashion_resnet, resnet9, seed002_resnet
 from ..models.vision import vision_model
 from ..runs.checkpoint import SaveModelCB
+from ..runs.compare import SETTINGS_FILE
 from ..runs.interrupt import InterruptCB, drills_from_env
 from ..tools.inference import tta
 
 __all__ = ['MODELS', 'AUGMENTS', 'RUN_FILE', 'RUN_FORMAT', 'augment_for', 'build_model', 'augment_tfms',
-           'recipe_dls', 'make_learner', 'record_run', 'run_recipe', 'plot_run']
+           'recipe_dls', 'make_learner', 'record_run', 'run_recipe', 'plot_run', 'LOGGERS', 'logger_cbs',
+           'SETTINGS_FILE']
 RUN_FILE, RUN_FORMAT = 'model.json', 'miniai-run-1'  # what rebuilds a run's model, next to its checkpoints
+LOGGERS = ('csv', 'tensorboard', 'wandb', 'mlflow')
 
 # bias=False: a convolution's bias is redundant before a BatchNorm, and runs saved before the library's convs took
 # the course's biases (the recipe has always built its ResNets without them) must still resume
@@ -139,6 +144,22 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     return Learner(model, dls, loss, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
 
 
+def logger_cbs(names, out: Path, run_name: str | None = None) -> list:
+    """The callbacks of `miniai train --log NAME ...`: 'csv' is `metrics.csv`, written by every run; 'tensorboard' writes
+    under `out/tb`; 'wandb' logs to project 'miniai' with its files under `out` (`WANDB_MODE=offline` keeps them there);
+    'mlflow' logs to experiment 'miniai' at `MLFLOW_TRACKING_URI` (else MLflow's default store). The trackers stay
+    open after the fit, for the caller to add the run's result and plots (`finish`)."""
+    from ..callbacks.clients import MLflowCB, WandBCB
+    from ..callbacks.loggers import TensorBoardCB
+    name = run_name or Path(out).name
+    make = {'csv': lambda: None, 'tensorboard': lambda: TensorBoardCB(Path(out) / 'tb'),
+            'wandb': lambda: WandBCB(dir=out, run_name=name, finish=False),
+            'mlflow': lambda: MLflowCB(run_name=name, finish=False)}
+    bad = [n for n in names if n not in make]
+    if bad: raise ValueError(f"unknown logger {bad[0]!r}; choose from {', '.join(LOGGERS)}")
+    return [cb for n in dict.fromkeys(names) if (cb := make[n]()) is not None]
+
+
 def record_run(out: Path, model_args: dict, dls, data_args: dict) -> Path:
     """Write `out/model.json`: what rebuilds the run's model without this recipe's code (`build_model`'s arguments),
     its classes and how its inputs are made (shape, normalisation, resize rule), and the data it was trained on
@@ -168,13 +189,14 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
                wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = 'ema',
                ema_decay: float = 0.999, target: float | None = 0.94, data: str = 'fashion', size=None,
-               valid_pct: float | None = None, pretrained: bool = False) -> dict:
+               valid_pct: float | None = None, pretrained: bool = False, cbs=(), run_name: str | None = None) -> dict:
     """Train on `data` (see `recipe_dls`), evaluate (with TTA) and save under `out`; returns the final metrics.
     `model` may be a torchvision or timm architecture (`resnet18`); with `pretrained` its weights are loaded, the data
     normalised with their statistics, and the run is `learn.fine_tune(epochs - 1, base_lr=lr)` (no resume).
     `resume`: a checkpoint, or 'auto' (the newest in `out`, else a fresh start). Under `torchrun`, `bs` is the global
     batch size (each of the N processes takes bs/N a step, so nothing else changes with N), and only global rank 0
-    prints and writes."""
+    prints and writes. `cbs` are added to the Learner (`logger_cbs`: trackers get the run's settings); `run_name` is
+    recorded in `settings.json` (default: the folder's name)."""
     out, n_procs = Path(out), world_size()
     if bs % n_procs:
         raise ValueError(f'batch size {bs} is the global one and must divide evenly among the {n_procs} processes')
@@ -192,7 +214,7 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
     else: net = build_model(**model_args)
     learn, chosen = make_learner(net, dls, epochs, lr, precision, augment, out, wd=wd,
                                  label_smoothing=label_smoothing, average=average, ema_decay=ema_decay, target=target)
-    learn.cbs += drills_from_env()  # $MINIAI_DRILL: rehearse a preemption (a signal at a given rank and batch)
+    learn.cbs += [*cbs, *drills_from_env()]  # $MINIAI_DRILL: rehearse a preemption (a signal at a given rank and batch)
     if n_procs > 1: set_seed(seed + rank())  # the same initial weights, then each rank augments from its own stream
     tfms = ', '.join(type(t).__name__ for t in augment_tfms(augment)) or 'none'
     batch = f'batch {bs}' + (f' (global: {bs // n_procs} per process on {n_procs} processes)' if n_procs > 1 else '')
@@ -203,9 +225,17 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
         f'decay {wd}; label smoothing {label_smoothing}; augmentation: {tfms}; seed {seed}'
         + {None: '', 'ema': f'; EMA of the weights (decay {ema_decay})',
            'swa': '; SWA over the last quarter'}[average], flush=True)
-    if summary and is_main_process(): print(learn.summary(), '\n', sep='')
+    summ = learn.summary() if summary and is_main_process() else None
+    if summary and summ is not None: print(summ, '\n', sep='')
+    extra = dict(run_name=run_name or out.name, started=datetime.now().isoformat(timespec='seconds'), data=str(data), model=model, epochs=epochs, bs=bs, seed=seed,
+                 precision=chosen, augment=augment, wd=wd, label_smoothing=label_smoothing, drop=drop, average=average,
+                 ema_decay=ema_decay if average == 'ema' else None, target=target, n_train=len(dls.train.x),
+                 n_valid=len(dls.valid.x), flops=summ.totals['flops'] if summ else None)
+    for cb in cbs:
+        if hasattr(cb, 'config'): cb.config = {**extra, **cb.config}  # the trackers record the recipe's settings too
     if is_main_process():  # before the fit: an interrupted run's checkpoints can be loaded too
         out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / SETTINGS_FILE, json.dumps(run_settings(learn, extra), indent=1, default=str) + '\n')
         record_run(out, model_args, dls, dict(data=str(Path(data).resolve()) if data != 'fashion' else data,
                                               size=size, valid_pct=valid_pct, seed=seed, n_train=n_train,
                                               n_valid=n_valid))

@@ -75,7 +75,7 @@ class MetricsCB(Callback):
         self.metrics, self.flush_every = metrics, flush_every
         self.all_metrics = copy(metrics)
         self.all_metrics['loss'] = self.loss = _mean_metric()
-        self.history, self._device, self.fits, self._viewers = [], None, 0, []
+        self.history, self._device, self.fits, self._viewers, self.train = [], None, 0, [], True
 
     def _log(self, d: dict) -> None:
         """Show an epoch's row: hand it to the callbacks that show rows (`show_metrics`, e.g. `ProgressCB`'s table),
@@ -147,6 +147,7 @@ class MetricsCB(Callback):
         for cb in learn.cbs:
             if callable(f := getattr(cb, 'annotate_metrics', None)): row = f(row)
         self._viewers = [f for cb in learn.cbs if callable(f := getattr(cb, 'show_metrics', None))]
+        self.train = learn.training  # the course's subclasses read it in `_log` (lesson 21's WandBCB)
         self._log(row)
 
 

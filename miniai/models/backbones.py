@@ -13,7 +13,7 @@ from .layers import init_weights
 __all__ = ['TIMM_MISSING', 'resolve_arch', 'create_body', 'create_head', 'adapt_first_conv', 'channel_stats_for',
            'load_backbone']
 
-TIMM_MISSING = "timm is not installed: pip install 'miniai[timm]' (or pip install timm)"
+TIMM_MISSING = "timm is not installed: pip install 'miniai-learner[timm]' (or pip install timm)"
 
 
 def _torchvision_names() -> list[str]:
