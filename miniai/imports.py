@@ -46,10 +46,11 @@ LIBRARY_MODULES = ('core.ranks', 'core.basic_loop', 'core.devices', 'core.events
                    'data.normalise', 'data.loader', 'data.items', 'data.imagecache', 'data.folders', 'data.hf', 'data.show',
                    'data.dataloaders', 'data.fashion', 'data.augment', 'callbacks.metrics', 'callbacks.progress',
                    'callbacks.suggest', 'callbacks.schedule', 'callbacks.onecycle', 'callbacks.hooks', 'callbacks.transform', 'callbacks.preds',
-                   'callbacks.averaging', 'callbacks.tricks', 'callbacks.loggers', 'models.layers', 'models.backbones', 'models.vision', 'models.resnet',
+                   'callbacks.averaging', 'callbacks.tricks', 'callbacks.loggers', 'callbacks.trackers',
+                   'callbacks.clients', 'models.layers', 'models.backbones', 'models.vision', 'models.resnet',
                    'models.unet', 'models.diffusion', 'engines.precision', 'engines.compile', 'engines.plan',
                    'engines.ddp', 'engines.cluster', 'engines.accelerate', 'runs.ckptfile', 'runs.checkpoint',
-                   'runs.interrupt', 'runs.autoresume', 'tools.summary', 'tools.inference', 'tools.interpret',
+                   'runs.interrupt', 'runs.autoresume', 'runs.compare', 'tools.summary', 'tools.inference', 'tools.interpret',
                    'tools.export', 'tools.fid', 'app.recipe', 'app.runfolder',
                    'app.predict')
 #: the course's modules, in the order its imports module star-imports them (later ones win)

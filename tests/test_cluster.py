@@ -103,7 +103,8 @@ def test_sigterm_at_different_batches_stops_every_rank_after_the_same_one_and_re
     assert not torch.equal(ck['ranks'][0]['rng']['torch'], ck['ranks'][1]['rng']['torch'])
     assert all(s['data']['epochs_drawn'] == 2 for s in ck['ranks'])
     assert sorted(p.name for p in out.iterdir()) == ['best.ckpt', 'interrupted.ckpt', 'last.ckpt', 'metrics.csv',
-                                                        'model.json']  # model.json: load_run rebuilds the model
+                                                        'model.json', 'settings.json']
+    # model.json: load_run rebuilds the model; settings.json: what the run was trained with (miniai runs)
     go_on = torchrun(out, '--resume', 'auto')
     assert go_on.returncode == 0, go_on.stderr[-3000:]
     assert f'miniai: resuming from {out / "interrupted.ckpt"}' in go_on.stdout

@@ -190,7 +190,12 @@ def test_the_matrix_covers_every_shipped_callback_that_can_sit_in_a_fit(tmp_path
                                "find the first one complete",
                'BatchTransformCB': "the main job's augmentation is one", 'HooksCallback': 'ActivationStats is one',
                'BaseSchedCB': 'abstract', '_Collect': 'get_preds: ends every batch after its prediction, a probe',
-               '_InputShape': "ImageEval's probe: notes the first batch's image shape"}
+               '_InputShape': "ImageEval's probe: notes the first batch's image shape",
+               'LoaderSchedCB': 'a BatchSchedCB whose scheduler is built from the loaders (fit_one_cycle): BatchSchedCB '
+                                'is one; test_fine_tune.py resumes it exactly',
+               'TrackerCB': 'the base of WandBCB and MLflowCB',
+               'WandBCB': 'needs its client: test_trackers.py fails it, resumes it and checks the training untouched',
+               'MLflowCB': 'needs its client: test_trackers.py fails it, resumes it and checks the training untouched'}
     seen = {type(cb).__name__ for f in LINEUPS.values() for cb in f(tmp_path).cbs}
     shipped = {c.__name__ for c in shipped_callbacks()}
     assert shipped - seen - set(outside) == set()
@@ -213,7 +218,8 @@ def instance_of(cls, tmp: Path):
     args = {'BaseSchedCB': (sched,), 'BatchSchedCB': (sched,), 'EpochSchedCB': (sched,), 'GradClipCB': (1.,),
             'GradAccumCB': (2,), 'HooksCallback': (append_stats,), 'BatchTransformCB': (lambda b: b,),
             'ResumeCB': (tmp / 'x.ckpt',), 'InterruptCB': (tmp / 'i.ckpt',), 'SaveModelCB': (tmp,),
-            'CSVLoggerCB': (tmp / 'm.csv',), 'TensorBoardCB': (tmp / 'tb',), 'DrillCB': (signal.SIGTERM, 99, 0, 0)}
+            'CSVLoggerCB': (tmp / 'm.csv',), 'TensorBoardCB': (tmp / 'tb',), 'DrillCB': (signal.SIGTERM, 99, 0, 0),
+            'LoaderSchedCB': (lambda opt, total_steps, base_lrs: sched(opt),)}
     return cls(*args.get(cls.__name__, ()), **({'lr': lambda cb: 0} if cls is RecorderCB else {}))
 
 
