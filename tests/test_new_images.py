@@ -55,15 +55,22 @@ def pick(split: str, n: int, start: int = 0):
     return x[idx], new_y
 
 
+def image_folders(root, n_train: int, n_valid: int) -> list:
+    """`root/data/train` and `root/data/valid`, class folders of PNGs and JPEGs (`n_train`, `n_valid` a class), with
+    the image cache under `root`; returns the class names."""
+    names = list(LABELS)
+    write_images(root / 'data' / 'train', *pick('train', n_train), names, 1)
+    write_images(root / 'data' / 'valid', *pick('test', n_valid), names, 2)
+    return names
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     "A tiny CNN trained on a folder of PNGs and JPEGs; a folder of new images (PNGs 56x56, JPEGs of other sizes)."
     root = tmp_path_factory.mktemp('imgs')
     mp = pytest.MonkeyPatch()
     mp.setenv('MINIAI_CACHE', str(root / 'cache'))
-    names = list(LABELS)
-    write_images(root / 'data' / 'train', *pick('train', 30), names, 1)
-    write_images(root / 'data' / 'valid', *pick('test', 8), names, 2)
+    names = image_folders(root, 30, 8)
     x, y = pick('test', 4, start=20)
     new = write_images(root / 'new', torch.stack([torch.from_numpy(np.array(Image.fromarray(i.numpy()).resize(
         (56, 56)))) for i in x]), y, names, 3)

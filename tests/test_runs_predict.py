@@ -15,7 +15,7 @@ from miniai.app.cli import main
 from miniai.app.runfolder import RunError
 from miniai.data.fashion import find_fashion_mnist
 from miniai.tools.inference import Prediction
-from test_new_images import LABELS, pick, write_images
+from test_new_images import LABELS, image_folders, pick, write_images
 
 pytestmark = [pytest.mark.skipif(find_fashion_mnist() is None, reason='Fashion-MNIST is not installed (make data)'),
               pytest.mark.filterwarnings('ignore:The image decoding and encoding capabilities of TorchVision')]
@@ -27,9 +27,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp('run')
     mp = pytest.MonkeyPatch()
     mp.setenv('MINIAI_CACHE', str(root / 'cache'))
-    names = list(LABELS)
-    write_images(root / 'data' / 'train', *pick('train', 20), names, 1)
-    write_images(root / 'data' / 'valid', *pick('test', 6), names, 2)
+    names = image_folders(root, 20, 6)
     new = write_images(root / 'new', *pick('test', 2, start=30), names, 3)
     out, said = root / 'out', io.StringIO()
     with contextlib.redirect_stdout(said):
