@@ -14,10 +14,11 @@ from .hf import dd_images, is_image_dd
 from .imagecache import ImageSet
 from .items import ItemsDataLoader, data_preprocess, items_dl
 from .loader import TensorDataLoader, subset
+from .masks import mask_images
 from .normalise import Normalise
 from .show import show_images
 
-__all__ = ['inplace', 'collate_dict', 'Dataset', 'get_dls', 'DataLoaders', 'image_dls', 'folder_dls', 'dd_dls']
+__all__ = ['inplace', 'collate_dict', 'Dataset', 'get_dls', 'DataLoaders', 'image_dls', 'folder_dls', 'dd_dls', 'mask_dls']
 
 
 def inplace(f):
@@ -79,6 +80,15 @@ class DataLoaders:
         uint8, memory-mapped; `size` resizes (see `miniai.data.folders.folder_images`; `kwargs` go to `image_dls`).
         The result has `.classes`, `.mean`, `.std` and `show_batch()`."""
         return folder_dls(path, train, valid, valid_pct, size, bs=bs, device=device, seed=seed, **kwargs)
+
+    @classmethod
+    def from_masks(cls, path, bs: int = 64, size=None, device=None, seed: int | None = None,
+                   valid_pct: float = 0.2, **kwargs) -> 'DataLoaders':
+        """Data loaders for segmentation: `path/images/*`, a mask for each in `path/labels/` (found by `label_fn`:
+        the same name by default, or a pattern such as CamVid's '{stem}_P{suffix}') and the codes in
+        `path/codes.txt`; validation = the images named in `path/valid.txt`, else `valid_pct` of them. Images and masks
+        are cached as uint8, masks resized nearest (see `miniai.data.masks.mask_dls`). `.codes` on the result."""
+        return mask_dls(path, bs=bs, size=size, device=device, seed=seed, valid_pct=valid_pct, **kwargs)
 
     vocab = property(lambda self: self.classes, doc="The class names (fastai's name for `classes`).")
 
@@ -158,3 +168,22 @@ def dd_dls(dd, bs: int = 64, size=None, device=None, seed: int | None = None, ca
     batch (see `dd_images`); `kwargs` go to `image_dls`."""
     images = dd_images(dd, size, cache_dir)
     return image_dls(images, *list(images.splits)[:2], bs=bs, device=device, seed=seed, **kwargs)
+
+
+def mask_dls(path, bs: int = 64, size=None, device=None, seed: int | None = None, valid_pct: float = 0.2,
+             images: str = 'images', labels: str = 'labels', codes: str = 'codes.txt', label_fn=None,
+             valid: str = 'valid.txt', cache_dir=None, normalize=None, pin_memory: bool | None = None) -> DataLoaders:
+    """`DataLoaders` of (image, mask) batches over a segmentation folder (see `miniai.data.masks.mask_images`):
+    images normalised per batch from uint8 (the training images' statistics, or `normalize=(mean, std)`), masks uint8
+    [N, H, W]; `.codes` (also `.classes`), `.mean`, `.std` on the result. `device` as in `fashion_dls`."""
+    imgs, masks, names = mask_images(path, images, labels, codes, label_fn, valid, valid_pct, size, seed, cache_dir)
+    device = resolve_device(device)
+    pin_memory = pins_by_default(device) if pin_memory is None else pin_memory
+    (xt, _), (xv, _) = imgs.split('train'), imgs.split('valid')
+    mean, std = (imgs.mean, imgs.std) if normalize is None else normalize
+    kw = dict(mean=mean, std=std, device=device, pin_memory=pin_memory)
+    dls = DataLoaders(TensorDataLoader(xt, masks[:len(xt)], bs, shuffle=True, seed=seed, **kw),
+                      TensorDataLoader(xv, masks[len(xt):], bs, **kw))
+    dls.mean, dls.std, dls.source = dls.train.mean, dls.train.std, imgs.source
+    dls.codes = dls.classes = names
+    return dls
