@@ -84,6 +84,8 @@ class Augment(nn.Module):
     `max_saturation`); linear, as torchvision's ColorJitter, not fastai's logit space: one multiply-add per pixel.
     `stats`: the mean and std float batches were normalised with (a pair, or DataLoaders/a loader with `.mean` and
     `.std`), which lighting needs for floats; uint8 batches need none."""
+    pairs_targets = True  # `augment_cb(..., targets=...)` may hand it (images, targets)
+
     def __init__(self, size=None, min_scale: float | None = None, ratio: tuple = (3 / 4, 4 / 3), do_flip: bool = True,
                  flip_vert: bool = False, max_rotate: float = 0., min_zoom: float = 1., max_zoom: float = 1.,
                  max_warp: float = 0., p_affine: float = 0.75, max_lighting: float = 0., max_saturation: float = 0.,
