@@ -1,13 +1,15 @@
 """Photo augmentation on the CPU: miniai's `aug_transforms` on whole batches against torchvision.transforms.v2 applied
 per item in DataLoader workers, side by side in one run.
 
-    nice -n 5 python -m bench.augment [--rounds 5] [--n 1024] [--bs 64] [--size 224] [--workers 2] [--tiny]
+    nice -n 5 python -m bench.augment [--rounds 5] [--n 1024] [--bs 64] [--size 224] [--workers 2] [--threads N]
+                                      [--tiny]
 
 The same pipeline on both sides, on 224x224 colour uint8 images (random pixels: the cost does not depend on them):
 a random resized crop (scale 0.35..1, ratio 3/4..4/3) back to 224x224, a left-right flip (p 1/2), rotation up to 10
 degrees and zoom up to 1.1 (p 0.75), a perspective warp of 0.2 (p 0.75), brightness and contrast up to 0.2 (p 0.75).
 miniai: batches of 64 taken by indexing a shuffled order, augmented whole by `aug_transforms(size, min_scale=0.35)`
-(one `grid_sample`), uint8 in and out, in this process with torch's threads. torchvision: a `Dataset` whose items
+(one `grid_sample`), uint8 in and out, in this process with torch's threads, and again with one thread (as each
+worker has; steadier on a busy machine, where two threads wait for each other in every parallel region). torchvision: a `Dataset` whose items
 go through `v2.Compose([...])` (RandomResizedCrop, RandomHorizontalFlip, RandomAffine, RandomPerspective,
 ColorJitter), batched by `DataLoader(num_workers=2, persistent_workers=True)`: its workers started and warmed by one
 epoch first. Epochs of `--n` images alternated for `--rounds` rounds; the median images per second is reported.
@@ -74,9 +76,13 @@ def measure(n: int, bs: int, size: int, workers: int, rounds: int) -> dict[str, 
                     persistent_workers=workers > 0)
     torchvision_epoch(dl)
     miniai_epoch(x[:bs], bs, aug)
-    res = {'miniai': [], 'torchvision': []}
+    threads = torch.get_num_threads()
+    res = {'miniai': [], 'miniai, 1 thread': [], 'torchvision': []}
     for _ in range(rounds):
         res['miniai'].append(miniai_epoch(x, bs, aug))
+        torch.set_num_threads(1)  # as each torchvision worker has: steadier on a busy machine
+        try: res['miniai, 1 thread'].append(miniai_epoch(x, bs, aug))
+        finally: torch.set_num_threads(threads)
         res['torchvision'].append(torchvision_epoch(dl))
     return res
 
@@ -89,7 +95,8 @@ def table(res: dict[str, list[float]], n: int, bs: int, size: int, workers: int)
             '', f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads in the main '
             f'process; torchvision in {workers} DataLoader workers', '',
             '| pipeline | images/s | range | vs torchvision |', '|---|---|---|---|']
-    names = {'miniai': 'miniai `aug_transforms` (whole batch, one grid_sample)',
+    names = {'miniai': f'miniai `aug_transforms` (whole batch, one grid_sample), {torch.get_num_threads()} threads',
+             'miniai, 1 thread': 'miniai `aug_transforms`, 1 thread',
              'torchvision': f'torchvision.transforms.v2 per item, {workers} workers'}
     for k, v in res.items():
         med = statistics.median(v)
@@ -104,10 +111,13 @@ def main(argv=None) -> str:
     p.add_argument('--bs', type=int, default=64)
     p.add_argument('--size', type=int, default=224)
     p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--threads', type=int, default=None,
+                   help="torch's CPU threads for miniai's side (default: torch's choice); each worker has one")
     p.add_argument('--tiny', action='store_true', help='a few small images, one round: for the test that runs it')
     p.add_argument('--results', type=Path, default=RESULTS)
     a = p.parse_args(argv)
     if a.tiny: a.n, a.bs, a.size, a.rounds, a.workers = 32, 16, 32, 1, 0
+    if a.threads is not None: torch.set_num_threads(a.threads)
     res = measure(a.n, a.bs, a.size, a.workers, a.rounds)
     md = table(res, a.n, a.bs, a.size, a.workers)
     print(md)

@@ -8,8 +8,8 @@ so `MetricsCB` (which reads `learn.batch[1]`) measures accuracy against the true
 `lam onehot(y) + (1 - lam) onehot(y[perm])`): the loss the Learner computed, reweighted in `after_loss` with one more
 call of its loss function, so any loss taking hard labels works. Validation batches are left alone.
 
-The draws come from torch's global generators (`lam` on the CPU, `perm` and CutMix's box on the CPU too), which
-`set_seed` seeds and checkpoints keep: a fit resumed mid-epoch draws what the uninterrupted fit drew.
+The draws (`lam`, `perm`, CutMix's box) come from torch's global CPU generator, so they never wait for a GPU;
+`set_seed` seeds it and checkpoints keep it: a fit resumed mid-epoch draws what the uninterrupted fit drew.
 """
 from __future__ import annotations
 

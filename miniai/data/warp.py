@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .normalise import Normalise
+
 __all__ = ['Augment', 'aug_transforms']
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights of red, green and blue in grey
@@ -39,12 +41,14 @@ def _pair(v, what: str) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
-def _stats(stats) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _stats(stats) -> tuple | None:
     "`stats`: None, a (mean, std) pair or anything with `.mean` and `.std` (DataLoaders, a loader) of [0, 1] pixels."
     if stats is None: return None
     mean, std = (stats.mean, stats.std) if hasattr(stats, 'mean') and hasattr(stats, 'std') else stats
     if mean is None or std is None: raise ValueError(f'Augment: stats {stats!r} holds no mean and std')
-    return torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    try: Normalise(mean, std)
+    except ValueError as e: raise ValueError(f'Augment: stats: {e}') from None
+    return mean, std
 
 
 def _uniform(n: int, lo: float, hi: float, dev) -> torch.Tensor:
@@ -66,7 +70,7 @@ def _homographies(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     rows_u = torch.stack([x, y, one, zero, zero, zero, -u * x, -u * y], -1)
     rows_v = torch.stack([zero, zero, zero, x, y, one, -v * x, -v * y], -1)
     a = torch.cat([rows_u, rows_v], 1)                       # [N, 8, 8]
-    h = torch.linalg.solve(a, torch.cat([u, v], 1))          # [N, 8]
+    h = torch.linalg.solve_ex(a, torch.cat([u, v], 1))[0]    # [N, 8]; _ex: no check, so no wait for a GPU
     return torch.cat([h, torch.ones_like(h[:, :1])], 1).view(-1, 3, 3)
 
 
@@ -81,7 +85,8 @@ class Augment(nn.Module):
     ('reflection', 'border' or 'zeros') fills what comes from outside the image.
     Lighting, with probability `p_lighting` each, on [0, 1] pixels: brightness (a shift of up to `max_lighting`),
     contrast (a factor from 1 - `max_lighting` to its inverse, about mid-grey) and saturation (a factor likewise from
-    `max_saturation`); linear, as torchvision's ColorJitter, not fastai's logit space: one multiply-add per pixel.
+    `max_saturation`, colour images only); linear, as torchvision's ColorJitter (not fastai's logit space): one
+    multiply-add per pixel.
     `stats`: the mean and std float batches were normalised with (a pair, or DataLoaders/a loader with `.mean` and
     `.std`), which lighting needs for floats; uint8 batches need none."""
     pairs_targets = True  # `augment_cb(..., targets=...)` may hand it (images, targets)
@@ -194,24 +199,27 @@ class Augment(nn.Module):
         mid-grey, brightness added), clamped to [0, 1]: linear, so it is one multiply-add per pixel in the batch's
         units (normalised floats too) and one clamp, and an image drawn unchanged comes back exactly."""
         if d is None: return x
-        if was_uint8: mean, std = torch.zeros(1, 1, 1, device=x.device), torch.full((1, 1, 1), 1 / 255, device=x.device)
-        elif self.stats is None:
+        norm, n_c = self._normalise(x.shape[1], was_uint8, what), x.shape[1]
+        lo, hi = (norm.encode(torch.full((1, n_c, 1, 1), v)) for v in (0., 1.))  # [0, 1] pixels in the batch's units
+        lo, hi = (v.min().item() if v.min() == v.max() else v.to(x.device) for v in (lo, hi))  # numbers: 3x faster
+        if self.max_saturation and n_c == 3:  # colour only: grey images have no saturation
+            p = norm.decode(x)
+            grey = (p * torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = norm.encode(torch.lerp(grey, p, d['saturation'].view(-1, 1, 1, 1)))
+        c, b = d['contrast'].view(-1, 1, 1), d['shift'].view(-1, 1, 1)
+        # p' = c p + 1/2 - c/2 + b on pixels p is, in the batch's units x = encode(p), x' = c x + encode(c mean + ...)
+        mean = torch.tensor(norm.mean, device=x.device).view(1, n_c, 1, 1)
+        bias = norm.encode(c[:, None] * mean + (0.5 - c / 2 + b)[:, None])
+        return x.mul_(c[:, None]).add_(bias).clamp_(lo, hi)  # in place: no new batch-sized tensor
+
+    def _normalise(self, channels: int, was_uint8: bool, what: str) -> Normalise:
+        "How pixels in [0, 1] became the batch's values: 0..255 for uint8, else `stats`' normalisation."
+        if was_uint8: return Normalise(0., 1 / 255, channels=channels)
+        if self.stats is None:
             raise ValueError(f'Augment: lighting float {what} needs the mean and std they were normalised with: '
                              f'Augment(..., stats=dls) or stats=(mean, std) (0 and 1 for [0, 1] pixels)')
-        else: mean, std = (t.to(x.device) for t in self.stats)
-        if len(mean) not in (1, x.shape[1]):
-            raise ValueError(f'Augment: stats have {len(mean)} channels, the {what} {x.shape[1]}')
-        if x.shape[1] == 3 and bool((d['saturation'] != 1).any()):
-            p = x * std + mean
-            grey = (p * torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
-            s = d['saturation'].view(-1, 1, 1, 1)
-            x = (torch.lerp(grey, p, s) - mean) / std
-        c, b = d['contrast'].view(-1, 1, 1, 1), d['shift'].view(-1, 1, 1, 1)
-        # in the batch's units (pixel = x std + mean): x' = c x + (c mean + 1/2 - c/2 + b - mean) / std
-        bias = (c * mean + 0.5 - c / 2 + b - mean) / std
-        lo, hi = -mean / std, (1 - mean) / std
-        if len(lo) == 1 or (lo.min() == lo.max() and hi.min() == hi.max()): lo, hi = lo.min().item(), hi.max().item()
-        return x.mul_(c).add_(bias).clamp_(lo, hi)  # in place, bounds as numbers where they can be: 3x faster
+        try: return Normalise(*self.stats, channels=channels)
+        except ValueError as e: raise ValueError(f'Augment: stats for the {what}: {e}') from None
 
     # -- the batch --------------------------------------------------------------------------------------------------
     def _target_kind(self, x: torch.Tensor, y: torch.Tensor, target: str | None) -> str:
