@@ -111,6 +111,9 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="target='mask' or target='image'"):
         Augment()(x, torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r'\[N, C, H, W\]'): Augment()(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match='uint8 or float images; got torch.int64'): Augment()(x.long())
+    with pytest.raises(ValueError, match='stats for the images: mean has 2 values for 3 channels'):
+        aug_transforms(stats=((0.5, 0.5), (0.2, 0.2)))(x.float())
     with pytest.raises(ValueError, match='stats=dls'): aug_transforms()(x.float())
     with pytest.raises(ValueError, match='RandFlip'): augment_cb(RandFlip(), targets='mask')
 
@@ -144,3 +147,14 @@ def test_augment_cb_with_masks_moves_both_and_tta_takes_the_augmentation():
     cb.before_batch(L)
     assert torch.equal(L.batch[0][:, 0].round().long(), L.batch[1]), 'the images and their masks went the same way'
     assert not torch.equal(L.batch[1], mask), 'and some of them were flipped'
+
+
+@pytest.mark.cuda
+def test_on_the_gpu_the_batch_and_its_mask_stay_there():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device='cuda')
+    mask = torch.randint(0, 4, (8, 32, 32), device='cuda')
+    out, m2 = aug_transforms(size=24, min_scale=0.5, max_saturation=0.2)(x, mask)
+    assert out.device.type == m2.device.type == 'cuda' and out.dtype == torch.uint8 and m2.shape == (8, 24, 24)
+    xf = (x.float() / 255 - 0.5) / 0.2
+    assert aug_transforms(stats=(0.5, 0.2))(xf).device.type == 'cuda'

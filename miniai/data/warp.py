@@ -246,6 +246,8 @@ class Augment(nn.Module):
         """Augmented images `x` [N, C, H, W]; with `y`, `(x, y)` with the target given the same geometry. `target`:
         'mask' or 'image' (default: float targets are images, integer [N, H, W] masks)."""
         _images(x, 'Augment')
+        if not (x.dtype == torch.uint8 or x.is_floating_point()):
+            raise ValueError(f'Augment takes uint8 or float images; got {x.dtype}')
         kind = None if y is None else self._target_kind(x, y, target)
         n, dev, hw_in = len(x), x.device, tuple(x.shape[-2:])
         hw_out = self.size or hw_in
