@@ -31,6 +31,7 @@ from miniai.data.loader import TensorDataLoader
 from miniai.runs.interrupt import DrillCB, InterruptCB
 from miniai.learner import DeviceCB, Learner, MetricsCB, NamedBatchCB, ProgressCB, TrainCB, TrainLearner
 from miniai.callbacks.loggers import CSVLoggerCB, TensorBoardCB
+from miniai.callbacks.mix import CutMixCB, MixUpCB
 from miniai.callbacks.tricks import EarlyStoppingCB, GradAccumCB, GradClipCB, TerminateOnNaNCB
 from miniai.app.recipe import make_learner
 from miniai.sgd import BatchSchedCB, EpochSchedCB, HasLearnCB, RecorderCB
@@ -64,7 +65,7 @@ def main_job_lineup(out: Path):
     Learner, so that MixedPrecision does the steps and an injected step runs beside it."""
     made, _ = make_learner(tiny_model(), synth_dls(), epochs=2, lr=1e-2, precision='bf16-cl', augment='full', out=out,
                            average='ema', target=0.94)
-    cbs = list(made.cbs) + [ActivationStats(lambda m: isinstance(m, nn.Conv2d))]
+    cbs = list(made.cbs) + [ActivationStats(lambda m: isinstance(m, nn.Conv2d)), CutMixCB()]
     return Learner(made.model, made.dls, made.loss_func, made.lr, cbs=cbs, opt_func=made.opt_func)
 
 
@@ -77,7 +78,7 @@ def everything_lineup(out: Path):
            MixedPrecision(torch.bfloat16), ChannelsLastCB(), SaveModelCB(out, every_epoch=True),
            CSVLoggerCB(out / 'metrics.csv'), TensorBoardCB(out / 'tb'), ActivationStats(), CapturePreds(),
            EarlyStoppingCB(patience=10), TerminateOnNaNCB(), GradClipCB(1.0), GradAccumCB(2), DDPCB(), HasLearnCB(),
-           InterruptCB(out / 'interrupted.ckpt'), NamedBatchCB('x', 'y'),
+           InterruptCB(out / 'interrupted.ckpt'), NamedBatchCB('x', 'y'), MixUpCB(),
            DrillCB(signal.SIGTERM, rank=99, epoch=0, batch=0)]  # a rank absent: never fires
     return Learner(tiny_model(), dls, F.cross_entropy, 1e-2, cbs=cbs, opt_func=optim.AdamW)
 
@@ -194,6 +195,7 @@ def test_the_matrix_covers_every_shipped_callback_that_can_sit_in_a_fit(tmp_path
                'LoaderSchedCB': 'a BatchSchedCB whose scheduler is built from the loaders (fit_one_cycle): BatchSchedCB '
                                 'is one; test_fine_tune.py resumes it exactly',
                'TrackerCB': 'the base of WandBCB and MLflowCB',
+               'MixCB': 'the base of MixUpCB (in the everything line-up) and CutMixCB (in the main job one)',
                'WandBCB': 'needs its client: test_trackers.py fails it, resumes it and checks the training untouched',
                'MLflowCB': 'needs its client: test_trackers.py fails it, resumes it and checks the training untouched'}
     seen = {type(cb).__name__ for f in LINEUPS.values() for cb in f(tmp_path).cbs}

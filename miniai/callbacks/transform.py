@@ -18,7 +18,22 @@ class BatchTransformCB(Callback):
             learn.batch = self.tfm(learn.batch)
 
 
-def augment_cb(*tfms: nn.Module, on_val: bool = False) -> BatchTransformCB:
-    "A `BatchTransformCB` applying `tfms` in turn to the inputs (`batch[0]`) of training batches."
-    seq = nn.Sequential(*tfms)
-    return BatchTransformCB(lambda b: (seq(b[0]), *b[1:]), on_train=True, on_val=on_val)
+def augment_cb(*tfms: nn.Module, on_val: bool = False, targets: str | None = None) -> BatchTransformCB:
+    """A `BatchTransformCB` applying `tfms` in turn to the inputs (`batch[0]`) of training batches. With `targets`
+    ('mask' or 'image'), the targets (`batch[1]`) are masks or images that must move with their images: each of
+    `tfms` then takes and returns both (`tfm(x, y, target=targets) -> (x, y)`, as `miniai.data.warp.Augment` does),
+    and a transform that changes the input alone is refused, since it would part an image from its target."""
+    if targets is None:
+        seq = nn.Sequential(*tfms)
+        return BatchTransformCB(lambda b: (seq(b[0]), *b[1:]), on_train=True, on_val=on_val)
+    if targets not in ('mask', 'image'): raise ValueError(f"augment_cb: targets is 'mask', 'image' or None; got "
+                                                          f"{targets!r}")
+    alone = [type(t).__name__ for t in tfms if not getattr(t, 'pairs_targets', False)]
+    if alone: raise ValueError(f'augment_cb(targets={targets!r}): {", ".join(alone)} transform(s) the images alone, '
+                               f'which would part them from their {targets}s; use transforms that take both '
+                               f'(miniai.data.warp.Augment)')
+    def both(b):
+        x, y = b[0], b[1]
+        for t in tfms: x, y = t(x, y, target=targets)
+        return (x, y, *b[2:])
+    return BatchTransformCB(both, on_train=True, on_val=on_val)

@@ -1,6 +1,7 @@
 """Data: the in-memory loader (loader), normalising images (normalise), decoding one image (decode), the uint8 image
 cache (imagecache) and the sources that feed it (folders, hf), Fashion-MNIST (fashion), `DataLoaders` where they all
-come together (dataloaders), showing images (show) and batch augmentation (augment). Imports only miniai.core.
+come together (dataloaders), showing images (show), batch augmentation (augment) and photo augmentation in one
+sampling per batch (warp). Imports only miniai.core.
 
 `miniai.data` was a module before it was this room: its names are still found here (`from miniai.data import
 TensorDataLoader`), with a FutureWarning naming their new module."""

@@ -21,7 +21,7 @@ from ..core.checks import is_nll_loss
 from ..core.devices import model_device, to_device
 from ..core.events import Callback, CancelFitException
 from ..core.learner import Learner, learner_method
-from ..core.state import looking
+from ..core.state import looking, rng_state, set_rng_state
 from ..data.items import Preprocess, data_preprocess, item_shape
 
 __all__ = ['Prediction', 'predictions', 'batch_of', 'get_preds', 'predict', 'per_item_loss', 'input_shape',
@@ -133,12 +133,25 @@ def show_image_batch(self: Learner, max_n: int = 9, cbs=None, **kwargs) -> None:
     show_images(grab.batch[0][:max_n].float().cpu(), **kwargs)
 
 
-def tta(learn: Learner, tfm=lambda x: x.flip(-1)) -> dict:
-    """Test-time augmentation: average the predicted probabilities over the validation set as it is and with `tfm`
-    applied (default: a left-right flip). Returns both accuracies and the averaged probabilities."""
+def tta(learn: Learner, tfm=lambda x: x.flip(-1), n: int = 1, beta: float = 0.5) -> dict:
+    """Test-time augmentation: the predicted probabilities over the validation set as it is, and averaged over `n`
+    passes with `tfm` applied to the inputs (default: a left-right flip); the result is `beta` of the plain pass plus
+    `1 - beta` of the augmented ones (fastai uses 4 passes of its training augmentation and beta 0.25, e.g.
+    `tta(learn, aug_transforms(stats=learn.dls), n=4, beta=0.25)`). A random `tfm` (a `miniai.data.warp.Augment`)
+    draws anew in each pass, from seeds drawn from torch's generator, which is then left as it was: the same call
+    gives the same result. Returns both accuracies, the combined probabilities and the targets."""
+    if n < 1: raise ValueError(f'tta: n is the number of augmented passes, at least 1; got {n}')
+    if not 0 <= beta <= 1: raise ValueError(f'tta: beta is the plain pass\'s weight, in [0, 1]; got {beta}')
     preds, targs = learn.capture_preds()
     aug = BatchTransformCB(lambda b: (tfm(b[0]), *b[1:]), on_train=False, on_val=True)
-    preds2, _ = learn.capture_preds(cbs=[aug])
-    avg = (preds.softmax(-1) + preds2.softmax(-1)) / 2
+    rngs = rng_state()
+    try:
+        seeds = torch.randint(0, 2 ** 62, (n,)).tolist()
+        aug_probs = 0
+        for s in seeds:
+            torch.manual_seed(s)  # what this pass draws (its look puts this state back, not the one before)
+            aug_probs = aug_probs + learn.capture_preds(cbs=[aug])[0].softmax(-1) / n
+    finally: set_rng_state(rngs)
+    avg = preds.softmax(-1) * beta + aug_probs * (1 - beta)
     acc = lambda p: (p.argmax(-1) == targs).float().mean().item()
     return {'accuracy': acc(preds), 'tta_accuracy': acc(avg), 'probs': avg, 'targets': targs}
