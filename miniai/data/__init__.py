@@ -1,5 +1,6 @@
 """Data: the in-memory loader (loader), normalising images (normalise), decoding one image (decode), the uint8 image
-cache (imagecache) and the sources that feed it (folders, hf), Fashion-MNIST (fashion), `DataLoaders` where they all
+cache (imagecache) and the sources that feed it (folders, hf), what targets are (targets, targetmetrics), tables and image pairs (tables), Fashion-MNIST
+(fashion; problems beyond one class made from it: fashion_tasks), `DataLoaders` where they all
 come together (dataloaders), showing images (show) and batch augmentation (augment). Imports only miniai.core.
 
 `miniai.data` was a module before it was this room: its names are still found here (`from miniai.data import

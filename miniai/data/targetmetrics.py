@@ -13,7 +13,7 @@ with warnings.catch_warnings():
     from torcheval.metrics import MeanSquaredError, MulticlassAccuracy
     from torcheval.metrics.metric import Metric
 
-__all__ = ['MulticlassAccuracy', 'MultilabelThresholdAccuracy', 'MultilabelF1', 'MeanAbsoluteError', 'FlatMSE']
+__all__ = ['MultilabelThresholdAccuracy', 'MultilabelF1', 'MeanAbsoluteError', 'FlatMSE']
 
 
 class _Sums(Metric):
