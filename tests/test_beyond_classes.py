@@ -22,6 +22,7 @@ from miniai.data.fashion import fashion_dls  # noqa: E402
 from miniai.data.fashion_tasks import write_ink_regression, write_pairs_multilabel, write_upscale_pairs  # noqa: E402
 from miniai.data.targetmetrics import MeanAbsoluteError, MultilabelF1, MultilabelThresholdAccuracy  # noqa: E402
 from miniai.data.targets import Targets  # noqa: E402
+from miniai.tools.export import load_exported  # noqa: E402
 from miniai.tools.results import TargetInterpretation  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -88,7 +89,7 @@ def test_multilabel_pairs_train_well_above_predicting_nothing_and_predict_their_
     assert panels() == 5
 
 
-def test_regression_on_ink_fraction_reaches_an_error_well_below_the_targets_spread(data):
+def test_regression_on_ink_fraction_reaches_an_error_well_below_the_targets_spread(data, tmp_path):
     dls = DataLoaders.from_csv(data['rg'], bs=32, seed=0, cache_dir=data['cache'])  # a numeric column: inferred
     assert dls.targets.kind == 'regression' and dls.targets.classes == ['ink'] and dls.train.y.shape == (320, 1)
     learn = trained(dls, cnn(1, pool=nn.AdaptiveAvgPool2d), 4)
@@ -96,6 +97,8 @@ def test_regression_on_ink_fraction_reaches_an_error_well_below_the_targets_spre
     assert row['mae'] < 0.3 * spread, (row, spread)
     p = learn.predict_item(dls.valid.x[0])
     assert isinstance(p.label, float) and p.prob is None and abs(p.label - dls.valid.y[0].item()) < 3 * row['mae']
+    exported = load_exported(learn.export(tmp_path / 'ink'))  # an export predicts values too
+    assert exported.predict(dls.valid.x[0]).label == pytest.approx(p.label, abs=1e-5)
     learn.show_results(max_n=4)
     assert panels() == 4
     interp = TargetInterpretation.from_learner(learn)
