@@ -53,7 +53,7 @@ LIBRARY_MODULES = ('core.ranks', 'core.basic_loop', 'core.devices', 'core.events
                    'engines.ddp', 'engines.cluster', 'engines.accelerate', 'runs.ckptfile', 'runs.checkpoint',
                    'runs.interrupt', 'runs.autoresume', 'runs.compare', 'tools.summary', 'tools.inference', 'tools.results', 'tools.interpret',
                    'tools.export', 'tools.fid', 'app.recipe', 'app.runfolder',
-                   'app.predict')
+                   'app.predict', 'app.tasks')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')
