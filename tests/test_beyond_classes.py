@@ -87,6 +87,10 @@ def test_multilabel_pairs_train_well_above_predicting_nothing_and_predict_their_
     assert len(batch.label) == 5 and batch.probs.shape == (5, 10)
     learn.show_results(max_n=5)
     assert panels() == 5
+    dls.show_batch(4)  # titled with every label of the image
+    titles = [a.get_title() for a in plt.gcf().axes[:4]]
+    assert all(set(t.split(';')) <= set(dls.targets.classes) for t in titles) and any(';' in t for t in titles)
+    plt.close('all')
 
 
 def test_regression_on_ink_fraction_reaches_an_error_well_below_the_targets_spread(data, tmp_path):
@@ -99,6 +103,8 @@ def test_regression_on_ink_fraction_reaches_an_error_well_below_the_targets_spre
     assert isinstance(p.label, float) and p.prob is None and abs(p.label - dls.valid.y[0].item()) < 3 * row['mae']
     exported = load_exported(learn.export(tmp_path / 'ink'))  # an export predicts values too
     assert exported.predict(dls.valid.x[0]).label == pytest.approx(p.label, abs=1e-5)
+    values, targs = learn.get_preds(act=dls.targets.activate)
+    assert values.shape == targs.shape == (80, 1) and (values - targs).abs().mean() == pytest.approx(row['mae'], abs=1e-4)
     learn.show_results(max_n=4)
     assert panels() == 4
     interp = TargetInterpretation.from_learner(learn)

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from miniai.app.cli import main
+from miniai.app.runfolder import RunError, load_run
 from miniai.app.tasks import data_task
 from miniai.data.fashion_tasks import write_ink_regression, write_pairs_multilabel, write_upscale_pairs
 
@@ -33,6 +34,7 @@ def test_train_infers_the_task_from_the_data_and_writes_the_run(folders, task, m
     assert {'metrics.csv', 'model.json', 'best.ckpt', 'results.png', 'loss.png'} <= {p.name for p in out.iterdir()}
     assert json.loads((out / 'model.json').read_text())['targets']['kind'] == task
     assert f'({task};' in capsys.readouterr().out
+    with pytest.raises(RunError, match=f'a {task} run'): load_run(out)  # not rebuilt as a classifier
 
 
 def test_a_task_the_data_cannot_have_is_one_clear_error(folders, tmp_path, capsys):
