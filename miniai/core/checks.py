@@ -184,6 +184,10 @@ def _classes(learn):
     return getattr(getattr(learn, 'dls', None), 'classes', None)
 
 
+#: target kinds (miniai.data.targets) whose loss compares outputs and targets of one shape, item for item
+_SAME_SHAPE = ('multilabel', 'regression', 'image')
+
+
 def _check_target_shape(kind: str, out: tuple, want: tuple) -> None:
     "One clear error where a model's outputs cannot be compared with targets of `kind` item for item."
     if out == want: return
@@ -237,7 +241,7 @@ class FirstBatchChecks:
         preds, b = learn.preds, learn.batch
         y = b[-1] if isinstance(b, (tuple, list)) and len(b) >= 2 else None
         kind = getattr(getattr(getattr(learn, 'dls', None), 'targets', None), 'kind', 'class')
-        if kind != 'class' and isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor):
+        if kind in _SAME_SHAPE and isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor):
             return _check_target_shape(kind, tuple(preds.shape), tuple(y.shape))
         if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor) and preds.is_floating_point()
                 and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool

@@ -16,6 +16,11 @@ with warnings.catch_warnings():
 __all__ = ['MultilabelThresholdAccuracy', 'MultilabelF1', 'MeanAbsoluteError', 'FlatMSE']
 
 
+def _count(t: torch.Tensor) -> torch.Tensor:
+    "How many values `t` holds, as a tensor where `t` is: filled there, not copied from the host (no wait on a GPU)."
+    return t.new_full((), float(t.numel()), dtype=torch.float32)
+
+
 class _Sums(Metric):
     "Sums of per-batch counts (`states`, from `count(input, target)`), reported by `result(*sums)`."
     states: tuple = ()
@@ -57,7 +62,7 @@ class _Thresholded(_Sums):
     def count(self, logits: torch.Tensor, target: torch.Tensor) -> tuple:
         pred, true = logits.sigmoid() > self.threshold, target > 0.5
         return ((pred & true).sum(), (pred & ~true).sum(), (~pred & true).sum(), (pred == true).sum(),
-                torch.tensor(float(true.numel()), device=true.device))
+                _count(target))
 
 
 class MultilabelThresholdAccuracy(_Thresholded):
@@ -74,8 +79,7 @@ class MultilabelF1(_Thresholded):
 class MeanAbsoluteError(_Sums):
     "The mean absolute difference of outputs and targets, over every value."
     states = ('sum_abs', 'n')
-    def count(self, input, target): return (input - target).abs().sum(), torch.tensor(float(target.numel()),
-                                                                                      device=target.device)
+    def count(self, input, target): return (input - target).abs().sum(), _count(target)
     def result(self, sum_abs, n): return sum_abs / n.clamp(min=1)
 
 
