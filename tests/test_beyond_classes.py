@@ -104,7 +104,8 @@ def test_regression_on_ink_fraction_reaches_an_error_well_below_the_targets_spre
     exported = load_exported(learn.export(tmp_path / 'ink'))  # an export predicts values too
     assert exported.predict(dls.valid.x[0]).label == pytest.approx(p.label, abs=1e-5)
     values, targs = learn.get_preds(act=dls.targets.activate)
-    assert values.shape == targs.shape == (80, 1) and (values - targs).abs().mean() == pytest.approx(row['mae'], abs=1e-4)
+    assert values.shape == targs.shape == (80, 1)
+    assert (values - targs).abs().mean() == pytest.approx(row['mae'], abs=1e-4)  # the metric, computed again
     learn.show_results(max_n=4)
     assert panels() == 4
     interp = TargetInterpretation.from_learner(learn)
@@ -121,7 +122,8 @@ def test_image_pairs_learn_to_upscale_and_predict_images(data):
     row, spread = last_valid(learn), dls.valid.y.var().item()  # the MSE of predicting the mean pixel
     assert row['mse'] < 0.25 * spread, (row, spread)
     p = learn.predict_item(dls.valid.x[0])
-    assert isinstance(p.label, torch.Tensor) and p.label.shape == (1, 28, 28) and 0 <= p.label.min() <= p.label.max() <= 1
+    assert isinstance(p.label, torch.Tensor) and p.label.shape == (1, 28, 28)
+    assert 0 <= p.label.min() <= p.label.max() <= 1
     learn.show_results(max_n=4)
     assert panels() == 12  # input | target | prediction for each
     dls.show_batch(3)
@@ -168,7 +170,8 @@ def test_each_bad_table_gets_one_clear_error(tmp_path, data):
     write(tmp_path / 'value.csv', 'fname,ink\nimages/00000.png,0.3\nimages/00001.png,lots\n')
     with pytest.raises(ImageDataError, match=r"row 2 \(images/00001.png\): 'lots' in column 'ink' is not a number"):
         DataLoaders.from_csv(base, csv=str(tmp_path / 'value.csv'), y_block='regression')
-    with pytest.raises(ImageDataError, match=r"row 1 \(images/00000.png\): label 'Shirt' is not in the vocab \(Bag, Coat\)"):
+    with pytest.raises(ImageDataError,
+                       match=r"row 1 \(images/00000.png\): label 'Shirt' is not in the vocab \(Bag, Coat\)"):
         DataLoaders.from_csv(base, label_delim=';', vocab=['Bag', 'Coat'], cache_dir=data['cache'])
     (data['up'] / 'inputs' / 'lonely.png').write_bytes((data['up'] / 'inputs' / '00000.png').read_bytes())
     try:

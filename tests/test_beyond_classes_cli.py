@@ -26,8 +26,8 @@ def test_train_infers_the_task_from_the_data_and_writes_the_run(folders, task, m
     monkeypatch.setenv('MINIAI_CACHE', str(tmp_path / 'cache'))
     assert data_task(str(folders[task])) == task
     out = tmp_path / 'run'
-    code = main(['train', '--data', folders[task], '--epochs', '1', '--bs', '32', '--n-train', '64', '--out', out, '--no-summary',
-                 '--average', 'none', '--model', 'fashion_resnet', '--precision', 'fp32'])
+    code = main(['train', '--data', folders[task], '--epochs', '1', '--bs', '32', '--n-train', '64', '--out', out,
+                 '--no-summary', '--average', 'none', '--model', 'fashion_resnet', '--precision', 'fp32'])
     assert code == 0
     res = json.loads((out / 'result.json').read_text())
     assert res['task'] == task and all(isinstance(res[m], float) for m in metrics)

@@ -19,7 +19,8 @@ from .normalise import Normalise
 from .show import show_images
 from .targets import Targets
 
-__all__ = ['inplace', 'collate_dict', 'Dataset', 'get_dls', 'DataLoaders', 'image_dls', 'table_dls', 'folder_dls', 'dd_dls']
+__all__ = ['inplace', 'collate_dict', 'Dataset', 'get_dls', 'DataLoaders', 'image_dls', 'table_dls', 'folder_dls',
+           'dd_dls']
 
 
 def inplace(f):

@@ -4,12 +4,15 @@ loss, the default metrics, how outputs become predictions, how a target is title
 
 | kind | a target | the model outputs | loss | metrics | a prediction |
 |---|---|---|---|---|---|
-| 'class' | a class index (int64) | a score per class | cross-entropy | accuracy | the class, its probability |
-| 'multilabel' | multi-hot floats [classes] | a score per class | BCE with logits | accuracy, F1 (thresholded) | the labels above the threshold, their probabilities |
+| 'class' | a class index (int64) | a score per class | cross-entropy | accuracy | class, probability |
+| 'multilabel' | multi-hot floats [classes] | a score per class | BCE with logits | accuracy, F1 | labels, probabilities |
 | 'regression' | floats [values] | one value per target column | MSE | MSE, MAE | the value(s) |
 | 'image' | an image, floats in [0, 1] [C, H, W] | an image | MSE | MSE, MAE | the image |
 
-A new kind (a segmentation 'mask', say) is a new row: its name in `KINDS` and a branch in each method here.
+Multi-label accuracy and F1 count a label as predicted where its sigmoid is above `threshold`; a prediction is the
+labels above it with their probabilities. A new kind (a segmentation 'mask', say) is a new row: its name in `KINDS`, a
+branch in each method here, its facts (codes) in `extra`; then `miniai.tools.results._panels` for its pictures and
+`miniai.core.checks._SAME_SHAPE` if its outputs and targets have one shape.
 """
 from __future__ import annotations
 

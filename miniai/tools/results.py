@@ -59,7 +59,8 @@ class TargetInterpretation:
                  targets: Targets, dls=None):
         if not len(out) == len(targs) == len(losses):
             raise ValueError(f'TargetInterpretation: {len(out)} outputs, {len(targs)} targets, {len(losses)} losses')
-        self.out, self.targs, self.inputs, self.losses, self.targets, self.dls = out, targs, inputs, losses, targets, dls
+        self.out, self.targs, self.inputs, self.losses = out, targs, inputs, losses
+        self.targets, self.dls = targets, dls
         self.acts = targets.activate(out)
 
     @classmethod
