@@ -5,7 +5,7 @@ loss, the default metrics, how outputs become predictions, how a target is title
 | kind | a target | the model outputs | loss | metrics | a prediction |
 |---|---|---|---|---|---|
 | 'class' | a class index (int64) | a score per class | cross-entropy | accuracy | class, probability |
-| 'multilabel' | multi-hot floats [classes] | a score per class | BCE with logits | accuracy, F1 | labels, probabilities |
+| 'multilabel' | multi-hot floats | a score per class | BCE with logits | accuracy, F1 | labels, probabilities |
 | 'regression' | floats [values] | one value per target column | MSE | MSE, MAE | the value(s) |
 | 'image' | an image, floats in [0, 1] [C, H, W] | an image | MSE | MSE, MAE | the image |
 
