@@ -23,6 +23,7 @@ from miniai.data.fashion_tasks import write_ink_regression, write_pairs_multilab
 from miniai.data.targetmetrics import MeanAbsoluteError, MultilabelF1, MultilabelThresholdAccuracy  # noqa: E402
 from miniai.data.targets import Targets  # noqa: E402
 from miniai.tools.export import load_exported  # noqa: E402
+from miniai.tools.interpret import ClassificationInterpretation  # noqa: E402
 from miniai.tools.results import TargetInterpretation  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
@@ -113,6 +114,8 @@ def test_regression_on_ink_fraction_reaches_an_error_well_below_the_targets_spre
     assert losses.tolist() == sorted(losses.tolist(), reverse=True) and losses[0] == interp.losses.max()
     interp.plot_top_losses(3)
     assert panels() == 3
+    with pytest.raises(ValueError, match='these targets are regression: use .*TargetInterpretation'):
+        ClassificationInterpretation.from_learner(learn)
 
 
 def test_image_pairs_learn_to_upscale_and_predict_images(data):
