@@ -7,7 +7,7 @@ loss, the default metrics, how outputs become predictions, how a target is title
 | 'class' | a class index (int64) | a score per class | cross-entropy | accuracy | class, probability |
 | 'multilabel' | multi-hot floats | a score per class | BCE with logits | accuracy, F1 | labels, probabilities |
 | 'regression' | floats [values] | one value per target column | MSE | MSE, MAE | the value(s) |
-| 'image' | an image, floats in [0, 1] [C, H, W] | an image | MSE | MSE, MAE | the image |
+| 'image' | an image (C, H, W), floats in [0, 1] | an image | MSE | MSE, MAE | the image |
 
 Multi-label accuracy and F1 count a label as predicted where its sigmoid is above `threshold`; a prediction is the
 labels above it with their probabilities. A new kind (a segmentation 'mask', say) is a new row: its name in `KINDS`, a
