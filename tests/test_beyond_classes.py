@@ -181,6 +181,9 @@ def test_each_bad_table_gets_one_clear_error(tmp_path, data):
     write(tmp_path / 'value.csv', 'fname,ink\nimages/00000.png,0.3\nimages/00001.png,lots\n')
     with pytest.raises(ImageDataError, match=r"row 2 \(images/00001.png\): 'lots' in column 'ink' is not a number"):
         DataLoaders.from_csv(base, csv=str(tmp_path / 'value.csv'), y_block='regression')
+    write(tmp_path / 'blank.csv', 'fname,ink\nimages/00000.png,0.3\nimages/00001.png,\nimages/00002.png,0.1\n')
+    with pytest.raises(ImageDataError, match=r"row 2 \(images/00001.png\): '' in column 'ink' is not a number"):
+        DataLoaders.from_csv(base, csv=str(tmp_path / 'blank.csv'))  # inferred regression: the blank is named
     with pytest.raises(ImageDataError,
                        match=r"row 1 \(images/00000.png\): label 'Shirt' is not in the vocab \(Bag, Coat\)"):
         DataLoaders.from_csv(base, label_delim=';', vocab=['Bag', 'Coat'], cache_dir=data['cache'])

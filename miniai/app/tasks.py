@@ -47,8 +47,8 @@ def data_task(data: str, task: str = 'auto', csv: str = 'labels.csv', label_deli
         if task != 'auto': return task
         labels = _labels(path / csv)
         if any(label_delim in v for v in labels): return 'multilabel'
-        numbers = all(v.strip().lstrip('+-').replace('.', '', 1).replace('e', '', 1).isdigit() for v in labels)
-        return 'regression' if numbers else 'class'
+        from ..data.tables import numbers_only
+        return 'regression' if numbers_only(labels) else 'class'
     if task in ('auto', 'class'): return None
     need = 'inputs/ and targets/ folders of images of the same names' if task == 'image' else \
         f'a table {csv} (file names, then {"labels" if task == "multilabel" else "numbers"})'

@@ -22,7 +22,7 @@ from .folders import file_batches
 from .imagecache import ImageSet, cache_key, cached_images, digest, image_size
 from .targets import Targets
 
-__all__ = ['read_csv_table', 'table_images', 'pair_images']
+__all__ = ['read_csv_table', 'is_number', 'numbers_only', 'table_images', 'pair_images']
 
 
 def read_csv_table(file: Path) -> tuple[list[str], list[list[str]]]:
@@ -46,6 +46,18 @@ def _number(v) -> float | None:
     if isinstance(v, (int, float)) and not isinstance(v, bool): return float(v)
     try: return float(str(v).strip())
     except ValueError: return None
+
+
+def is_number(v) -> bool:
+    "Whether a table's cell `v` is a number (as a regression target must be)."
+    return _number(v) is not None
+
+
+def numbers_only(cells: list) -> bool:
+    """Whether a label column reads as numbers: every cell that is not blank is one (a blank one then fails as 'not
+    a number', named, rather than making the column classes)."""
+    filled = [v for v in cells if str(v).strip()]
+    return bool(filled) and all(is_number(v) for v in filled)
 
 
 def _is_valid(v) -> bool:
@@ -92,7 +104,7 @@ def _kind(y_block, label_delim, values: list, where: str, name: str) -> str:
             raise ValueError(f"y_block must be 'class', 'multilabel' or 'regression', got {y_block!r}")
         return y_block
     if label_delim is not None: return 'multilabel'
-    if all(_number(v) is not None for row in values for v in row):
+    if numbers_only([v for row in values for v in row]):
         print(f"miniai: {where}: column {name!r} holds numbers: read as a regression target (y_block='class' reads "
               f"them as class names)", file=sys.stderr)
         return 'regression'
