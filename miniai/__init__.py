@@ -23,6 +23,6 @@ install_moved_modules()  # the flat modules of earlier versions (`miniai.fashion
 from .core import freezing  # noqa: F401,E402
 from .callbacks import onecycle, preds, schedule  # noqa: F401,E402
 from .runs import autoresume, checkpoint  # noqa: F401,E402
-from .tools import export, inference, summary  # noqa: F401,E402
+from .tools import export, inference, results, summary  # noqa: F401,E402
 from .tools.export import load_exported  # noqa: E402
 from .app.runfolder import load_run  # noqa: E402

@@ -44,16 +44,17 @@ THIRD_PARTY = ['torch', 'random', 'datasets', 'math', 'fc', 'np', 'mpl', 'plt', 
 LIBRARY_MODULES = ('core.ranks', 'core.basic_loop', 'core.devices', 'core.events', 'core.messages', 'core.nested',
                    'core.state', 'core.checks', 'core.groups', 'core.learner', 'core.freezing', 'core.files', 'core.memory', 'data.decode',
                    'data.normalise', 'data.loader', 'data.items', 'data.imagecache', 'data.folders', 'data.hf', 'data.show',
-                   'data.dataloaders', 'data.fashion', 'data.augment', 'data.warp', 'data.masks', 'callbacks.metrics',
+                   'data.targets', 'data.targetmetrics', 'data.tables', 'data.dataloaders', 'data.fashion',
+                   'data.fashion_tasks', 'data.augment', 'data.warp', 'data.masks', 'data.segmetrics', 'callbacks.metrics',
                    'callbacks.progress', 'callbacks.suggest', 'callbacks.schedule', 'callbacks.onecycle', 'callbacks.hooks',
                    'callbacks.transform', 'callbacks.mix', 'callbacks.preds',
                    'callbacks.averaging', 'callbacks.tricks', 'callbacks.loggers', 'callbacks.trackers',
-                   'callbacks.clients', 'callbacks.segmetrics', 'models.layers', 'models.backbones', 'models.vision', 'models.resnet',
+                   'callbacks.clients', 'models.layers', 'models.backbones', 'models.vision', 'models.resnet',
                    'models.unet', 'models.segment', 'models.diffusion', 'engines.precision', 'engines.compile', 'engines.plan',
                    'engines.ddp', 'engines.cluster', 'engines.accelerate', 'runs.ckptfile', 'runs.checkpoint',
-                   'runs.interrupt', 'runs.autoresume', 'runs.compare', 'tools.summary', 'tools.inference', 'tools.interpret',
+                   'runs.interrupt', 'runs.autoresume', 'runs.compare', 'tools.summary', 'tools.inference', 'tools.results', 'tools.interpret',
                    'tools.export', 'tools.fid', 'app.recipe', 'app.runfolder',
-                   'app.predict')
+                   'app.predict', 'app.tasks')
 #: the course's modules, in the order its imports module star-imports them (later ones win)
 COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', 'resnet', 'augment', 'accel',
                   'training')

@@ -22,6 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 from .predict import add_predict_parser, predict_command
+from .tasks import add_task_arguments, train_task
 
 __all__ = ['main', 'build_parser', 'train']
 
@@ -62,8 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     "The command line's parser (`miniai train --help`)."
     p = _Parser(prog='miniai', description='miniai: train on Fashion-MNIST or your own images, and predict new ones, '
                                            'from the command line.')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND')
-    sub.required = True
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True)
     t = sub.add_parser('train', help='train a ResNet on Fashion-MNIST or your images; save checkpoint, metrics, plots',
                        formatter_class=_Help)
     t.add_argument('--data', default='fashion',
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the run folder's name)")
     t.add_argument('--debug', action='store_true',
                    help='show the traceback of errors reported in one line (also: environment MINIAI_DEBUG=1)')
+    add_task_arguments(t)
     add_predict_parser(sub, _Help)
     r = sub.add_parser('runs', help='the runs under folders side by side: settings that differ, metrics, status',
                        formatter_class=_Help)
@@ -267,6 +268,7 @@ def train(args: argparse.Namespace) -> dict:
         if is_main_process(): out.mkdir(parents=True, exist_ok=True)  # only global rank 0 writes there
     except OSError as e:
         raise _UserError(f'--out {out}: cannot make the run folder there ({e.strerror}); choose another') from e
+    if (res := train_task(args, out)) is not None: return res  # a table or image pairs (miniai.app.tasks)
     start = time.perf_counter()
     trackers = logger_cbs(args.log, out, args.run_name)
     try:

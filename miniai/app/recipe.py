@@ -119,20 +119,25 @@ def recipe_dls(data: str = 'fashion', bs: int = 256, n_train=None, n_valid=None,
 
 def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: str | bool = 'full',
                  out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0., average: str | None = None,
-                 ema_decay: float = 0.999, target: float | None = None) -> tuple[Learner, str]:
+                 ema_decay: float = 0.999, target: float | None = None, targets=None) -> tuple[Learner, str]:
     """The recipe's Learner: AdamW with a one-cycle schedule and the chosen callbacks; returns it and the precision.
     `average` ('ema' or 'swa') validates on averaged weights (`WeightAverageCB`); `target` notes when the validation
     accuracy first reaches it (`TimeToAccuracyCB`). A plain `Learner` whose steps come from `MixedPrecision` when the
-    precision has one (fp16 on a GPU needs its loss-scaled backward and step), else from `TrainCB`."""
+    precision has one (fp16 on a GPU needs its loss-scaled backward and step), else from `TrainCB`. `targets` (a
+    `miniai.data.targets.Targets`; default one class per image) gives the loss, the metrics and what is monitored."""
     with quiet_torcheval(): from torcheval.metrics import MulticlassAccuracy
     if precision == 'auto': precision, why = fastest_settings()
     else: why = 'chosen on the command line'
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
     prog = ProgressCB(plot=True if out is None else out / 'loss.png')  # a script: no live plot, a file
-    cbs = [DeviceCB(), DDPCB(), MetricsCB(accuracy=MulticlassAccuracy()), prog, BatchSchedCB(sched),
+    metrics, monitor = ((targets.metrics(), targets.monitor) if targets else
+                        ({'accuracy': MulticlassAccuracy()}, 'accuracy'))
+    cbs = [DeviceCB(), DDPCB(), MetricsCB(**metrics), prog, BatchSchedCB(sched),
            RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]  # DDPCB: a no-op outside torchrun
     if tfms := augment_tfms(augment, epochs): cbs.append(augment_cb(*tfms))
-    if out is not None: cbs += [SaveModelCB(out, monitor='accuracy', every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
+    mode = 'min' if monitor in ('mse', 'mae') else 'max'  # errors: lower is better
+    if out is not None:
+        cbs += [SaveModelCB(out, monitor=monitor, mode=mode, every_epoch=True), CSVLoggerCB(out / 'metrics.csv')]
     if out is not None: cbs.append(InterruptCB(out / 'interrupted.ckpt'))  # Ctrl-C/SIGTERM: save there and stop
     if average is not None: cbs.append(WeightAverageCB(average, decay=ema_decay))
     if target is not None: cbs.append(TimeToAccuracyCB(target))
@@ -140,6 +145,7 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     opt = partial(optim.AdamW, eps=1e-5, weight_decay=wd, **fastest_plan().opt_kwargs())
     if not 0 <= label_smoothing < 1: raise ValueError(f'label_smoothing must be in [0, 1); got {label_smoothing}')
     loss = partial(F.cross_entropy, label_smoothing=label_smoothing) if label_smoothing else F.cross_entropy
+    if targets is not None and targets.kind != 'class': loss = targets.loss
     if not any(isinstance(cb, TrainCB) for cb in cbs): cbs.append(TrainCB())  # MixedPrecision is a TrainCB
     return Learner(model, dls, loss, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
 
@@ -165,7 +171,8 @@ def record_run(out: Path, model_args: dict, dls, data_args: dict) -> Path:
     its classes and how its inputs are made (shape, normalisation, resize rule), and the data it was trained on
     (`recipe_dls`'s arguments): `miniai.app.runfolder.load_run` reads it."""
     prep = data_preprocess(dls).to_json()
-    meta = {'format': RUN_FORMAT, 'build_model': model_args, 'classes': list(dls.classes), **prep, 'data': data_args}
+    meta = {'format': RUN_FORMAT, 'build_model': model_args, 'classes': list(dls.classes or []), **prep,
+            'data': data_args, 'targets': dls.targets.to_json() if hasattr(dls, 'targets') else None}
     write_atomic(Path(out) / RUN_FILE, json.dumps(meta, indent=1) + '\n')
     return Path(out) / RUN_FILE
 

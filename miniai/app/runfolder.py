@@ -75,6 +75,9 @@ def load_run(folder, checkpoint: str | None = None, data='auto', bs: int = 256, 
     from .recipe import build_model
     folder = Path(folder)
     meta = run_record(folder)
+    if (kind := (meta.get('targets') or {}).get('kind', 'class')) != 'class':
+        raise RunError(f'{folder}: a {kind} run (miniai train --task {kind}); load_run rebuilds runs of one class per '
+                       f'image only: load its final.ckpt into the model with learn.load, or export it from training')
     if checkpoint is None:
         checkpoint = next((folder / c for c in CHECKPOINTS if (folder / c).is_file()), None)
         if checkpoint is None: raise RunError(f'{folder}: no checkpoint ({", ".join(CHECKPOINTS)}) to load')

@@ -184,6 +184,21 @@ def _classes(learn):
     return getattr(getattr(learn, 'dls', None), 'classes', None)
 
 
+#: target kinds (miniai.data.targets) whose loss compares outputs and targets of one shape, item for item
+_SAME_SHAPE = ('multilabel', 'regression', 'image')
+
+
+def _check_target_shape(kind: str, out: tuple, want: tuple) -> None:
+    "One clear error where a model's outputs cannot be compared with targets of `kind` item for item."
+    if out == want: return
+    per = {'multilabel': 'labels (dls.targets.classes)', 'regression': 'target values (columns)'}.get(kind)
+    if per is not None and len(out) == 2 and len(want) == 2:
+        raise ValueError(f'the model outputs {out[1]} values per item, but the {kind} targets have {want[1]} {per}: '
+                         f'make its last layer output {want[1]}')
+    raise ValueError(f'the model outputs shape {out} but the {kind} targets of the batch have shape {want}: for '
+                     f'{kind} targets the loss compares them item for item, so they must match')
+
+
 class FirstBatchChecks:
     """The Learner's look at the first batch of each fit: each per-batch handler runs once and then leaves the dispatch;
     a value on an accelerator is read at the end of the first epoch (see this module's docstring)."""
@@ -225,6 +240,9 @@ class FirstBatchChecks:
         self._done('after_predict')
         preds, b = learn.preds, learn.batch
         y = b[-1] if isinstance(b, (tuple, list)) and len(b) >= 2 else None
+        kind = getattr(getattr(getattr(learn, 'dls', None), 'targets', None), 'kind', 'class')
+        if kind in _SAME_SHAPE and isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor):
+            return _check_target_shape(kind, tuple(preds.shape), tuple(y.shape))
         if not (isinstance(preds, torch.Tensor) and isinstance(y, torch.Tensor) and preds.is_floating_point()
                 and not y.is_floating_point() and not y.is_complex() and y.dtype != torch.bool
                 and preds.dim() >= 2 and y.dim() == preds.dim() - 1 and len(y) == len(preds)):

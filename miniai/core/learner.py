@@ -81,7 +81,8 @@ class Learner:
 
     Methods that other modules add, next to the feature they belong to (`@learner_method`):
     `lr_find` (miniai.callbacks.schedule), `capture_preds` (miniai.callbacks.preds), `summary` (miniai.tools.summary),
-    `get_preds`, `predict_item`, `show_image_batch` (miniai.tools.inference), `export` (miniai.tools.export),
+    `get_preds`, `predict_item`, `show_image_batch` (miniai.tools.inference), `show_results` (miniai.tools.results),
+    `export` (miniai.tools.export),
     `save`, `load`, `resume_cb` (miniai.runs.checkpoint), `freeze`, `freeze_to`, `unfreeze` (miniai.core.freezing),
     `fit_one_cycle`, `fit_flat_cos`, `fine_tune` (miniai.callbacks.onecycle). Importing miniai adds them all.
     """

@@ -4,6 +4,7 @@ cached `ImageSet` (`image_dls`), each ready for a Learner; collation of dictiona
 from __future__ import annotations
 
 from operator import itemgetter
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, default_collate
@@ -16,9 +17,11 @@ from .items import ItemsDataLoader, data_preprocess, items_dl
 from .loader import TensorDataLoader, subset
 from .masks import mask_images
 from .normalise import Normalise
-from .show import show_images
+from .show import overlay_masks, show_images
+from .targets import Targets
 
-__all__ = ['inplace', 'collate_dict', 'Dataset', 'get_dls', 'DataLoaders', 'image_dls', 'folder_dls', 'dd_dls', 'mask_dls']
+__all__ = ['inplace', 'collate_dict', 'Dataset', 'get_dls', 'DataLoaders', 'image_dls', 'table_dls', 'folder_dls',
+           'dd_dls', 'mask_dls']
 
 
 def inplace(f):
@@ -90,7 +93,56 @@ class DataLoaders:
         are cached as uint8, masks resized nearest (see `miniai.data.masks.mask_dls`). `.codes` on the result."""
         return mask_dls(path, bs=bs, size=size, device=device, seed=seed, valid_pct=valid_pct, **kwargs)
 
+    @classmethod
+    def from_csv(cls, path, csv: str = 'labels.csv', fn_col=0, label_col=1, label_delim: str | None = None,
+                 valid_col=None, valid_pct: float = 0.2, seed: int | None = None, size=None, bs: int = 64,
+                 y_block: str | None = None, vocab=None, folder: str | None = None, threshold: float = 0.5,
+                 device=None, cache_dir=None, **kwargs) -> 'DataLoaders':
+        """Data loaders over the images listed in `path/csv`: file names in column `fn_col` (relative to `path`, or
+        `path/folder`), targets in `label_col` (a name or a position): one class, labels separated by `label_delim`
+        (multi-label, multi-hot targets), or numbers (regression; `label_col` may list several columns). The kind is
+        `y_block`, else inferred (see `miniai.data.tables`); `dls.targets` says it. `valid_col` marks the validation
+        rows (true/1/yes/valid), else a `valid_pct` of them is held out by a split seeded with `seed`; `vocab` fixes
+        the classes (a label outside it is an error). `kwargs` go to `image_dls`."""
+        from .tables import read_csv_table
+        file = Path(path).expanduser() / csv
+        columns, rows = read_csv_table(file)
+        return table_dls(columns, rows, path, str(file), fn_col, label_col, label_delim, valid_col, valid_pct, seed,
+                         size, bs, y_block, vocab, folder, threshold, device, cache_dir, **kwargs)
+
+    @classmethod
+    def from_df(cls, df, path='.', fn_col=0, label_col=1, label_delim: str | None = None, valid_col=None,
+                valid_pct: float = 0.2, seed: int | None = None, size=None, bs: int = 64, y_block: str | None = None,
+                vocab=None, folder: str | None = None, threshold: float = 0.5, device=None, cache_dir=None,
+                **kwargs) -> 'DataLoaders':
+        "`from_csv` for a pandas DataFrame `df` already in memory (file names relative to `path`)."
+        return table_dls([str(c) for c in df.columns], df.values.tolist(), path, 'the DataFrame', fn_col, label_col,
+                         label_delim, valid_col, valid_pct, seed, size, bs, y_block, vocab, folder, threshold, device,
+                         cache_dir, **kwargs)
+
+    @classmethod
+    def from_image_pairs(cls, path, inputs: str = 'inputs', targets: str = 'targets', valid_pct: float = 0.2,
+                         seed: int | None = None, size=None, target_size=None, bs: int = 64, device=None,
+                         cache_dir=None, **kwargs) -> 'DataLoaders':
+        """Image-to-image loaders (denoising, super-resolution): inputs in `path/inputs`, targets of the same names
+        in `path/targets`, the targets as float32 images in [0, 1] (`dls.targets.kind` is 'image': MSE, and
+        predictions are images). `size`/`target_size` resize either side. `kwargs` go to `image_dls`."""
+        from .tables import pair_images
+        images = pair_images(path, inputs, targets, valid_pct, seed, size, target_size, cache_dir)
+        dls = image_dls(images, 'train', 'valid', bs=bs, device=device, seed=seed, **kwargs)
+        dls.targets, dls.classes = Targets('image'), None
+        return dls
+
     vocab = property(lambda self: self.classes, doc="The class names (fastai's name for `classes`).")
+
+    @property
+    def targets(self) -> Targets:
+        "What the targets are (`miniai.data.targets.Targets`): 'class' (with `classes`) unless the loaders say."
+        own = self.__dict__.get('_targets')
+        return own if own is not None else Targets('class', getattr(self, 'classes', None))
+
+    @targets.setter
+    def targets(self, t: Targets) -> None: self._targets = t
 
     def normalise(self, xb: torch.Tensor) -> torch.Tensor:
         "uint8 images `xb` as the loaders give them to the model: normalised float32 with the training statistics."
@@ -119,12 +171,21 @@ class DataLoaders:
         """Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class
         names; like `show_images`, returns nothing (`plt.gcf()` is the figure)."""
         xb, yb = next(iter(self.train))
-        xb, yb = xb[:max_n].detach().float().cpu(), yb[:max_n].cpu()
-        if xb.dim() == 4 and getattr(self, 'mean', None) is not None:  # undo the loader's normalisation
+        xb, yb = self.shown(xb[:max_n]), yb[:max_n].cpu()
+        t = self.targets
+        if t.kind == 'image':  # input | target, a pair a row
+            pairs = [im for pair in zip(xb, yb.float()) for im in pair]
+            return show_images(pairs, ncols=2, titles=['input', 'target'] * len(xb), **kwargs)
+        if t.kind == 'mask':  # each image with its mask laid over it, a colour a code
+            return show_images(overlay_masks(xb, yb, len(t.classes or ())), ncols=ncols or min(len(xb), 3), **kwargs)
+        show_images(xb, ncols=ncols or min(len(xb), 3), titles=[t.title(y) for y in yb], **kwargs)
+
+    def shown(self, xb: torch.Tensor) -> torch.Tensor:
+        "Inputs `xb` as they look: on the CPU, float, the loader's normalisation undone where it is known."
+        xb = xb.detach().float().cpu()
+        if xb.dim() == 4 and getattr(self, 'mean', None) is not None:
             xb = Normalise(self.mean, self.std, channels=xb.shape[1]).decode(xb)
-        names = getattr(self, 'classes', None)
-        titles = [names[int(y)] if names is not None else str(int(y)) for y in yb]
-        show_images(xb, ncols=ncols or min(len(xb), 3), titles=titles, **kwargs)
+        return xb
 
     def __repr__(self): return f'DataLoaders(train={len(self.train)} batches, valid={len(self.valid)} batches)'
 
@@ -153,6 +214,19 @@ def image_dls(images: ImageSet, train: str, valid: str, bs: int = 64, device=Non
     dls = DataLoaders(TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **norm),
                       TensorDataLoader(xv, yv, bs, **norm))
     dls.mean, dls.std, dls.classes, dls.source = dls.train.mean, dls.train.std, images.classes, images.source
+    return dls
+
+
+def table_dls(columns: list, rows: list, path, where: str, fn_col=0, label_col=1, label_delim=None, valid_col=None,
+              valid_pct: float = 0.2, seed: int | None = None, size=None, bs: int = 64, y_block=None, vocab=None,
+              folder=None, threshold: float = 0.5, device=None, cache_dir=None, **kwargs) -> DataLoaders:
+    "`DataLoaders` over the images a table lists, with its targets (see `miniai.data.tables.table_images`)."
+    from .tables import table_images
+    images, targets = table_images(columns, rows, path, where, fn_col, label_col, label_delim, valid_col, valid_pct,
+                                   seed, size, y_block, vocab, folder, threshold, cache_dir)
+    dls = image_dls(images, 'train', 'valid', bs=bs, device=device, seed=seed, **kwargs)
+    dls.targets = targets
+    if targets.kind == 'regression': dls.classes = None  # column names are not classes
     return dls
 
 
@@ -186,4 +260,5 @@ def mask_dls(path, bs: int = 64, size=None, device=None, seed: int | None = None
                       TensorDataLoader(xv, masks[len(xt):], bs, **kw))
     dls.mean, dls.std, dls.source = dls.train.mean, dls.train.std, imgs.source
     dls.codes = dls.classes = names
+    dls.targets = Targets('mask', names)
     return dls

@@ -13,10 +13,10 @@ import torch
 from .decode import IMAGE_SUFFIXES, ImageDataError, png_bytes
 from .imagecache import DECODE_BATCH, ImageSet, cache_key, cached_images, digest, image_size
 
-__all__ = ['folder_images', 'write_image_folder']
+__all__ = ['file_batches', 'folder_images', 'write_image_folder']
 
 
-def _file_batches(files: list):
+def file_batches(files: list):
     "`batches(lo, hi)` over a list of image files: (start, paths, names)."
     return lambda lo, hi: ((s, files[s:min(s + DECODE_BATCH, hi)], files[s:min(s + DECODE_BATCH, hi)])
                            for s in range(lo, hi, DECODE_BATCH))
@@ -125,7 +125,7 @@ def folder_images(path, train: str = 'train', valid: str = 'valid', valid_pct: f
     stem = f'{re.sub(r"[^A-Za-z0-9_.-]", "_", path.resolve().name)}-{where}'
     labels = torch.tensor([c for _, c in everything], dtype=torch.int64)
     counts = {k: len(v) for k, v in splits.items()}
-    return cached_images(stem, key, _file_batches(files), labels, counts, classes, size, str(path), cache_dir)
+    return cached_images(stem, key, file_batches(files), labels, counts, classes, size, str(path), cache_dir)
 
 
 def write_image_folder(path, x: torch.Tensor, y: torch.Tensor, classes: list[str], split: str = 'train') -> list[Path]:

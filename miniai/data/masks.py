@@ -3,7 +3,7 @@ them: `path/images/*`, `path/labels/*` matched to each image by a name rule, and
 in order. Images and masks are decoded once and cached as uint8 (the image cache); the masks are resized with the
 images' geometry, sampling the nearest pixel, so a code never blends with its neighbour. `mask_images` reads the
 layout (`DataLoaders.from_masks` builds loaders on it); `mask_loss` is cross-entropy on uint8 masks (the metrics:
-`miniai.callbacks.segmetrics`)."""
+`miniai.data.segmetrics`)."""
 from __future__ import annotations
 
 import re
@@ -154,7 +154,7 @@ def mask_images(path, images: str = 'images', labels: str = 'labels', codes: str
     return imgs, masks.x[:, 0], names
 
 
-def mask_loss(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def mask_loss(preds: torch.Tensor, target: torch.Tensor, reduction: str = 'mean') -> torch.Tensor:
     "Cross-entropy of per-pixel logits [N, codes, H, W] against uint8 (or int) masks [N, H, W]."
-    return F.cross_entropy(preds, target.long())
+    return F.cross_entropy(preds, target.long(), reduction=reduction)
 

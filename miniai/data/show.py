@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-__all__ = ['show_image', 'subplots', 'get_grid', 'show_images']
+__all__ = ['overlay_masks', 'show_image', 'subplots', 'get_grid', 'show_images']
 
 
 @fc.delegates(plt.Axes.imshow)
@@ -62,3 +62,19 @@ def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs) -> None:
     for im, t, ax in zip_longest(ims, titles or [], axs.flat):
         if im is None: break
         show_image(im, ax=ax, title=t)
+
+
+def overlay_masks(ims: torch.Tensor, masks: torch.Tensor, n_codes: int, alpha: float = 0.5) -> torch.Tensor:
+    """Images `ims` [N, C, H, W] (floats in [0, 1], grey or colour) with their masks [N, H, W] laid over them: each
+    code a colour of matplotlib's 'tab20' (one colour per code, the same in every picture), blended by `alpha`.
+    Returns colour images [N, 3, H, W] for `show_images`."""
+    import matplotlib
+    if masks.shape[-2:] != ims.shape[-2:]:
+        raise ValueError(f'overlay_masks: masks of size {tuple(masks.shape[-2:])} for images of size '
+                         f'{tuple(ims.shape[-2:])}')
+    cmap = matplotlib.colormaps['tab20'].resampled(max(n_codes, 2))
+    palette = torch.tensor([cmap(i)[:3] for i in range(max(n_codes, 2))], dtype=torch.float32)
+    colours = palette[masks.long().cpu().clamp(0, len(palette) - 1)].permute(0, 3, 1, 2)
+    ims = ims.float().cpu().clamp(0, 1)
+    if ims.shape[1] == 1: ims = ims.expand(-1, 3, -1, -1)
+    return (1 - alpha) * ims + alpha * colours

@@ -95,7 +95,7 @@ def unet_learner(dls, arch, pretrained: bool = True, n_out: int | None = None, n
     `len(dls.codes)` codes (or `n_out`), the first convolution taking the data's channels. With pretrained weights the
     loaders are told to normalise with their statistics. Metrics: pixel accuracy and mean IoU unless `metrics` (a
     dict) says otherwise. `learn.fine_tune(...)` trains the decoder first, then everything."""
-    from ..callbacks.segmetrics import MeanIoU, PixelAccuracy  # imports torcheval: only when a learner is made
+    from ..data.segmetrics import MeanIoU, PixelAccuracy  # imports torcheval: only when a learner is made
     n_in = data_channels(dls) if n_in is None else n_in
     if n_out is None:
         codes = getattr(dls, 'codes', None) or getattr(dls, 'classes', None)

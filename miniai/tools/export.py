@@ -38,7 +38,8 @@ from ..core.learner import Learner, learner_method
 from ..core.state import plain_state_dict, unwrap_model
 from ..data.items import RESIZE_RULE, Preprocess
 from ..data.normalise import Normalise
-from .inference import Prediction, batch_of, input_shape, predictions
+from ..data.targets import Targets
+from .inference import Prediction, batch_of, input_shape, kind_predictions, predictions, targets_of
 
 __all__ = ['ExportError', 'ExportedModel', 'export', 'load_exported', 'check_program']
 
@@ -112,7 +113,7 @@ def export(self: Learner, path, n_example: int = 2) -> Path:
     meta = {'format': FORMAT, 'torch': torch.__version__, 'input_shape': list(shape),
             'input_dtype': str(dtype).replace('torch.', ''),
             'mean': plain(getattr(dls, 'mean', None)), 'std': plain(getattr(dls, 'std', None)),
-            'classes': list(getattr(dls, 'classes', None) or []) or None,
+            'classes': list(getattr(dls, 'classes', None) or []) or None, 'targets': targets_of(self).to_json(),
             'model_class': f'{type(model).__module__}.{type(model).__qualname__}', 'resize': RESIZE_RULE,
             'dynamic_size': False}
     for old in ('model.pt2', 'weights.safetensors'): (path / old).unlink(missing_ok=True)
@@ -252,7 +253,10 @@ class ExportedModel:
         """The class of `x` (named if known), its probability and all probabilities: `x` as `learn.predict` takes it
         (a path, a PIL image, uint8 pixels or normalised floats; one item, a list or a batch), the same result."""
         xb, how = batch_of(self.preprocess, x)
-        return predictions(self(xb.to(getattr(torch, self.meta['input_dtype']))).float().softmax(1), self.classes, how)
+        out = self(xb.to(getattr(torch, self.meta['input_dtype']))).float()
+        if (t := Targets.from_json(self.meta.get('targets'))).kind != 'class':  # exports older than kinds: classes
+            return kind_predictions(t, t.activate(out), how)
+        return predictions(out.softmax(1), self.classes, how)
 
 
 def load_exported(path, model: nn.Module | None = None) -> ExportedModel:

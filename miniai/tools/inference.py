@@ -23,8 +23,9 @@ from ..core.events import Callback, CancelFitException
 from ..core.learner import Learner, learner_method
 from ..core.state import looking, rng_state, set_rng_state
 from ..data.items import Preprocess, data_preprocess, item_shape
+from ..data.targets import Targets
 
-__all__ = ['Prediction', 'predictions', 'batch_of', 'get_preds', 'predict', 'per_item_loss', 'input_shape',
+__all__ = ['Prediction', 'predictions', 'kind_predictions', 'targets_of', 'batch_of', 'get_preds', 'predict', 'per_item_loss', 'input_shape',
            'learner_preprocess', 'tta', 'show_image_batch']
 
 
@@ -45,7 +46,8 @@ def per_item_loss(loss_func, preds: torch.Tensor, targs: torch.Tensor) -> torch.
 def get_preds(self: Learner, dl=None, with_input: bool = False, with_loss: bool = False, act=None, cbs=None) -> tuple:
     """Predictions over `dl` (default: the validation loader), on the CPU: `(preds, targets)`, then the inputs if
     `with_input` and each item's loss if `with_loss`. `act` (e.g. `lambda p: p.softmax(-1)`) is applied to the
-    predictions; the loss is taken on them before. A loader whose batches have no targets gives targets None.
+    predictions; the loss is taken on them before; `act=learn.dls.targets.activate` gives what the outputs mean for
+    any kind of target (class or label probabilities, values, [0, 1] images). A loader whose batches have no targets gives targets None.
     A look, not a change (see this module's docstring); `cbs` are added for this pass only."""
     col = CapturePreds(with_input, skip_loss=True)
     dls = self.dls
@@ -76,7 +78,10 @@ def learner_preprocess(learn: Learner, what: str = 'learn.predict') -> Preproces
 
 
 class Prediction(NamedTuple):
-    "What `predict` gives: the class (its name when the data has `classes`), its probability, all probabilities."
+    """What `predict` gives: the class (its name when the data has `classes`), its probability, all probabilities.
+    For other targets (`dls.targets.kind`): the labels above the threshold, their probabilities, every label's
+    (multi-label); the value (a float; a list for several columns), None, the outputs (regression); the image, None,
+    the image (image-to-image)."""
     label: object
     prob: object
     probs: torch.Tensor
@@ -95,6 +100,20 @@ def predictions(probs: torch.Tensor, classes, how: str) -> Prediction | list[Pre
     return res[0] if how == 'one' else res
 
 
+def kind_predictions(targets: Targets, acts: torch.Tensor, how: str) -> Prediction | list[Prediction]:
+    """Activated outputs `acts` (`targets.activate`) as `predict` gives them for targets of any kind, `how` the items
+    came (see `predictions`)."""
+    res = [Prediction(*targets.decode(a), a) for a in acts]
+    if how == 'batch': return Prediction([r.label for r in res], [r.prob for r in res], acts)
+    return res[0] if how == 'one' else res
+
+
+def targets_of(learn: Learner) -> Targets:
+    "What the Learner's targets are: its loaders' `targets`, else one class per item (with their `classes`)."
+    t = getattr(learn.dls, 'targets', None)
+    return t if isinstance(t, Targets) else Targets('class', getattr(learn.dls, 'classes', None))
+
+
 def batch_of(prep: Preprocess, x) -> tuple[torch.Tensor, str]:
     "New items `x` as one model batch, and how they came ('one', 'list' or 'batch'; see `predictions`)."
     if prep.is_one(x): return prep.batch([x]), 'one'
@@ -104,13 +123,16 @@ def batch_of(prep: Preprocess, x) -> tuple[torch.Tensor, str]:
 
 @learner_method(name='predict_item')
 def predict(self: Learner, x, act=None) -> Prediction | list[Prediction]:
-    """The class of `x`, its probability and all probabilities. `x` is what a user has: a file's path, a PIL image,
+    """The class of `x`, its probability and all probabilities (for other targets, see `Prediction`). `x` is what a user has: a file's path, a PIL image,
     uint8 pixels as decoded, or an already-normalised float tensor (see `miniai.data.items.Preprocess`: decoded,
     resized as the training images were, normalised with their statistics); one item gives one `Prediction`, a list
     of them a list, a batch tensor one `Prediction` of lists (classes, a tensor of probabilities, one row each).
     `act` turns the model's outputs into probabilities: softmax by default, `exp` for a model trained with nll_loss."""
     xb, how = batch_of(learner_preprocess(self), x)
     xb = to_device(xb, model_device(self.model))  # DeviceCB, if there is one, keeps it there
+    if (t := targets_of(self)).kind != 'class':
+        out = get_preds(self, dl=[(xb,)])[0]
+        return kind_predictions(t, t.activate(out) if act is None else act(out), how)
     if act is None: act = torch.exp if is_nll_loss(self.loss_func) else (lambda o: o.float().softmax(1))
     out = get_preds(self, dl=[(xb,)])[0]
     return predictions(act(out) if out.dim() == 2 else out, getattr(self.dls, 'classes', None), how)

@@ -16,7 +16,7 @@ from ..core.checks import is_nll_loss
 from ..core.learner import Learner
 from ..data.normalise import Normalise
 from ..data.show import get_grid, show_image
-from .inference import get_preds
+from .inference import get_preds, targets_of
 
 __all__ = ['ClassificationInterpretation']
 
@@ -43,6 +43,9 @@ class ClassificationInterpretation:
             raise ValueError("ClassificationInterpretation needs each item's true class, and this test_dl has none: "
                              "make it from a folder of class folders named as dls.classes (dls.test_dl('new/')), or "
                              "give labels (dls.test_dl(files, labels=[...]))")
+        if (kind := targets_of(learn).kind) != 'class':
+            raise ValueError(f'ClassificationInterpretation is for one class per item, and these targets are {kind}: '
+                             f'use miniai.tools.results.TargetInterpretation.from_learner(learn)')
         out, targs, inputs, losses = get_preds(learn, dl, with_input=True, with_loss=True)
         probs = out.float().exp() if is_nll_loss(learn.loss_func) else out.float().softmax(1)
         dls = learn.dls

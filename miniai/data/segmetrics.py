@@ -1,16 +1,18 @@
 """Metrics of segmentation, for `MetricsCB`: pixel accuracy and mean IoU, both read from one confusion matrix of codes
 accumulated on the model's device (torcheval's confusion matrix per update, no read from the device until the epoch ends). They are
 torcheval metrics, so their states merge over processes like the others' (`DDPCB`, `AccelerateCB`).
-This module imports torcheval when it is imported: `import miniai.learner` never imports it."""
+Imported when a mask's metrics are first asked for (`Targets('mask').metrics()`, `unet_learner`): torcheval's import
+costs about 1.3 s, and `import miniai.learner` never pays it."""
 from __future__ import annotations
 
 from typing import Iterable
 
+import warnings
+
 import torch
 
-from .metrics import quiet_torcheval
-
-with quiet_torcheval():
+with warnings.catch_warnings():  # torcheval's import warns of torch.jit.script's deprecation (not ours)
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
     from torcheval.metrics.functional import multiclass_confusion_matrix
     from torcheval.metrics.metric import Metric
 
