@@ -18,6 +18,7 @@ from miniai.data.masks import load_mask, mask_images, resize_mask
 from miniai.data.segmetrics import MeanIoU, PixelAccuracy, mask_confusion
 from miniai.datasets import DataLoaders
 from miniai.models.segment import BodyUNet, unet_learner, unet_splitter
+from miniai.tools.results import TargetInterpretation
 
 N = 400
 CAMVID = '{stem}_P{suffix}'
@@ -149,6 +150,12 @@ def test_a_unet_learns_to_segment_garments_and_predicts_and_shows_masks(seg_fold
     dls.show_batch(max_n=4)
     shown = [ax.images[0].get_array() for ax in plt.gcf().axes if ax.images]
     assert len(shown) == 4 and shown[0].shape[-1] == 3  # colour: the masks laid over the grey garments
+    plt.close('all')
+    interp = TargetInterpretation.from_learner(learn)
+    losses, idx = interp.top_losses(3)
+    assert len(interp.losses) == N // 5 and losses[0] == interp.losses.max() and (losses[:-1] >= losses[1:]).all()
+    interp.plot_top_losses(2)
+    assert len([ax for ax in plt.gcf().axes if ax.images]) == 6
     plt.close('all')
 
 
