@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     "Entry point of `python -m miniai` and the `miniai` console script; returns the exit code."
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]

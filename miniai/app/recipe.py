@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import json
 from datetime import datetime
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from ..callbacks.progress import ProgressCB
 from ..callbacks.schedule import BatchSchedCB, RecorderCB
 from ..callbacks.trackers import run_settings
 from ..callbacks.transform import augment_cb
+from ..core.events import Callback
 from ..core.files import atomic_path, write_atomic
 from ..core.learner import DeviceCB, Learner, TrainCB
 from ..core.ranks import is_main_process, rank, world_size
 from ..core.state import set_seed
 from ..data.augment import RandCropPad, RandErase, RandFlip
-from ..data.dataloaders import dd_dls, folder_dls
+from ..data.dataloaders import DataLoaders, dd_dls, folder_dls
 from ..data.decode import ImageDataError
 from ..data.fashion import fashion_dls
 from ..data.hf import is_image_dd
@@ -100,8 +102,9 @@ def augment_tfms(augment: str | bool, epochs: int | None = None) -> list[nn.Modu
     return AUGMENTS[augment]()
 
 
-def recipe_dls(data: str = 'fashion', bs: int = 256, n_train=None, n_valid=None, seed: int = 42, size=None,
-               valid_pct: float | None = None, rank: int = 0, world_size: int = 1):
+def recipe_dls(data: str = 'fashion', bs: int = 256, n_train: int | None = None, n_valid: int | None = None,
+               seed: int = 42, size: int | tuple[int, int] | None = None, valid_pct: float | None = None, rank: int = 0,
+               world_size: int = 1) -> DataLoaders:
     """The main job's data: Fashion-MNIST for 'fashion'; else `data` is a path, to a Hugging Face `DatasetDict` saved
     with `save_to_disk` or to a folder of images (a folder per class, see `DataLoaders.from_folder`). `rank` and
     `world_size` shard both loaders (each process of a torchrun job takes its part of every epoch)."""
@@ -117,9 +120,9 @@ def recipe_dls(data: str = 'fashion', bs: int = 256, n_train=None, n_valid=None,
     return dd_dls(dd, bs, **kw)
 
 
-def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: str | bool = 'full',
-                 out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0., average: str | None = None,
-                 ema_decay: float = 0.999, target: float | None = None) -> tuple[Learner, str]:
+def make_learner(model: nn.Module, dls: DataLoaders, epochs: int, lr: float, precision: str = 'auto',
+                 augment: str | bool = 'full', out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0.,
+                 average: str | None = None, ema_decay: float = 0.999, target: float | None = None) -> tuple[Learner, str]:
     """The recipe's Learner: AdamW with a one-cycle schedule and the chosen callbacks; returns it and the precision.
     `average` ('ema' or 'swa') validates on averaged weights (`WeightAverageCB`); `target` notes when the validation
     accuracy first reaches it (`TimeToAccuracyCB`). A plain `Learner` whose steps come from `MixedPrecision` when the
@@ -144,7 +147,7 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     return Learner(model, dls, loss, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
 
 
-def logger_cbs(names, out: Path, run_name: str | None = None) -> list:
+def logger_cbs(names: Iterable[str], out: Path, run_name: str | None = None) -> list:
     """The callbacks of `miniai train --log NAME ...`: 'csv' is `metrics.csv`, written by every run; 'tensorboard' writes
     under `out/tb`; 'wandb' logs to project 'miniai' with its files under `out` (`WANDB_MODE=offline` keeps them there);
     'mlflow' logs to experiment 'miniai' at `MLFLOW_TRACKING_URI` (else MLflow's default store). The trackers stay
@@ -160,7 +163,7 @@ def logger_cbs(names, out: Path, run_name: str | None = None) -> list:
     return [cb for n in dict.fromkeys(names) if (cb := make[n]()) is not None]
 
 
-def record_run(out: Path, model_args: dict, dls, data_args: dict) -> Path:
+def record_run(out: Path, model_args: dict, dls: DataLoaders, data_args: dict) -> Path:
     """Write `out/model.json`: what rebuilds the run's model without this recipe's code (`build_model`'s arguments),
     its classes and how its inputs are made (shape, normalisation, resize rule), and the data it was trained on
     (`recipe_dls`'s arguments): `miniai.app.runfolder.load_run` reads it."""
@@ -185,11 +188,13 @@ def plot_run(learn: Learner, out: Path) -> list[Path]:
 
 
 def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'resnet9_small',
-               precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
-               augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
+               precision: str = 'auto', out: Path = Path('runs/latest'), resume: str | Path | None = None, seed: int = 42,
+               augment: str | bool = 'auto', use_tta: bool = True, n_train: int | None = None,
+               n_valid: int | None = None, summary: bool = True,
                wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = 'ema',
-               ema_decay: float = 0.999, target: float | None = 0.94, data: str = 'fashion', size=None,
-               valid_pct: float | None = None, pretrained: bool = False, cbs=(), run_name: str | None = None) -> dict:
+               ema_decay: float = 0.999, target: float | None = 0.94, data: str = 'fashion',
+               size: int | tuple[int, int] | None = None, valid_pct: float | None = None, pretrained: bool = False,
+               cbs: Iterable[Callback] = (), run_name: str | None = None) -> dict:
     """Train on `data` (see `recipe_dls`), evaluate (with TTA) and save under `out`; returns the final metrics.
     `model` may be a torchvision or timm architecture (`resnet18`); with `pretrained` its weights are loaded, the data
     normalised with their statistics, and the run is `learn.fine_tune(epochs - 1, base_lr=lr)` (no resume).

@@ -5,6 +5,7 @@ as the Learner that trained it."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ class RunError(ValueError):
     "A folder that is not a loadable run of the main job: no record, a record of another format, no checkpoint."
 
 
-def run_record(folder) -> dict:
+def run_record(folder: str | os.PathLike) -> dict:
     "What the run in `folder` recorded about its model and data (`model.json`), checked."
     from .recipe import RUN_FILE, RUN_FORMAT
     folder = Path(folder)
@@ -64,7 +65,7 @@ def _data(meta: dict, data, bs: int):
     return dls
 
 
-def load_run(folder, checkpoint: str | None = None, data='auto', bs: int = 256, lr: float = 1e-3) -> Learner:
+def load_run(folder: str | os.PathLike, checkpoint: str | None = None, data: str | os.PathLike | None = 'auto', bs: int = 256, lr: float = 1e-3) -> Learner:
     """A Learner for the run in `folder`: its model rebuilt from `model.json` with the weights of `checkpoint` (a
     file name in the folder or a path; default: the first of `CHECKPOINTS` there, the finished run's weights first),
     cross-entropy, AdamW at `lr` for fine-tuning, accuracy as its metric. `data`: 'auto' reloads the run's data if it

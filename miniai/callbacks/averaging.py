@@ -7,10 +7,14 @@ statistics are averaged with the weights, which stands in for `torch.optim.swa_u
 data. Checkpoints keep the training weights and the average, so `fit(resume=...)` goes on exactly."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import torch
 
 from ..core.events import Callback
 from ..core.state import plain_keys
+
+if TYPE_CHECKING:
+    from ..core.learner import Learner
 
 __all__ = ['WeightAverageCB']
 
@@ -26,7 +30,7 @@ class WeightAverageCB(Callback):
     skip_in_probes = True  # lr_find or TTA must not restart the average (after the fit the model holds it anyway)
     order = 25  # swaps back after SaveModelCB (20): a checkpoint holds the weights its metrics were measured on
 
-    def __init__(self, mode: str = 'ema', decay: float = 0.999, start: float = 0.75, keep: bool = True):
+    def __init__(self, mode: str = 'ema', decay: float = 0.999, start: float = 0.75, keep: bool = True) -> None:
         if mode not in ('ema', 'swa'): raise ValueError(f"WeightAverageCB: mode must be 'ema' or 'swa', got {mode!r}")
         if not 0 < decay < 1: raise ValueError(f'WeightAverageCB: decay must be in (0, 1), got {decay}')
         if not 0 <= start < 1: raise ValueError(f'WeightAverageCB: start must be in [0, 1), got {start}')
@@ -42,7 +46,7 @@ class WeightAverageCB(Callback):
             self._live = {keys[k]: v for k, v in learn.model.state_dict(keep_vars=True).items()}
         return self._live
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self._live = None
         st = self._state(learn)
         self._keys = [k for k, v in st.items() if v.is_floating_point()]
@@ -60,7 +64,7 @@ class WeightAverageCB(Callback):
         return 1.0 if self.n < self._swa_from else 1 / (self.n - self._swa_from + 1)
 
     @torch.no_grad()
-    def after_step(self, learn):
+    def after_step(self, learn: Learner) -> None:
         if not learn.training or self.avg is None: return
         torch._foreach_lerp_(self.avg, self._cur, self.weight())
         self.n += 1
@@ -79,17 +83,17 @@ class WeightAverageCB(Callback):
         for k, b in zip(self._keys, self._backup): st[k].copy_(b)
         self._backup = None
 
-    def before_epoch(self, learn):
+    def before_epoch(self, learn: Learner) -> None:
         if not learn.training and self.avg is not None and self.n > 0: self._swap_in(learn)
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if not learn.training: self._swap_out(learn)
 
-    def cleanup_epoch(self, learn):  # an error or a cancel during validation: the training weights come back
+    def cleanup_epoch(self, learn: Learner) -> None:  # an error or a cancel during validation: the training weights come back
         if self._backup is not None: self._swap_out(learn)
 
     @torch.no_grad()
-    def after_fit(self, learn):
+    def after_fit(self, learn: Learner) -> None:
         if self.keep and self.avg is not None and self.n > 0:
             st = self._state(learn)
             for k, a in zip(self._keys, self.avg): st[k].copy_(a)

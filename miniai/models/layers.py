@@ -2,6 +2,9 @@
 the course's small CNN, `get_model`."""
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
@@ -10,23 +13,32 @@ from torch import nn
 from ..callbacks.hooks import Hook
 from ..core.devices import default_device
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
 __all__ = ['GeneralRelu', 'plot_func', 'init_weights', 'lsuv_init', 'conv', 'get_model']
+
+#: what an `act` argument takes: a module class (or any callable) that makes the activation
+Act = Callable[[], nn.Module]
+#: what a `norm` argument takes: a module class (or any callable) that makes a norm for `nf` channels
+Norm = Callable[[int], nn.Module]
 
 
 class GeneralRelu(nn.Module):
     "A ReLU with a `leak` slope below zero, shifted down by `sub`, and capped at `maxv`."
-    def __init__(self, leak: float | None = None, sub: float | None = None, maxv: float | None = None):
+    def __init__(self, leak: float | None = None, sub: float | None = None, maxv: float | None = None) -> None:
         super().__init__()
         self.leak, self.sub, self.maxv = leak, sub, maxv
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.leaky_relu(x, self.leak) if self.leak is not None else F.relu(x)
         if self.sub is not None: x = x - self.sub
         if self.maxv is not None: x = x.clamp_max(self.maxv)
         return x
 
 
-def plot_func(f, start: float = -5., end: float = 5., steps: int = 100):
+def plot_func(f: Callable[[torch.Tensor], torch.Tensor], start: float = -5., end: float = 5.,
+              steps: int = 100) -> Axes:
     "Plot `f` over [start, end] with axes through the origin; returns the axes."
     x = torch.linspace(start, end, steps)
     fig, ax = plt.subplots()
@@ -65,7 +77,7 @@ def lsuv_init(model: nn.Module, m: nn.Module, m_in: nn.Module, xb: torch.Tensor,
     finally: h.remove()
 
 
-def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act=nn.ReLU, norm=None,
+def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act: Act | None = nn.ReLU, norm: Norm | None = None,
          bias: bool | None = None) -> nn.Sequential:
     """Convolution, then `norm(nf)` if given, then `act()` if given (`act=None`/`False` for none). The convolution has
     a bias unless `bias=False`, also before a BatchNorm, as in the course (whose test for a BatchNorm is given the
@@ -78,7 +90,7 @@ def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act=nn.ReLU, norm=None,
     return nn.Sequential(*layers)
 
 
-def get_model(act=nn.ReLU, nfs=None, norm=None) -> nn.Sequential:
+def get_model(act: Act | None = nn.ReLU, nfs: Sequence[int] | None = None, norm: Norm | None = None) -> nn.Sequential:
     """The course's small CNN for 28x28 images, on `def_device`: a stride-2 `conv` with `act` and `norm` for each
     step of the widths `nfs` (default [1, 8, 16, 32, 64]), then a stride-2 convolution to 10 channels (bias, no
     norm, no activation) and `nn.Flatten()`. With the default widths a [N, 1, 28, 28] batch gives [N, 10] logits."""

@@ -9,6 +9,7 @@ so a crash while saving leaves the previous file intact.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def write_checkpoint(state: dict, path: Path) -> None:
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata={'format': FORMAT, 'miniai': json.dumps(meta)})
 
 
-def read_checkpoint(path) -> dict:
+def read_checkpoint(path: str | os.PathLike) -> dict:
     "The contents of a checkpoint file, checked; raises `CheckpointError` naming the file and the problem."
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f'no checkpoint at {path}')

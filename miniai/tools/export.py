@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import logging
 import re
 import warnings
@@ -27,6 +28,7 @@ import zipfile
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -94,7 +96,7 @@ def _exported(m: nn.Module, example: torch.Tensor):
 
 
 @learner_method
-def export(self: Learner, path, n_example: int = 2) -> Path:
+def export(self: Learner, path: str | os.PathLike, n_example: int = 2) -> Path:
     """Write the Learner's model for inference to the folder `path` (see this module's docstring): a `torch.export`
     program for batches of any size (and images of any size where the model allows it), traced on `n_example` items
     of the validation data's shape in eval mode, or its weights where torch.export cannot take it (with a warning
@@ -166,7 +168,7 @@ def _walk(o, key=None):
         for v in o: yield from _walk(v, key)
 
 
-def check_program(data: bytes, where) -> None:
+def check_program(data: bytes, where: object) -> None:
     "Raise `ExportError` unless the .pt2 archive `data` passes the checks of this module's docstring."
     def bad(why): raise ExportError(f'{where}: refused to load: {why} (load_exported takes only programs as '
                                     f'learn.export writes them; torch.export.load would run what such a file asks)')
@@ -213,7 +215,7 @@ class ExportedModel:
         if why := self.refuses(x): raise ValueError(why)
         with torch.no_grad(): return self.fn(x)
 
-    def refuses(self, x) -> str | None:
+    def refuses(self, x: torch.Tensor) -> str | None:
         "Why the program cannot take the batch `x` (its dtype or shape), in words a user can act on; else None."
         shape, dtype = self.input_shape, self.meta['input_dtype']
         fix = ('use .predict(item), which takes files, PIL images and uint8 pixels and resizes and normalises them as '
@@ -248,14 +250,14 @@ class ExportedModel:
         elif x.dtype == torch.uint8: x = x.float() / 255
         return x.to(getattr(torch, self.meta['input_dtype']))
 
-    def predict(self, x) -> Prediction | list[Prediction]:
+    def predict(self, x: Any) -> Prediction | list[Prediction]:
         """The class of `x` (named if known), its probability and all probabilities: `x` as `learn.predict` takes it
         (a path, a PIL image, uint8 pixels or normalised floats; one item, a list or a batch), the same result."""
         xb, how = batch_of(self.preprocess, x)
         return predictions(self(xb.to(getattr(torch, self.meta['input_dtype']))).float().softmax(1), self.classes, how)
 
 
-def load_exported(path, model: nn.Module | None = None) -> ExportedModel:
+def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> ExportedModel:
     """Load what `learn.export(path)` wrote: the program (checked first, see this module's docstring; no model class
     needed) or, where the export fell back to weights, those weights into `model`, an instance of the model's class.
     The result runs on the CPU, in eval mode."""

@@ -13,6 +13,8 @@ blocks of the two sets (at least 4), as the course defines it; unlike FID it is 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -140,7 +142,7 @@ class ImageEval:
     """Scores images by the features `model` gives them (e.g. a classifier without its head): the features of
     `dls.valid` are computed once, through a Learner with `cbs` (e.g. `DeviceCB()`), and kept as `.feats` with their
     mean and covariance as `.stats`; `fid(samp)` and `kid(samp)` compare a batch of images with them."""
-    def __init__(self, model: torch.nn.Module, dls, cbs=None):
+    def __init__(self, model: torch.nn.Module, dls: Any, cbs: Iterable[Callback] | None = None) -> None:
         self.learn = TrainLearner(model, dls, loss_func=_no_loss, cbs=cbs, opt_func=None)
         probe = _InputShape()
         self.feats = self._flat(capture_preds(self.learn, cbs=[probe])[0])
