@@ -203,7 +203,7 @@ def _user_error_hint(e: BaseException) -> str | None:
     return None
 
 
-def _continue_command(argv: list[str], out: Path, ckpt: Path) -> str:
+def _continue_command(argv: list[str], out: Path | None, ckpt: Path | str) -> str:
     "The command line `argv` with its --out and --resume replaced: it goes on with the run in `out` from `ckpt`."
     keep, skip = [], False
     for a in argv:

@@ -42,7 +42,7 @@ def load_predictor(folder: Path) -> tuple[Any, Callable[[torch.Tensor], torch.Te
     if (folder / 'miniai.json').is_file():
         from ..tools.export import load_exported
         m = load_exported(folder)
-        return m.preprocess, lambda xb: m.predict(xb).probs, m.classes
+        return m.preprocess, lambda xb: m.predict(xb).probs, m.classes  # pyright: ignore[reportAttributeAccessIssue]  (a batch: one Prediction)
     from ..tools.inference import learner_preprocess
     from .runfolder import load_run
     learn = load_run(folder, data=None)

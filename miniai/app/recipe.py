@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import inspect
 import json
-from datetime import datetime
 from collections.abc import Iterable
+from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import fastcore.all as fc
 import matplotlib.pyplot as plt
 import torch.nn.functional as F
 from torch import nn, optim
@@ -76,13 +78,13 @@ def build_model(name: str, drop: float | None = None, in_channels: int = 1, n_cl
     Any other name is a torchvision or timm architecture with a new head (`vision_model`, without pretrained weights:
     a run's checkpoint holds them)."""
     if name not in MODELS:
-        head = {} if drop is None else {'p': drop}
+        head: dict[str, Any] = {} if drop is None else {'p': drop}
         try: return vision_model(name, n_classes, in_channels, pretrained=False, **head)[0]
         except ValueError as e:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or an architecture: "
                              f"{e}") from e
     takes = inspect.signature(MODELS[name]).parameters
-    kw = {} if drop is None else {'drop': drop}
+    kw: dict[str, Any] = {} if drop is None else {'drop': drop}
     for k, v, default in (('in_channels', in_channels, 1), ('n_classes', n_classes, 10), ('size', size, None)):
         if k in takes and v is not None: kw[k] = v
         elif v != default and k != 'size':  # a model made for Fashion-MNIST's shape only (one added to MODELS)
@@ -108,9 +110,9 @@ def recipe_dls(data: str = 'fashion', bs: int = 256, n_train: int | None = None,
     """The main job's data: Fashion-MNIST for 'fashion'; else `data` is a path, to a Hugging Face `DatasetDict` saved
     with `save_to_disk` or to a folder of images (a folder per class, see `DataLoaders.from_folder`). `rank` and
     `world_size` shard both loaders (each process of a torchrun job takes its part of every epoch)."""
-    shard = dict(rank=rank, world_size=world_size)
+    shard: dict[str, Any] = dict(rank=rank, world_size=world_size)
     if data == 'fashion': return fashion_dls(bs=bs, n_train=n_train, n_valid=n_valid, seed=seed, **shard)
-    path, kw = Path(data).expanduser(), dict(seed=seed, n_train=n_train, n_valid=n_valid, size=size, **shard)
+    path, kw = Path(data).expanduser(), dict[str, Any](seed=seed, n_train=n_train, n_valid=n_valid, size=size, **shard)
     if not (path / 'dataset_dict.json').is_file(): return folder_dls(path, valid_pct=valid_pct, bs=bs, **kw)
     import datasets as hf
     dd = hf.load_from_disk(str(path))
@@ -210,11 +212,13 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
     dls = recipe_dls(data, bs // n_procs, n_train, n_valid, seed, size, valid_pct, rank=rank(), world_size=n_procs)
     if augment == 'auto': augment = augment_for(epochs)
     (n, c, *hw), n_classes = dls.train.x.shape, len(dls.classes)
-    model_args = dict(name=model, drop=drop, in_channels=c, n_classes=n_classes, size=max(hw))
+    model_args: dict[str, Any] = dict(name=model, drop=drop, in_channels=c, n_classes=n_classes, size=max(hw))
     if pretrained:
         if model in MODELS: raise ValueError(f'--pretrained needs an architecture (--arch resnet18...), not {model!r}')
         if resume is not None: raise ValueError('a pretrained fine-tune (two fits) cannot be resumed; start it again')
-        net, stats = vision_model(model, n_classes, c, pretrained=True, **({} if drop is None else {'p': drop}))
+        head: dict[str, Any] = {} if drop is None else {'p': drop}
+        net, stats = vision_model(model, n_classes, c, pretrained=True, **head)
+        assert stats is not None  # pretrained weights come with their statistics
         dls.normalize_with(*stats)
     else: net = build_model(**model_args)
     learn, chosen = make_learner(net, dls, epochs, lr, precision, augment, out, wd=wd,
@@ -237,7 +241,8 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                  ema_decay=ema_decay if average == 'ema' else None, target=target, n_train=len(dls.train.x),
                  n_valid=len(dls.valid.x), flops=summ.totals['flops'] if summ else None)
     for cb in cbs:
-        if hasattr(cb, 'config'): cb.config = {**extra, **cb.config}  # the trackers record the recipe's settings too
+        if hasattr(cb, 'config'):  # the trackers record the recipe's settings too
+            cb.config = {**extra, **cb.config}  # pyright: ignore[reportAttributeAccessIssue]  (any callback with a config)
     if is_main_process():  # before the fit: an interrupted run's checkpoints can be loaded too
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / SETTINGS_FILE, json.dumps(run_settings(learn, extra), indent=1, default=str) + '\n')
@@ -245,7 +250,7 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                                               size=size, valid_pct=valid_pct, seed=seed, n_train=n_train,
                                               n_valid=n_valid))
     if pretrained:  # its schedules come from fine_tune: one frozen epoch, then all at discriminative rates
-        learn.cbs = [cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB)]
+        learn.cbs = fc.L(cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB))
         learn.fine_tune(epochs - 1, base_lr=lr, freeze_epochs=1)
     else: learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]

@@ -66,7 +66,7 @@ class WeightAverageCB(Callback):
     @torch.no_grad()
     def after_step(self, learn: Learner) -> None:
         if not learn.training or self.avg is None: return
-        torch._foreach_lerp_(self.avg, self._cur, self.weight())
+        torch._foreach_lerp_(self.avg, self._cur, self.weight())  # pyright: ignore[reportPrivateImportUsage]
         self.n += 1
 
     # -- validation on the average --------------------------------------------------------------------------
@@ -74,7 +74,7 @@ class WeightAverageCB(Callback):
     def _swap_in(self, learn):
         st = self._state(learn)
         self._backup = [st[k].detach().clone() for k in self._keys]
-        for k, a in zip(self._keys, self.avg): st[k].copy_(a)
+        for k, a in zip(self._keys, self.avg): st[k].copy_(a)  # pyright: ignore[reportArgumentType]  (set by before_fit)
 
     @torch.no_grad()
     def _swap_out(self, learn):
@@ -114,7 +114,7 @@ class WeightAverageCB(Callback):
         if set(state['avg']) != set(self._keys):
             raise ValueError(f'WeightAverageCB: the checkpoint averages {len(state["avg"])} tensors, this model has '
                              f'{len(self._keys)} (another model?)')
-        for a, k in zip(self.avg, self._keys): a.copy_(state['avg'][k])
+        for a, k in zip(self.avg, self._keys): a.copy_(state['avg'][k])  # pyright: ignore[reportArgumentType]  (set by before_fit)
         self.n = int(state['n'])
         if state.get('training') is not None:  # saved while validating on the average: train on from the real weights
             st = self._state(learn)

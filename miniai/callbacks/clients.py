@@ -70,7 +70,7 @@ class MLflowCB(TrackerCB):
         run_id = self.mlflow.create_run(exp_id, run_name=name).info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in settings.items()]
         for i in range(0, len(params), 100): self.mlflow.log_batch(run_id, params=params[i:i + 100])
-        return run_id
+        return run_id  # pyright: ignore[reportReturnType]  (MLflow's run ids are strings)
 
     def send(self, values: dict, step: int) -> None:
         from mlflow.entities import Metric

@@ -21,6 +21,8 @@ __all__ = ['Hook', 'Hooks', 'HooksCallback', 'append_stats', 'get_hist', 'get_mi
 
 class Hook:
     "A forward hook on module `m` that calls `f(hook, module, inputs, output)`; `remove()` takes it off."
+    stats: tuple[list, list, list]  # what `append_stats` records, once it has
+
     def __init__(self, m: nn.Module, f: Callable[..., None]) -> None:
         self.module = m
         self.hook = m.register_forward_hook(partial(f, self))
@@ -48,7 +50,7 @@ class Hooks(list):
         self[i].remove()
         super().__delitem__(i)
 
-    def remove(self) -> None:
+    def remove(self) -> None:  # pyright: ignore[reportIncompatibleMethodOverride]  (the course's API: remove() takes the hooks off)
         for h in self: h.remove()
 
 
@@ -56,10 +58,10 @@ class HooksCallback(Callback):
     """Hook `hookfunc` onto the modules of `learn.model` that pass `mod_filter` (or onto `mods`) while fitting, in
     training (`on_train`) and/or validation (`on_valid`); the hooks are removed when the fit ends, however it ends."""
     skip_in_probes = True
-    def __init__(self, hookfunc: Callable[..., None], mod_filter: Callable[[nn.Module], bool] = fc.noop,
+    def __init__(self, hookfunc: Callable[..., None], mod_filter: Callable[[nn.Module], Any] = fc.noop,
                  on_train: bool = True, on_valid: bool = False, mods: Iterable[nn.Module] | None = None) -> None:
-        fc.store_attr()
-        self.hooks = []
+        self.hookfunc, self.mod_filter, self.on_train, self.on_valid = hookfunc, mod_filter, on_train, on_valid
+        self.mods, self.hooks = mods, []
         super().__init__()
 
     def before_fit(self, learn: Learner) -> None:
@@ -102,7 +104,7 @@ def get_min(h: Hook) -> torch.Tensor:
 
 class ActivationStats(HooksCallback):
     "Record mean, std and histogram of the outputs of the modules passing `mod_filter`, for the plots below."
-    def __init__(self, mod_filter: Callable[[nn.Module], bool] = fc.noop) -> None: super().__init__(append_stats, mod_filter)
+    def __init__(self, mod_filter: Callable[[nn.Module], Any] = fc.noop) -> None: super().__init__(append_stats, mod_filter)
 
     # the plots return nothing, as the course's do: a Figure returned at the end of a Jupyter cell would show twice
     def color_dim(self, figsize: tuple[float, float] = (11, 5)) -> None:
@@ -124,4 +126,4 @@ class ActivationStats(HooksCallback):
             for i in (0, 1): axs[i].plot(_stacked(h, i))
         axs[0].set_title('Means')
         axs[1].set_title('Stdevs')
-        plt.legend(fc.L.range(self))
+        plt.legend(fc.L.range(self))  # pyright: ignore[reportAttributeAccessIssue]  (fastcore adds it at run time)

@@ -86,7 +86,7 @@ class MetricsCB(Callback):
         self.all_metrics['loss'] = self.loss = _mean_metric()
         self.history, self._device, self.fits, self._viewers, self.train = [], None, 0, [], True
 
-    def _log(self, d: dict) -> None:
+    def _log(self, d: Any) -> None:
         """Show an epoch's row: hand it to the callbacks that show rows (`show_metrics`, e.g. `ProgressCB`'s table),
         else print it on the main process. A subclass may send rows elsewhere by overriding this, as the course does."""
         if self._viewers:

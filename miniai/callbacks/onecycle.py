@@ -3,7 +3,7 @@ fit of the head, then the whole model at learning rates growing from the first l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import fastcore.all as fc
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
 
     from ..core.events import Callback
+    from ..core.groups import LR
 
     #: a `make` for `LoaderSchedCB`: (optimizer, the fit's training batches, each group's rate) -> its scheduler
     MakeSched = Callable[[optim.Optimizer, int, list[float]], LRScheduler]
@@ -47,7 +48,7 @@ class LoaderSchedCB(BatchSchedCB):
         keep = [{k: v for k, v in g.items() if k != 'params'} for g in opt.param_groups]
         self.schedo = self.make(opt, max(1, self._fit_steps(learn)[0] or 1), self._base)
         if resuming:
-            self._restore(self._saved)
+            self._restore(self._saved)  # pyright: ignore[reportArgumentType]  (not None when resuming)
             # a schedule built after the optimizer's state was loaded (several processes) must not reset its values
             if world_size() > 1:
                 for g, k in zip(opt.param_groups, keep): g.update(k)
@@ -78,13 +79,13 @@ def flat_cos(pct_start: float = 0.75) -> MakeSched:
         def f(i): return 1. if i < flat else 0.5 * (1 + math.cos(math.pi * min(1., (i - flat) / max(1, total - flat))))
         for g, lr in zip(opt.param_groups, base): g['lr'] = g['initial_lr'] = lr
         s = LambdaLR(opt, f)
-        s.total_steps = total  # saved with its state: a resume with another length is refused
+        s.total_steps = total  # saved with its state: a resume with another length is refused  # pyright: ignore[reportAttributeAccessIssue]  (our own mark on the scheduler)
         return s
     return make
 
 
 @learner_method
-def fit_one_cycle(self: Learner, n_epochs: int, lr_max: float | slice | Sequence[float] | None = None,
+def fit_one_cycle(self: Learner, n_epochs: int, lr_max: LR | None = None,
                   div: float = 25., div_final: float = 1e5, pct_start: float = 0.25,
                   cbs: Callback | Iterable[Callback] | None = None, **kwargs: Any) -> None:
     """`fit(n_epochs)` under a one-cycle schedule to `lr_max` (a number or `slice(lo, hi)`; default `learn.lr`),
@@ -94,7 +95,7 @@ def fit_one_cycle(self: Learner, n_epochs: int, lr_max: float | slice | Sequence
 
 
 @learner_method
-def fit_flat_cos(self: Learner, n_epochs: int, lr: float | slice | Sequence[float] | None = None,
+def fit_flat_cos(self: Learner, n_epochs: int, lr: LR | None = None,
                  pct_start: float = 0.75, cbs: Callback | Iterable[Callback] | None = None, **kwargs: Any) -> None:
     "`fit(n_epochs)` at `lr` (a number or a slice) for `pct_start` of the batches, then annealed to 0 by a cosine."
     self.fit(n_epochs, lr=self.lr if lr is None else lr, cbs=[LoaderSchedCB(flat_cos(pct_start)), *fc.L(cbs)],

@@ -30,6 +30,10 @@ class CapturePreds(Callback):
     With `skip_loss`, each batch ends once its prediction is taken: no loss is computed (batches need no targets)."""
     order = 0  # takes each batch in after_batch before SingleBatchCB (1) ends the fit
 
+    all_preds: Any  # lists of batches during the fit; tensors (or None) once it ends
+    all_targs: Any
+    all_inps: Any
+
     def __init__(self, inps: bool = False, skip_loss: bool = False) -> None:
         self.inps, self.skip_loss = inps, skip_loss
         # taken in after_predict: after every other after_predict (CompileCB copies outputs out of CUDA-graph memory)

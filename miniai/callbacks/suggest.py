@@ -11,6 +11,10 @@ class SuggestedLRs(float):
     """The learning rates `lr_find` suggests. As a number it is `minimum` (what `lr_find` always returned); also
     `valley` (inside the long descent before the minimum, the usual choice for fine-tuning) and `steep` (where the loss
     falls fastest)."""
+    minimum: float
+    steep: float
+    valley: float
+
     def __new__(cls, minimum: float, steep: float, valley: float):
         self = super().__new__(cls, minimum)
         self.minimum, self.steep, self.valley = minimum, steep, valley

@@ -82,7 +82,7 @@ def run_settings(learn: Learner, extra: dict | None = None) -> dict:
     for split in ('train', 'valid'):
         dl = getattr(dls, split, None)
         ds = getattr(dl, 'x', getattr(dl, 'dataset', None))
-        try: s[f'n_{split}'] = len(ds)
+        try: s[f'n_{split}'] = len(ds)  # pyright: ignore[reportArgumentType]  (a TypeError is caught)
         except TypeError: pass
     if (pgs := getattr(getattr(learn, 'opt', None), 'param_groups', None)) and len(pgs) > 1:
         s['lrs'] = [pg['lr'] for pg in pgs]
@@ -105,7 +105,8 @@ class TrackerCB(Callback):
     closes the run at once, marked so."""
     order = 18  # after MetricsCB's row, before SaveModelCB (20) and InterruptCB (90) save: checkpoints hold our step
     skip_in_probes = True
-    client, extra = None, None  # the package and the miniai extra that installs it
+    client: str | None = None  # the package and the miniai extra that installs it
+    extra: str | None = None
 
     def __init__(self, config: dict | None = None, run_name: str | None = None, loss_every: int = 10,
                  files: Iterable[str | os.PathLike] = (), finish: bool = True) -> None:
@@ -136,7 +137,7 @@ class TrackerCB(Callback):
     def before_fit(self, learn: Learner) -> None:
         self._losses, self._done, self.best = [], False, {}
         if not is_main_process() or self.is_open or self.failed: return  # a run kept open: the next fit goes on in it
-        import_client(self.client, self.extra)  # a missing client is the user's to fix: say so, before training
+        import_client(self.client or '', self.extra or '')  # a missing client is the user's to fix: say so, before training
         self.is_open, resume, self._resume = True, self._resume, None
         if resume is not None:
             self.run_id, self.batches, self.best = resume['run_id'], resume['batches'], dict(resume.get('best', {}))

@@ -39,4 +39,4 @@ def fit(epochs: int, model: nn.Module, loss_func: Callable, opt: torch.optim.Opt
                 tot_loss += loss_func(pred, yb).item() * n
                 tot_acc += accuracy(pred, yb).item() * n
         print(epoch, tot_loss / count, tot_acc / count)
-    return tot_loss / count, tot_acc / count
+    return tot_loss / count, tot_acc / count  # pyright: ignore[reportPossiblyUnboundVariable, reportOperatorIssue]  (the course loop: epochs >= 1)

@@ -118,7 +118,7 @@ def explain_forward_failure(learn: Learner, e: RuntimeError) -> Exception | None
     if any(w in said for w in ('type', 'byte', 'long', 'double')) and (why := dtype_mismatch(learn.model, x)):
         return TypeError(f'{why}. ({e})')
     if (where := failed_module(e, learn.model)) is None: return None
-    return forward_error(learn.model, *where, e, batch_shape=first_shape(batch))
+    return forward_error(learn.model, *where, e, batch_shape=first_shape(batch))  # pyright: ignore[reportArgumentType]
 
 
 # -- the loss -------------------------------------------------------------------------------------------------

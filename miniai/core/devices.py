@@ -128,7 +128,7 @@ def pinned_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.index_select(t, 0, idx, out=out)
 
 
-def deliver_loader(dl: Any, device: str | torch.device) -> Callable[[], None]:
+def deliver_loader(dl: Any, device: str | torch.device) -> Callable[[], object]:
     """Ask the loader `dl` to hand out its batches on `device` if it can (it has `deliver_to`, as `TensorDataLoader`
     does); returns the function that puts its delivery back as it was (nothing to do for other loaders)."""
     deliver = getattr(dl, 'deliver_to', None)

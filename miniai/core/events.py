@@ -96,7 +96,7 @@ def note_failure(exc: BaseException, failure: BaseException, where: str) -> None
              f'{"".join(traceback.format_exception_only(type(failure), failure)).strip()}{_origin(failure)}']
     lines += [f'  {n}' for n in getattr(failure, '__notes__', ())]
     for line in lines:
-        if hasattr(exc, 'add_note'): exc.add_note(line)
+        if hasattr(exc, 'add_note'): exc.add_note(line)  # pyright: ignore[reportAttributeAccessIssue]  (Python >= 3.11)
         else: warnings.warn(line, RuntimeWarning, stacklevel=2)
 
 

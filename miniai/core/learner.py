@@ -24,9 +24,9 @@ from __future__ import annotations
 import difflib
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fastcore.all as fc
 import torch
@@ -37,7 +37,7 @@ from .checks import FirstBatchChecks, explain_forward_failure, loss_failure, tak
 from .devices import deliver_loader, resolve_device, to_device
 from .events import (EVENTS, STEPS, Callback, CancelFitException, callback_name, misspelt_events, note_failure, run_cbs,
                      sort_cbs, with_cbs)
-from .groups import optimizer_params
+from .groups import LR, optimizer_params
 
 __all__ = ['Learner', 'TrainLearner', 'MomentumLearner', 'TrainCB', 'DeviceCB', 'SingleBatchCB', 'compute_loss',
            'learner_method']
@@ -88,7 +88,7 @@ class Learner:
     `save`, `load`, `resume_cb` (miniai.runs.checkpoint), `freeze`, `freeze_to`, `unfreeze` (miniai.core.freezing),
     `fit_one_cycle`, `fit_flat_cos`, `fine_tune` (miniai.callbacks.onecycle). Importing miniai adds them all.
     """
-    def __init__(self, model: nn.Module, dls: Any = (0,), loss_func: Callable = F.mse_loss, lr: float = 0.1,
+    def __init__(self, model: nn.Module, dls: Any = (0,), loss_func: Callable = F.mse_loss, lr: float | None = 0.1,
                  cbs: Callback | Iterable[Callback] | None = None, opt_func: Callable | None = optim.SGD,
                  splitter: Callable[[nn.Module], Iterable] | None = None) -> None:
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
@@ -138,7 +138,7 @@ class Learner:
             if valid: self.one_epoch(False)
 
     def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
-            cbs: Callback | Iterable[Callback] | None = None, lr: float | slice | Sequence[float] | None = None,
+            cbs: Callback | Iterable[Callback] | None = None, lr: LR | None = None,
             resume: str | os.PathLike | None = None) -> None:
         """Train for `n_epochs` with a fresh optimizer at `lr` (a number; or `slice(lo, hi)`, rates growing
         geometrically over the parameter groups, see `miniai.core.groups`); `cbs` are used for this fit only.
@@ -152,7 +152,7 @@ class Learner:
         try:
             self._prepare_dispatch()
             self.n_epochs, self.phases = n_epochs, (train, valid)
-            self.epochs = range(n_epochs)
+            self.epochs: Any = range(n_epochs)  # a progress bar may wrap it
             if lr is None: lr = self.lr
             if self.opt_func: self.opt = self.opt_func(*optimizer_params(self.model, lr, getattr(self, 'splitter', None)))
             self._fit(train, valid)
@@ -211,6 +211,9 @@ class Learner:
             for m in d[method_nm]: m(self)
         else: run_cbs(self.cbs, method_nm, self)
 
+    if TYPE_CHECKING:  # the loop's state (batch, preds, loss, opt, epoch...) is set on the Learner by its callbacks
+        def __setattr__(self, name: str, value: Any) -> None: ...
+
     def __getattr__(self, name: str) -> Any:
         if name in STEPS: return partial(self.callback, name)
         if not name.startswith('_') and (cb := self._callback_named(name)) is not None: return cb
@@ -232,7 +235,7 @@ class Learner:
         Learner takes from its callbacks (`TrainCB`)."""
         if x is None: return self.callback('predict')
         return self.predict_item(x, act)
-    predict.step_from_callbacks = True
+    predict.step_from_callbacks = True  # pyright: ignore[reportFunctionMemberAccess]  (a mark the dispatch reads)
 
     @property
     def training(self) -> bool: return self.model.training

@@ -182,7 +182,7 @@ def unchanged(model: nn.Module, *others: Any) -> Iterator[None]:
     grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
     gens = [g for g in map(loader_generator, others) if g is not None]
     gen_states = [g.get_state() for g in gens]
-    others = [o for o in others if keeps_state(o)]
+    others = [o for o in others if keeps_state(o)]  # pyright: ignore[reportAssignmentType]
     states = [deepcopy(o.state_dict()) for o in others]
     rngs = rng_state()
     try: yield
@@ -248,8 +248,8 @@ def callback_states(cbs: Iterable) -> tuple[dict, list, list]:
             [k for k, v in needs.items() if v == 'required'])
 
 
-def load_callback_states(cbs: Iterable, states: dict | None, where: str | os.PathLike, needed: Iterable[str] = (),
-                         required: Iterable[str] = ()) -> None:
+def load_callback_states(cbs: Iterable, states: dict | None, where: str | os.PathLike, needed: Iterable[str] | None = (),
+                         required: Iterable[str] | None = ()) -> None:
     """Hand each callback of `cbs` its saved state (`load_state_dict`; each applies it when it next starts a fit).
     A saved state the training goes on from (`needed`) that no callback of `cbs` takes, or a callback of `cbs` that
     needs one (`resume_needs_state`) and finds none in `where` (the run was saved without it), is warned of: the run

@@ -61,6 +61,12 @@ def get_dls(train_ds: Any, valid_ds: Any, bs: int, **kwargs: Any) -> tuple[DataL
 
 class DataLoaders:
     "A training and a validation data loader, as `.train` and `.valid`."
+    #: set where the data is known (`image_dls`, `fashion_dls`, a run's loaders): class names, pixel statistics, source
+    classes: list[str]
+    mean: Any  # per-channel floats (None: not normalised)
+    std: Any
+    source: str
+
     def __init__(self, *dls: Any) -> None:
         if len(dls) < 2:
             raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)} loader(s)')
@@ -111,7 +117,7 @@ class DataLoaders:
         `miniai.data.items.items_dl`): a folder, files, PIL images or tensors, for `learn.get_preds(dl=...)` and
         `ClassificationInterpretation.from_learner(learn, dl)` (which needs labels: class folders, or `labels`)."""
         bs = bs or getattr(self.valid, 'bs', None) or 64
-        return items_dl(data_preprocess(self, 'test_dl'), items, labels, getattr(self, 'classes', None), bs, device)
+        return items_dl(data_preprocess(self, 'test_dl'), items, labels, getattr(self, 'classes', None), bs, device)  # pyright: ignore[reportArgumentType]  (never None: 64 at worst)
 
     def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs: Any) -> None:
         """Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class
@@ -148,8 +154,8 @@ def image_dls(images: ImageSet, train: str, valid: str, bs: int = 64, device: st
     mean, std = (images.mean, images.std) if normalize is None else normalize
     norm = dict(mean=mean, std=std, device=device, rank=rank, world_size=world_size,
                 pin_memory=pin_memory)
-    dls = DataLoaders(TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **norm),
-                      TensorDataLoader(xv, yv, bs, **norm))
+    dls = DataLoaders(TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **norm),  # pyright: ignore[reportArgumentType]  (norm: keyword arguments of both loaders)
+                      TensorDataLoader(xv, yv, bs, **norm))  # pyright: ignore[reportArgumentType]
     dls.mean, dls.std, dls.classes, dls.source = dls.train.mean, dls.train.std, images.classes, images.source
     return dls
 

@@ -116,7 +116,7 @@ def _check_split(split: str, x: torch.Tensor, y: torch.Tensor, xname, yname) -> 
 
 def _read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     xp, yp = _file(folder, FILES[split][0]), _file(folder, FILES[split][1])
-    return _check_split(split, read_idx(xp, 3), read_idx(yp, 1), xp, yp)
+    return _check_split(split, read_idx(xp, 3), read_idx(yp, 1), xp, yp)  # pyright: ignore[reportArgumentType]  (_source checked the files are there)
 
 
 def _source(path=None):
@@ -214,7 +214,7 @@ def fashion_dls(bs: int = 1024, path: str | os.PathLike | None = None, device: s
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
     xt, yt = subset(xt, yt, n_train, gen, 'fashion_dls: n_train')
     xv, yv = subset(xv, yv, n_valid, gen, 'fashion_dls: n_valid')
-    kw = dict(device=device, rank=rank, world_size=world_size, pin_memory=pin_memory, mean=mean, std=std)
+    kw: dict[str, Any] = dict(device=device, rank=rank, world_size=world_size, pin_memory=pin_memory, mean=mean, std=std)
     train = TensorDataLoader(xt.unsqueeze(1), yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **kw)
     valid = TensorDataLoader(xv.unsqueeze(1), yv, bs, **kw)
     dls = DataLoaders(train, valid)

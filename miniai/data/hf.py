@@ -73,7 +73,7 @@ def dd_images(dd: Any, size: int | tuple[int, int] | None = None, cache_dir: str
         raise ImageDataError('dd_images takes a DatasetDict of images (an Image or uint8 Array column) and labels (a '
                          'ClassLabel or an integer label column) with no transform or format set')
     parts, size = list(dd.items()), image_size(size)
-    img, lab = _columns(parts[0][1])
+    img, lab = _columns(parts[0][1])  # pyright: ignore[reportGeneralTypeIssues]  (is_image_dd checked the columns)
     feat = parts[0][1].features[lab]
     labels = torch.cat([torch.from_numpy(np.asarray(ds.with_format('numpy', columns=[lab])[:][lab])).long()
                         for _, ds in parts])

@@ -89,7 +89,7 @@ _MAGIC, _FORMAT = b'MINIAIu8', 1
 
 def _crc(arr: np.ndarray, step: int = 1 << 26) -> int:
     flat, crc = arr.reshape(-1), 0
-    for i in range(0, len(flat), step): crc = zlib.crc32(memoryview(flat[i:i + step]), crc)
+    for i in range(0, len(flat), step): crc = zlib.crc32(memoryview(flat[i:i + step]), crc)  # pyright: ignore[reportArgumentType]  (a contiguous array is a buffer)
     return crc
 
 
@@ -103,7 +103,7 @@ def write_images(path: Path, shape: tuple, fill: Callable[[np.ndarray], None], l
         pixels = np.memmap(tmp, np.uint8, 'r+', shape=shape) if n_pix else np.zeros(shape, np.uint8)
         fill(pixels)
         mean, std = channel_stats(torch.from_numpy(pixels[:stats_of]), meta.get('source', 'images'))
-        pixels.flush()
+        pixels.flush()  # pyright: ignore[reportAttributeAccessIssue]  (a memmap)
         lab = labels.to(torch.int64).numpy().astype('<i8')
         head = json.dumps({**meta, 'format': _FORMAT, 'shape': list(shape), 'mean': mean, 'std': std,
                            'crc': _crc(pixels), 'crc_labels': zlib.crc32(lab.tobytes())}).encode()

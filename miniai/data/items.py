@@ -142,7 +142,7 @@ class Preprocess:
         return x
 
     def _normaliser(self) -> Normalise | None:
-        return None if self.mean is None else Normalise(self.mean, self.std, channels=self.shape[0],
+        return None if self.mean is None else Normalise(self.mean, self.std, channels=self.shape[0],  # pyright: ignore[reportArgumentType]  (mean and std come together)
                                                         spatial_dims=len(self.shape) - 1)
 
     def one(self, item: Any, name: object = None) -> torch.Tensor:
@@ -194,7 +194,7 @@ class ItemsDataLoader(TensorDataLoader):
         super().__init__(x, y, **kwargs)
         self.items, self.labelled = items, labelled
 
-    def __iter__(self):
+    def __iter__(self):  # pyright: ignore[reportIncompatibleMethodOverride]
         for xb, yb in super().__iter__(): yield (xb, yb) if self.labelled else (xb,)
 
 

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ['show_image', 'subplots', 'get_grid', 'show_images']
 
 
-@fc.delegates(plt.Axes.imshow)
+@fc.delegates(plt.Axes.imshow)  # pyright: ignore[reportPrivateImportUsage]
 def show_image(im: Any, ax: Axes | None = None, figsize: tuple[float, float] | None = None, title: str | None = None,
                noframe: bool = True, **kwargs: Any) -> Axes:
     "Show an image (a tensor CHW/HW, or an array HWC/HW) on `ax`, creating one if needed; returns `ax`."
@@ -64,7 +64,7 @@ def get_grid(n: int, nrows: int | None = None, ncols: int | None = None, title: 
 
 
 @fc.delegates(subplots)
-def show_images(ims: Sequence, nrows: int | None = None, ncols: int | None = None, titles: Sequence[str] | None = None,
+def show_images(ims: Sequence | torch.Tensor, nrows: int | None = None, ncols: int | None = None, titles: Sequence[str] | None = None,
                 **kwargs: Any) -> None:
     """Show the images `ims` in a grid, with optional `titles`. Returns nothing, as the course's does: a Figure
     returned at the end of a Jupyter cell would show twice (`plt.gcf()` is the figure drawn)."""

@@ -95,7 +95,7 @@ class CompileCB(Callback):
         kw = dict(backend=self.backend, dynamic=self.dynamic, **self.kwargs)
         if self.backend == 'inductor': kw['mode'] = mode  # other backends do not take a mode
         params = inspect.signature(torch.compile).parameters
-        if 'isolate_recompiles' in params: kw.update(isolate_recompiles=True, recompile_limit=self.recompile_limit)
+        if 'isolate_recompiles' in params: kw.update(isolate_recompiles=True, recompile_limit=self.recompile_limit)  # pyright: ignore[reportArgumentType]  (torch.compile's options are typed narrower than they are)
         model.compile(**kw)
         self._model, self._compiled, self._key = model, model._compiled_call_impl, mode
 
@@ -119,9 +119,9 @@ class CompileCB(Callback):
                                f"mode='default' (no CUDA graphs) while hooks are on, or remove them")
         cfg = {'skip_nnmodule_hook_guards': False}
         if 'isolate_recompiles' not in inspect.signature(torch.compile).parameters:  # older torch: one shared limit
-            cfg['recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'] = \
-                self.recompile_limit
-        self._patch = torch._dynamo.config.patch(**cfg)
+            key = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'
+            cfg[key] = self.recompile_limit  # pyright: ignore[reportArgumentType]  (torch's config: an int)
+        self._patch = torch._dynamo.config.patch(**cfg)  # pyright: ignore[reportArgumentType]
         self._patch.__enter__()
         self._compile(model, mode)
 

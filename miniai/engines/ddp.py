@@ -106,16 +106,16 @@ def gradient_group(device: str | torch.device, backend: str) -> dist.ProcessGrou
     if backend != 'gloo' or device.type != 'cuda' or default_backend(device) != 'gloo': return None
     mine = (socket.gethostname(), gpu_id(device))
     every = [None] * world_size()
-    dist.all_gather_object(every, mine, group=cpu_group())
+    dist.all_gather_object(every, mine, group=cpu_group())  # pyright: ignore[reportArgumentType]
     if len(set(every)) < len(every): return None  # two ranks on one GPU: gloo, since NCCL refuses that
-    return dist.new_group(backend='nccl', timeout=timedelta(seconds=_timeout))
+    return dist.new_group(backend='nccl', timeout=timedelta(seconds=_timeout))  # pyright: ignore[reportReturnType]  (new_group gives a group on the ranks in it)
 
 
 def gather_to_main(obj: object) -> list | None:
     "Every rank's `obj` (picklable), in rank order, on the main process; None on the others. A collective."
     if not is_dist() or world_size() == 1: return [obj]
     got = [None] * world_size() if is_main_process() else None
-    dist.gather_object(obj, got, dst=0, group=cpu_group())
+    dist.gather_object(obj, got, dst=0, group=cpu_group())  # pyright: ignore[reportArgumentType]
     return got
 
 

@@ -6,6 +6,7 @@ import difflib
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def resolve_arch(arch: str | Callable[..., nn.Module]) -> tuple[str, str, object]:
+def resolve_arch(arch: str | Callable[..., nn.Module]) -> tuple[str, str, Any]:
     """('torchvision' or 'timm', name, builder or None) for `arch`: a torchvision builder (`resnet18`), a torchvision
     name, or a timm name ('timm/...' forces timm). An unknown name is refused with the closest names."""
     if callable(arch): return 'torchvision', arch.__name__, arch
@@ -54,12 +55,12 @@ def load_backbone(arch: str | Callable[..., nn.Module], pretrained: bool, n_in: 
     if kind == 'timm':
         if importlib.util.find_spec('timm') is None: raise ImportError(TIMM_MISSING)
         import timm
-        kw = {'pretrained_cfg_overlay': dict(file=str(weights_file))} if weights_file else {}
+        kw: dict[str, Any] = {'pretrained_cfg_overlay': dict(file=str(weights_file))} if weights_file else {}
         m = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool='', in_chans=n_in, **kw)
         cfg = m.pretrained_cfg
-        return m, ((cfg['mean'], cfg['std']) if pretrained else None)
+        return m, ((cfg['mean'], cfg['std']) if pretrained else None)  # pyright: ignore[reportIndexIssue, reportArgumentType]  (timm's pretrained_cfg is a dict)
     from torchvision.models import get_model_weights
-    weights = get_model_weights(builder).DEFAULT if pretrained else None
+    weights = get_model_weights(builder).DEFAULT if pretrained else None  # pyright: ignore[reportAttributeAccessIssue]  (an enum of weights)
     m = builder(weights=weights)
     if weights_file is not None:
         raise ValueError(f'weights_file is for timm models; torchvision loads {name} weights from '

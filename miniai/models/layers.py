@@ -3,7 +3,7 @@ the course's small CNN, `get_model`."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import matplotlib.pyplot as plt
 import torch
@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 
 __all__ = ['GeneralRelu', 'plot_func', 'init_weights', 'lsuv_init', 'conv', 'get_model']
 
-#: what an `act` argument takes: a module class (or any callable) that makes the activation
-Act = Callable[[], nn.Module]
-#: what a `norm` argument takes: a module class (or any callable) that makes a norm for `nf` channels
-Norm = Callable[[int], nn.Module]
+#: what an `act` argument takes: a module class (or any callable) that makes the activation; None or False: none
+Act = Callable[[], nn.Module] | None | Literal[False]
+#: what a `norm` argument takes: a module class (or any callable) that makes a norm for `nf` channels; None or False: none
+Norm = Callable[[int], nn.Module] | None | Literal[False]
 
 
 class GeneralRelu(nn.Module):
@@ -73,24 +73,24 @@ def lsuv_init(model: nn.Module, m: nn.Module, m_in: nn.Module, xb: torch.Tensor,
                 if m_in.bias is not None: m_in.bias -= mean
                 m_in.weight.data /= std
         raise ValueError(f'lsuv_init: {type(m).__name__} did not reach mean 0 / std 1 in {max_iters} rounds '
-                         f'(last mean {mean:.3g}, std {std:.3g})')
+                         f'(last mean {mean:.3g}, std {std:.3g})')  # pyright: ignore[reportPossiblyUnboundVariable]  (the loop runs at least once)
     finally: h.remove()
 
 
-def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act: Act | None = nn.ReLU, norm: Norm | None = None,
+def conv(ni: int, nf: int, ks: int = 3, stride: int = 2, act: Act = nn.ReLU, norm: Norm = None,
          bias: bool | None = None) -> nn.Sequential:
     """Convolution, then `norm(nf)` if given, then `act()` if given (`act=None`/`False` for none). The convolution has
     a bias unless `bias=False`, also before a BatchNorm, as in the course (whose test for a BatchNorm is given the
     class, so its bias stays): the course's parameter counts and state_dicts are ours. Before a BatchNorm the bias is
     redundant (the norm's shift takes its place); `bias=False` leaves it out."""
     if bias is None: bias = True
-    layers = [nn.Conv2d(ni, nf, stride=stride, kernel_size=ks, padding=ks // 2, bias=bias)]
+    layers: list[nn.Module] = [nn.Conv2d(ni, nf, stride=stride, kernel_size=ks, padding=ks // 2, bias=bias)]
     if norm: layers.append(norm(nf))
     if act: layers.append(act())
     return nn.Sequential(*layers)
 
 
-def get_model(act: Act | None = nn.ReLU, nfs: Sequence[int] | None = None, norm: Norm | None = None) -> nn.Sequential:
+def get_model(act: Act = nn.ReLU, nfs: Sequence[int] | None = None, norm: Norm = None) -> nn.Sequential:
     """The course's small CNN for 28x28 images, on `def_device`: a stride-2 `conv` with `act` and `norm` for each
     step of the widths `nfs` (default [1, 8, 16, 32, 64]), then a stride-2 convolution to 10 channels (bias, no
     norm, no activation) and `nn.Flatten()`. With the default widths a [N, 1, 28, 28] batch gives [N, 10] logits."""

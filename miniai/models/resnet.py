@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import fastcore.all as fc
@@ -19,7 +19,8 @@ __all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_res
 act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
 
 
-def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3, bias=None):
+def _conv_block(ni: int, nf: int, stride: int, act: Act = act_gr, norm: Norm = None, ks: int = 3,
+                bias: bool | None = None) -> nn.Sequential:
     return nn.Sequential(conv(ni, nf, stride=1, act=act, norm=norm, ks=ks, bias=bias),
                          conv(nf, nf, stride=stride, act=None, norm=norm, ks=ks, bias=bias))
 
@@ -29,8 +30,8 @@ class ResBlock(nn.Module):
     block strides and uses a 1x1 convolution when the channel count changes, so it never drops information. Its
     parameters are the course's (`ResBlock(16, 32, norm=nn.BatchNorm2d)`: 14,560); `bias=False` drops the two
     convolutions' biases, redundant before a BatchNorm (14,496), not the shortcut's, which has no norm."""
-    def __init__(self, ni: int, nf: int, stride: int = 1, ks: int = 3, act: Act | None = act_gr,
-                 norm: Norm | None = None, bias: bool | None = None) -> None:
+    def __init__(self, ni: int, nf: int, stride: int = 1, ks: int = 3, act: Callable[[], nn.Module] = act_gr,
+                 norm: Norm = None, bias: bool | None = None) -> None:
         super().__init__()
         self.convs = _conv_block(ni, nf, stride, act=act, ks=ks, norm=norm, bias=bias)
         self.idconv = fc.noop if ni == nf else conv(ni, nf, ks=1, stride=1, act=None)
@@ -45,8 +46,8 @@ class GlobalAvgPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor: return x.mean((-2, -1))
 
 
-def fashion_resnet(nfs: Sequence[int] = (16, 32, 64, 128, 256, 512), act: Act | None = act_gr,
-                   norm: Norm | None = nn.BatchNorm2d, drop: float = 0., in_channels: int = 1, n_classes: int = 10,
+def fashion_resnet(nfs: Sequence[int] = (16, 32, 64, 128, 256, 512), act: Callable[[], nn.Module] = act_gr,
+                   norm: Norm = nn.BatchNorm2d, drop: float = 0., in_channels: int = 1, n_classes: int = 10,
                    ks: int = 5, bias: bool | None = None) -> nn.Sequential:
     """The course's Fashion-MNIST ResNet: a `ks`x`ks` `ResBlock` stem, a stride-2 `ResBlock` per further entry of
     `nfs`, global average pooling, dropout, and a bias-free linear head followed by BatchNorm: 4,907,588 parameters,
@@ -58,8 +59,8 @@ def fashion_resnet(nfs: Sequence[int] = (16, 32, 64, 128, 256, 512), act: Act | 
     return nn.Sequential(*layers)
 
 
-def seed002_resnet(act: Act | None = nn.ReLU, nfs: Sequence[int] = (8, 16, 32, 64, 128, 256),
-                   norm: Norm | None = None, pool: bool = False, in_channels: int = 1, n_classes: int = 10,
+def seed002_resnet(act: Callable[[], nn.Module] = nn.ReLU, nfs: Sequence[int] = (8, 16, 32, 64, 128, 256),
+                   norm: Norm = None, pool: bool = False, in_channels: int = 1, n_classes: int = 10,
                    bias: bool | None = None) -> nn.Sequential:
     """The two models of the ResNet walk-through (seed 002): `pool=False` ends with a 1x1-output conv and Flatten
     (1,247,362 parameters; 28x28 inputs only), `pool=True` with `GlobalAvgPool`, Flatten and Linear (1,226,882)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ def _pre_act(layer: nn.Module, ni: int, act, norm) -> nn.Sequential:
     return nn.Sequential(*([norm(ni)] if norm else []), *([act()] if act else []), layer)
 
 
-def pre_conv(ni: int, nf: int, ks: int = 3, stride: int = 1, act: Act | None = nn.SiLU, norm: Norm | None = None,
+def pre_conv(ni: int, nf: int, ks: int = 3, stride: int = 1, act: Act = nn.SiLU, norm: Norm = None,
              bias: bool = True) -> nn.Sequential:
     "A pre-activation convolution: `norm` (if any), `act` (if any), then a `ks`x`ks` conv with 'same' padding."
     return _pre_act(nn.Conv2d(ni, nf, ks, stride=stride, padding=ks // 2, bias=bias), ni, act, norm)
@@ -50,7 +50,7 @@ def upsample(nf: int) -> nn.Sequential:
     return nn.Sequential(nn.Upsample(scale_factor=2.), nn.Conv2d(nf, nf, 3, padding=1))
 
 
-def lin(ni: int, nf: int, act: Act | None = nn.SiLU, norm: Norm | None = None, bias: bool = True) -> nn.Sequential:
+def lin(ni: int, nf: int, act: Act = nn.SiLU, norm: Norm = None, bias: bool = True) -> nn.Sequential:
     "A pre-activation linear layer: `norm` (if any), `act` (if any), then `nn.Linear(ni, nf)`."
     return _pre_act(nn.Linear(ni, nf, bias=bias), ni, act, norm)
 
@@ -92,8 +92,8 @@ class SelfAttention2D(SelfAttention):
 class EmbResBlock(nn.Module):
     """Two pre-activation convs with the embedding, projected to a per-channel scale and shift, applied between
     them; a shortcut (a 1x1 conv when the widths differ); then, if `attn_chans`, self-attention added on."""
-    def __init__(self, n_emb: int, ni: int, nf: int | None = None, ks: int = 3, act: Act | None = nn.SiLU,
-                 norm: Norm | None = nn.BatchNorm2d, attn_chans: int = 0) -> None:
+    def __init__(self, n_emb: int, ni: int, nf: int | None = None, ks: int = 3, act: Act = nn.SiLU,
+                 norm: Norm = nn.BatchNorm2d, attn_chans: int = 0) -> None:
         super().__init__()
         nf = ni if nf is None else nf
         self.emb_proj = nn.Linear(n_emb, nf * 2)
@@ -175,7 +175,7 @@ class EmbUNetModel(nn.Module):
                                           attn_chans=attn_chans if i < n - attn_start else 0) for i in range(n)])
         self.conv_out = pre_conv(nfs[0], out_channels, act=nn.SiLU, norm=nn.BatchNorm2d, bias=False)
 
-    def forward(self, inp: torch.Tensor | tuple[torch.Tensor, torch.Tensor], t: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inp: Any, t: torch.Tensor | None = None) -> torch.Tensor:
         x, t = inp if t is None else (inp, t)
         step = 2 ** (len(self.downs) - 1)
         if x.dim() != 4 or x.shape[-2] % step or x.shape[-1] % step:
@@ -186,8 +186,8 @@ class EmbUNetModel(nn.Module):
         skips = [x]
         for block in self.downs:
             x = block(x, emb)
-            skips += block.saved
-            block.saved = []  # the skips are ours now: the blocks need not hold on to them after this call
+            skips += block.saved  # pyright: ignore[reportOperatorIssue]  (a down block keeps a list)
+            block.saved = []  # the skips are ours now: the blocks need not hold on to them after this call  # pyright: ignore[reportArgumentType]
         x = self.mid_block(x, emb)
         for block in self.ups: x = block(x, emb, skips)
         return self.conv_out(x)

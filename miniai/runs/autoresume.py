@@ -34,7 +34,7 @@ def run_checkpoints(learn: Learner) -> tuple[list[Path], list[Path]]:
     paths, fallbacks = [], []
     for cb in learn.cbs:
         if callable(f := getattr(cb, 'checkpoint_paths', None)):
-            p, fb = f()
+            p, fb = f()  # pyright: ignore[reportGeneralTypeIssues]  (checkpoint_paths() gives a pair)
             paths += p
             fallbacks += fb
     return list(dict.fromkeys(paths)), list(dict.fromkeys(fallbacks))
@@ -89,7 +89,7 @@ def choose_together(learn: Learner, paths: Iterable[str | os.PathLike], fallback
     if is_main_process():
         found = newest_checkpoint(paths, fallbacks)
         choice = [None if found is None else str(found)]
-    dist.broadcast_object_list(choice, src=0, group=cpu_group())
+    dist.broadcast_object_list(choice, src=0, group=cpu_group())  # pyright: ignore[reportArgumentType]
     path = None if choice[0] is None else Path(choice[0])
     seen = path is None or path.is_file()
     if not all_agree(seen):

@@ -164,7 +164,7 @@ class ResumeCB(Callback):
     only the batches run after resuming (none of its training batches if it stopped during validation)."""
     order = -10  # before ProgressCB wraps the epochs in a bar
 
-    def __init__(self, path: str | os.PathLike) -> None: self.path, self._pending, self._mid, self._data = path, False, None, None
+    def __init__(self, path: str | os.PathLike | None) -> None: self.path, self._pending, self._mid, self._data = path, False, None, None
 
     def before_fit(self, learn: Learner) -> None:
         # The optimizer's state is loaded at the first before_epoch, once every before_fit has run: `load_state_dict`
@@ -172,7 +172,7 @@ class ResumeCB(Callback):
         # moves after this one finds its state beside it; and it comes after the schedulers were built (building one
         # resets the learning rate). The training data is checked and given its order then too, once DDPCB has
         # sharded it.
-        ck = _upgrade(this_rank(load_into(learn, self.path, with_opt=False), self.path), learn.cbs)
+        ck = _upgrade(this_rank(load_into(learn, self.path, with_opt=False), self.path), learn.cbs)  # pyright: ignore[reportArgumentType]  (AutoResumeCB sets the path first)
         self._opt = ck.get('opt')
         self._data = {k: ck.get(k) for k in ('position', 'data')}  # placed at the first training before_epoch
         if ck.get('position') is not None:
@@ -187,7 +187,7 @@ class ResumeCB(Callback):
         if ck.get('frozen_to'): freeze_to(learn, ck['frozen_to'])  # the run trained these groups, and only these
         elif 'frozen_to' in ck and frozen_groups(learn): unfreeze(learn)
         set_rng_state(ck['rng'])
-        load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'),
+        load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'),  # pyright: ignore[reportArgumentType]
                              ck.get('callbacks_required'))
         self._pending = True
 

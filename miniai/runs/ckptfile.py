@@ -48,7 +48,7 @@ def _decode(obj, tensors: dict):
         key = obj['__tensor__']
         if key not in tensors: raise CheckpointError(f'the header names tensor {key!r}, which the file lacks')
         return tensors[key]
-    if '__ndarray__' in obj: return _decode(obj['__ndarray__'], tensors).numpy()
+    if '__ndarray__' in obj: return _decode(obj['__ndarray__'], tensors).numpy()  # pyright: ignore[reportAttributeAccessIssue]  (an __ndarray__ holds a tensor)
     if '__tuple__' in obj: return tuple(_decode(v, tensors) for v in obj['__tuple__'])
     if '__dict__' in obj: return {k: _decode(v, tensors) for k, v in obj['__dict__']}
     raise CheckpointError(f'unexpected entry in the checkpoint header: {str(obj)[:80]}')
@@ -77,5 +77,5 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try: meta = json.loads(header['miniai'])
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f'{path}: the JSON part of the header is missing or damaged ({e})') from e
-    try: return _decode(meta, tensors)
+    try: return _decode(meta, tensors)  # pyright: ignore[reportReturnType]  (the top level is a dict)
     except CheckpointError as e: raise CheckpointError(f'{path}: {e} (tampered with?)') from None

@@ -25,6 +25,7 @@ import logging
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ def export(self: Learner, path: str | os.PathLike, n_example: int = 2) -> Path:
             'dynamic_size': False}
     for old in ('model.pt2', 'weights.safetensors'): (path / old).unlink(missing_ok=True)
     try:
-        with torch.no_grad(), _torch_quiet(): ep, smallest = _exported(m, example)
+        with torch.no_grad(), _torch_quiet(): ep, smallest = _exported(m, example)  # pyright: ignore[reportGeneralTypeIssues]
         meta.update(dynamic_size=smallest is not None, min_size=smallest and list(smallest))
         ep.example_inputs = None  # kept out: loading them is a pickle
         with atomic_path(path / 'model.pt2') as tmp:
@@ -204,7 +205,7 @@ def check_program(data: bytes, where: object) -> None:
 class ExportedModel:
     """A model loaded by `load_exported`: call it on a batch as the Learner's model was called; `normalize` turns
     [0, 1] pixels into its input, `predict` gives classes and probabilities. `meta` holds what `miniai.json` says."""
-    fn: object
+    fn: Callable[..., Any]
     meta: dict = field(default_factory=dict)
 
     input_shape = property(lambda self: tuple(self.meta['input_shape']))
@@ -230,7 +231,7 @@ class ExportedModel:
                                               f'got shape {tuple(x.shape)}: {fix}')
         low = self.meta.get('min_size')
         fits = x.shape[1] == shape[0] and (tuple(x.shape[2:]) == shape[1:] if not self.meta.get('dynamic_size') else
-                                           all(a >= b for a, b in zip(x.shape[2:], low)))
+                                           all(a >= b for a, b in zip(x.shape[2:], low)))  # pyright: ignore[reportArgumentType]  (min_size is there when dynamic_size is)
         if fits: return None
         takes = f'images of {shape[0]} channel(s) from {low[0]}x{low[1]} (HxW) up' if self.meta.get('dynamic_size') \
             else f'{"x".join(map(str, shape))} (CxHxW) inputs'
@@ -246,7 +247,7 @@ class ExportedModel:
         if shape[0] == 1 and tuple(x.shape[-2:]) == shape[1:] and tuple(x.shape[-3:]) != shape: x = x.unsqueeze(-3)
         if x.dim() == len(shape): x = x[None]
         mean, std = self.meta.get('mean'), self.meta.get('std')
-        if mean is not None: x = Normalise(mean, std, channels=shape[0], spatial_dims=len(shape) - 1).encode(x)
+        if mean is not None: x = Normalise(mean, std, channels=shape[0], spatial_dims=len(shape) - 1).encode(x)  # pyright: ignore[reportArgumentType]  (mean and std come together)
         elif x.dtype == torch.uint8: x = x.float() / 255
         return x.to(getattr(torch, self.meta['input_dtype']))
 

@@ -123,7 +123,7 @@ def calc_kid(x: torch.Tensor, y: torch.Tensor, maxs: int = 50) -> float:
         raise ValueError(f'KID: averages over {n} blocks of at least 2 images from each set, so each set needs at '
                          f'least {2 * n} images; got {xs} and {ys}')
     cut = lambda s, i: s[round(i * len(s) / n):round((i + 1) * len(s) / n)]  # the course's blocks, so its values
-    return (sum(squared_mmd(cut(x, i), cut(y, i)) for i in range(n)) / n).item()
+    return (sum(squared_mmd(cut(x, i), cut(y, i)) for i in range(n)) / n).item()  # pyright: ignore[reportAttributeAccessIssue]  (a sum of tensors)
 
 
 def _no_loss(preds, *targets): return preds.new_zeros(())  # ImageEval only looks: no loss is needed

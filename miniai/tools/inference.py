@@ -36,7 +36,7 @@ __all__ = ['Prediction', 'predictions', 'batch_of', 'get_preds', 'predict', 'per
 def per_item_loss(loss_func: Callable, preds: torch.Tensor, targs: torch.Tensor) -> torch.Tensor:
     "`loss_func` for each item of `preds` against `targs` (reduction='none', averaged over any other dimension)."
     if isinstance(loss_func, nn.Module) and hasattr(loss_func, 'reduction'):
-        old, loss_func.reduction = loss_func.reduction, 'none'
+        old, loss_func.reduction = loss_func.reduction, 'none'  # pyright: ignore[reportArgumentType]  (a loss module's reduction is a str)
         try: res = loss_func(preds, targs)
         finally: loss_func.reduction = old
     else:

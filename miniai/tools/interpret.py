@@ -80,7 +80,7 @@ class ClassificationInterpretation:
                 ax.text(j, i, f'{v:.2f}' if normalize else f'{int(v)}', ha='center', va='center', fontsize=8,
                         color='white' if v > top / 2 else 'black')
         ax.set_title('Confusion matrix' + (' (fraction of each actual class)' if normalize else ''))
-        ax.figure.tight_layout()
+        ax.figure.tight_layout()  # pyright: ignore[reportAttributeAccessIssue]
 
     def most_confused(self, min_val: int = 1) -> list[tuple[str, str, int]]:
         "(actual, predicted, count) for every pair of different classes confused at least `min_val` times, most first."
@@ -108,7 +108,7 @@ class ClassificationInterpretation:
         for ax, i, loss in zip(axs.flat, idxs.tolist(), losses.tolist()):
             p = self.preds[i].item()
             show_image(self._shown(self.inputs[i]), ax=ax, cmap='gray',
-                       title=f'{self._name(p)} ({self.probs[i, p]:.2f})\n{self._name(self.targs[i].item())} / '
+                       title=f'{self._name(p)} ({self.probs[i, p]:.2f})\n{self._name(self.targs[i].item())} / '  # pyright: ignore[reportArgumentType]
                              f'{loss:.2f}')
             ax.title.set_fontsize(9)
         fig.tight_layout()

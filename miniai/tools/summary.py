@@ -102,7 +102,7 @@ def summary(model: nn.Module, x: torch.Tensor | Sequence[int], depth: int = 1, t
         row_mods = {m for _, m in rows}
         for m in model.modules():
             hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-        counter = FlopCounterMode(display=False, depth=None)
+        counter = FlopCounterMode(display=False, depth=None)  # pyright: ignore[reportArgumentType]  (None: every depth)
         try:
             with torch.no_grad(), counter: model(x)
         except Exception as e:
