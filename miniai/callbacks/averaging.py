@@ -8,6 +8,7 @@ data. Checkpoints keep the training weights and the average, so `fit(resume=...)
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
 import torch
 
 from ..core.events import Callback

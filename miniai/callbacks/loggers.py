@@ -1,11 +1,11 @@
 """Loggers and trackers: a CSV row per epoch, TensorBoard scalars, and the time until a metric reaches a target."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import csv
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 

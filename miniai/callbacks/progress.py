@@ -2,10 +2,10 @@
 saving a plot where it can be seen."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import fastcore.all as fc
 import torch

@@ -137,7 +137,8 @@ class TrackerCB(Callback):
     def before_fit(self, learn: Learner) -> None:
         self._losses, self._done, self.best = [], False, {}
         if not is_main_process() or self.is_open or self.failed: return  # a run kept open: the next fit goes on in it
-        import_client(self.client or '', self.extra or '')  # a missing client is the user's to fix: say so, before training
+        # a missing client is the user's to fix: say so, before training
+        import_client(self.client, self.extra)  # pyright: ignore[reportArgumentType]  (each subclass names its client)
         self.is_open, resume, self._resume = True, self._resume, None
         if resume is not None:
             self.run_id, self.batches, self.best = resume['run_id'], resume['batches'], dict(resume.get('best', {}))

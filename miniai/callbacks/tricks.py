@@ -1,9 +1,9 @@
 """Training tricks: early stopping, stopping on NaN, gradient clipping and gradient accumulation."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -3,12 +3,12 @@ alpha dropped, palettes expanded, 16 bits scaled to 8), resizing it to cover a s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 import os
 import re
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
