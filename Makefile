@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.miniai-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= dev
 
-.PHONY: setup data test wheel-smoke docs docs-check train bench notebooks clean
+.PHONY: setup data test typecheck wheel-smoke docs docs-check train bench notebooks clean
 
 $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ data:
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the package's type check: pyright as pyproject.toml's [tool.pyright] sets it (docs/dependencies.md: its time, result)
+typecheck: setup
+	$(PY) -m pyright --pythonpath $(PY)
 
 # the built wheel in a fresh venv, outside the source tree (scripts/wheel_smoke.sh says what it checks)
 wheel-smoke: setup

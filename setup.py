@@ -25,6 +25,7 @@ EXTRAS['dev'] = [
     'pytest>=7', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6', 'fvcore>=0.1.5',
     'ipywidgets>=8',  # progress bars in the notebooks (datasets' tqdm warns without it)
     'build>=1.2',     # scripts/wheel_smoke.sh builds the wheel and the sdist
+    'pyright==1.1.414',  # `make typecheck` (its wheel brings its own JS, Node.js runs it); pinned: a release may add checks
     *EXTRAS['tensorboard'], *EXTRAS['accelerate'], *EXTRAS['timm'],  # vision_learner's timm path is tested too
     # the trackers' tests: `wandb leet inspect` reads offline runs back; MLflow to a local folder
     'wandb>=0.31', 'mlflow-skinny>=2.10',
@@ -62,6 +63,7 @@ setup(
         'Topic :: Software Development :: Libraries :: Python Modules',
     ],
     packages=find_packages(include=['miniai', 'miniai.*']),
+    package_data={'miniai': ['py.typed']},  # PEP 561: the package's annotations are for its users' type checkers too
     python_requires='>=3.10',
     # Lower bounds only: Colab and clusters bring their own torch, and an upper cap would make pip replace it. The
     # Makefile pins exact versions for reproducible runs. torch 2.3: torch.amp.GradScaler('cuda') and torch.uint32

@@ -155,7 +155,7 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         for name, where in MOVED[old].items():
             mod, attr = _home(where)
             setattr(module, name, getattr(mod, attr or name))
-        module.__all__ = list(MOVED[old])
+        module.__all__ = list(MOVED[old])  # pyright: ignore[reportAttributeAccessIssue]  (any module may have one)
 
 
 def install_moved_modules() -> None:

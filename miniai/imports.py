@@ -60,7 +60,7 @@ COURSE_MODULES = ('datasets', 'conv', 'learner', 'activations', 'init', 'sgd', '
                   'training')
 
 
-def _public_names() -> tuple[dict, list]:
+def _public_names() -> tuple[dict, dict]:
     """Every module's `__all__` names and objects, later modules overriding earlier ones; and the names a module
     works out only when they are read (`conv.def_device`), with their modules: unresolved here too."""
     names, lazy = {}, {}

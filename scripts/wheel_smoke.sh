@@ -31,6 +31,9 @@ import sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 infos = z.infolist()
 print(f'wheel: {len(infos)} files, {sum(i.file_size for i in infos) / 1e3:.0f} kB unpacked')
+# PEP 561: without the marker, type checkers ignore the package's annotations
+assert 'miniai/py.typed' in z.namelist(), 'the wheel lacks miniai/py.typed (setup.py package_data)'
+print('wheel: miniai/py.typed is there')
 PYEOF
 
 EDITABLE_PATH=${PYTHONPATH:-}  # what the editable side was run with

@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     "Entry point of `python -m miniai` and the `miniai` console script; returns the exit code."
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -204,7 +204,7 @@ def _user_error_hint(e: BaseException) -> str | None:
     return None
 
 
-def _continue_command(argv: list[str], out: Path, ckpt: Path) -> str:
+def _continue_command(argv: list[str], out: Path | None, ckpt: Path | str) -> str:
     "The command line `argv` with its --out and --resume replaced: it goes on with the run in `out` from `ckpt`."
     keep, skip = [], False
     for a in argv:

@@ -5,10 +5,13 @@ model's input as the training images were (`miniai.data.items.Preprocess`). A fi
 one line of the output, saying why, not the end of the run."""
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,7 +22,7 @@ from ..data.items import image_files
 __all__ = ['add_predict_parser', 'load_predictor', 'predict_files', 'predict_command']
 
 
-def add_predict_parser(sub, formatter) -> None:
+def add_predict_parser(sub: argparse._SubParsersAction, formatter: type[argparse.HelpFormatter]) -> None:
     "Add the `predict` command to the subcommands `sub` of the command line's parser."
     p = sub.add_parser('predict', help='predict the class of image files with a trained run or an export',
                        formatter_class=formatter)
@@ -34,12 +37,12 @@ def add_predict_parser(sub, formatter) -> None:
     p.add_argument('--debug', action='store_true', help='show the traceback of errors reported in one line')
 
 
-def load_predictor(folder: Path):
+def load_predictor(folder: Path) -> tuple[Any, Callable[[torch.Tensor], torch.Tensor], list[str] | None]:
     """The model in `folder` (a run or an export) as `(preprocess, probabilities_of_batch, classes)`."""
     if (folder / 'miniai.json').is_file():
         from ..tools.export import load_exported
         m = load_exported(folder)
-        return m.preprocess, lambda xb: m.predict(xb).probs, m.classes
+        return m.preprocess, lambda xb: m.predict(xb).probs, m.classes  # pyright: ignore[reportAttributeAccessIssue]  (a batch: one Prediction)
     from ..tools.inference import learner_preprocess
     from .runfolder import load_run
     learn = load_run(folder, data=None)
@@ -84,7 +87,7 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def predict_command(args) -> int:
+def predict_command(args: argparse.Namespace) -> int:
     "Run `miniai predict` as `args` asks; returns the exit code (2 when no image could be predicted)."
     if args.top_k < 1 or args.bs < 1: raise ValueError('--top-k and --bs must be >= 1')
     rows = predict_files(args.model, args.items, args.top_k, args.bs)

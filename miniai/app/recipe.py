@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Iterable
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
+import fastcore.all as fc
 import matplotlib.pyplot as plt
 import torch.nn.functional as F
 from torch import nn, optim
@@ -21,16 +24,18 @@ from ..callbacks.progress import ProgressCB
 from ..callbacks.schedule import BatchSchedCB, RecorderCB
 from ..callbacks.trackers import run_settings
 from ..callbacks.transform import augment_cb
+from ..core.events import Callback
 from ..core.files import atomic_path, write_atomic
 from ..core.learner import DeviceCB, Learner, TrainCB
 from ..core.ranks import is_main_process, rank, world_size
 from ..core.state import set_seed
 from ..data.augment import RandCropPad, RandErase, RandFlip
-from ..data.dataloaders import dd_dls, folder_dls
+from ..data.dataloaders import DataLoaders, dd_dls, folder_dls
 from ..data.decode import ImageDataError
 from ..data.fashion import fashion_dls
 from ..data.hf import is_image_dd
 from ..data.items import data_preprocess
+from ..data.targets import Targets
 from ..engines.ddp import DDPCB
 from ..engines.plan import fastest_plan, fastest_settings
 from ..engines.precision import precision_cbs
@@ -74,13 +79,13 @@ def build_model(name: str, drop: float | None = None, in_channels: int = 1, n_cl
     Any other name is a torchvision or timm architecture with a new head (`vision_model`, without pretrained weights:
     a run's checkpoint holds them)."""
     if name not in MODELS:
-        head = {} if drop is None else {'p': drop}
+        head: dict[str, Any] = {} if drop is None else {'p': drop}
         try: return vision_model(name, n_classes, in_channels, pretrained=False, **head)[0]
         except ValueError as e:
             raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or an architecture: "
                              f"{e}") from e
     takes = inspect.signature(MODELS[name]).parameters
-    kw = {} if drop is None else {'drop': drop}
+    kw: dict[str, Any] = {} if drop is None else {'drop': drop}
     for k, v, default in (('in_channels', in_channels, 1), ('n_classes', n_classes, 10), ('size', size, None)):
         if k in takes and v is not None: kw[k] = v
         elif v != default and k != 'size':  # a model made for Fashion-MNIST's shape only (one added to MODELS)
@@ -100,14 +105,15 @@ def augment_tfms(augment: str | bool, epochs: int | None = None) -> list[nn.Modu
     return AUGMENTS[augment]()
 
 
-def recipe_dls(data: str = 'fashion', bs: int = 256, n_train=None, n_valid=None, seed: int = 42, size=None,
-               valid_pct: float | None = None, rank: int = 0, world_size: int = 1):
+def recipe_dls(data: str = 'fashion', bs: int = 256, n_train: int | None = None, n_valid: int | None = None,
+               seed: int = 42, size: int | tuple[int, int] | None = None, valid_pct: float | None = None, rank: int = 0,
+               world_size: int = 1) -> DataLoaders:
     """The main job's data: Fashion-MNIST for 'fashion'; else `data` is a path, to a Hugging Face `DatasetDict` saved
     with `save_to_disk` or to a folder of images (a folder per class, see `DataLoaders.from_folder`). `rank` and
     `world_size` shard both loaders (each process of a torchrun job takes its part of every epoch)."""
-    shard = dict(rank=rank, world_size=world_size)
+    shard: dict[str, Any] = dict(rank=rank, world_size=world_size)
     if data == 'fashion': return fashion_dls(bs=bs, n_train=n_train, n_valid=n_valid, seed=seed, **shard)
-    path, kw = Path(data).expanduser(), dict(seed=seed, n_train=n_train, n_valid=n_valid, size=size, **shard)
+    path, kw = Path(data).expanduser(), dict[str, Any](seed=seed, n_train=n_train, n_valid=n_valid, size=size, **shard)
     if not (path / 'dataset_dict.json').is_file(): return folder_dls(path, valid_pct=valid_pct, bs=bs, **kw)
     import datasets as hf
     dd = hf.load_from_disk(str(path))
@@ -117,9 +123,10 @@ def recipe_dls(data: str = 'fashion', bs: int = 256, n_train=None, n_valid=None,
     return dd_dls(dd, bs, **kw)
 
 
-def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str = 'auto', augment: str | bool = 'full',
-                 out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0., average: str | None = None,
-                 ema_decay: float = 0.999, target: float | None = None, targets=None) -> tuple[Learner, str]:
+def make_learner(model: nn.Module, dls: DataLoaders, epochs: int, lr: float, precision: str = 'auto',
+                 augment: str | bool = 'full', out: Path | None = None, wd: float = 0.05, label_smoothing: float = 0.,
+                 average: str | None = None, ema_decay: float = 0.999, target: float | None = None,
+                 targets: Targets | None = None) -> tuple[Learner, str]:
     """The recipe's Learner: AdamW with a one-cycle schedule and the chosen callbacks; returns it and the precision.
     `average` ('ema' or 'swa') validates on averaged weights (`WeightAverageCB`); `target` notes when the validation
     accuracy first reaches it (`TimeToAccuracyCB`). A plain `Learner` whose steps come from `MixedPrecision` when the
@@ -150,7 +157,7 @@ def make_learner(model: nn.Module, dls, epochs: int, lr: float, precision: str =
     return Learner(model, dls, loss, lr=lr, cbs=cbs, opt_func=opt), f'{precision} ({why})'
 
 
-def logger_cbs(names, out: Path, run_name: str | None = None) -> list:
+def logger_cbs(names: Iterable[str], out: Path, run_name: str | None = None) -> list:
     """The callbacks of `miniai train --log NAME ...`: 'csv' is `metrics.csv`, written by every run; 'tensorboard' writes
     under `out/tb`; 'wandb' logs to project 'miniai' with its files under `out` (`WANDB_MODE=offline` keeps them there);
     'mlflow' logs to experiment 'miniai' at `MLFLOW_TRACKING_URI` (else MLflow's default store). The trackers stay
@@ -166,7 +173,7 @@ def logger_cbs(names, out: Path, run_name: str | None = None) -> list:
     return [cb for n in dict.fromkeys(names) if (cb := make[n]()) is not None]
 
 
-def record_run(out: Path, model_args: dict, dls, data_args: dict) -> Path:
+def record_run(out: Path, model_args: dict, dls: DataLoaders, data_args: dict) -> Path:
     """Write `out/model.json`: what rebuilds the run's model without this recipe's code (`build_model`'s arguments),
     its classes and how its inputs are made (shape, normalisation, resize rule), and the data it was trained on
     (`recipe_dls`'s arguments): `miniai.app.runfolder.load_run` reads it."""
@@ -192,11 +199,13 @@ def plot_run(learn: Learner, out: Path) -> list[Path]:
 
 
 def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'resnet9_small',
-               precision: str = 'auto', out: Path = Path('runs/latest'), resume=None, seed: int = 42,
-               augment: str | bool = 'auto', use_tta: bool = True, n_train=None, n_valid=None, summary: bool = True,
+               precision: str = 'auto', out: Path = Path('runs/latest'), resume: str | Path | None = None, seed: int = 42,
+               augment: str | bool = 'auto', use_tta: bool = True, n_train: int | None = None,
+               n_valid: int | None = None, summary: bool = True,
                wd: float = 0.05, label_smoothing: float = 0.1, drop: float | None = None, average: str | None = 'ema',
-               ema_decay: float = 0.999, target: float | None = 0.94, data: str = 'fashion', size=None,
-               valid_pct: float | None = None, pretrained: bool = False, cbs=(), run_name: str | None = None) -> dict:
+               ema_decay: float = 0.999, target: float | None = 0.94, data: str = 'fashion',
+               size: int | tuple[int, int] | None = None, valid_pct: float | None = None, pretrained: bool = False,
+               cbs: Iterable[Callback] = (), run_name: str | None = None) -> dict:
     """Train on `data` (see `recipe_dls`), evaluate (with TTA) and save under `out`; returns the final metrics.
     `model` may be a torchvision or timm architecture (`resnet18`); with `pretrained` its weights are loaded, the data
     normalised with their statistics, and the run is `learn.fine_tune(epochs - 1, base_lr=lr)` (no resume).
@@ -212,11 +221,13 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
     dls = recipe_dls(data, bs // n_procs, n_train, n_valid, seed, size, valid_pct, rank=rank(), world_size=n_procs)
     if augment == 'auto': augment = augment_for(epochs)
     (n, c, *hw), n_classes = dls.train.x.shape, len(dls.classes)
-    model_args = dict(name=model, drop=drop, in_channels=c, n_classes=n_classes, size=max(hw))
+    model_args: dict[str, Any] = dict(name=model, drop=drop, in_channels=c, n_classes=n_classes, size=max(hw))
     if pretrained:
         if model in MODELS: raise ValueError(f'--pretrained needs an architecture (--arch resnet18...), not {model!r}')
         if resume is not None: raise ValueError('a pretrained fine-tune (two fits) cannot be resumed; start it again')
-        net, stats = vision_model(model, n_classes, c, pretrained=True, **({} if drop is None else {'p': drop}))
+        head: dict[str, Any] = {} if drop is None else {'p': drop}
+        net, stats = vision_model(model, n_classes, c, pretrained=True, **head)
+        assert stats is not None  # pretrained weights come with their statistics
         dls.normalize_with(*stats)
     else: net = build_model(**model_args)
     learn, chosen = make_learner(net, dls, epochs, lr, precision, augment, out, wd=wd,
@@ -239,7 +250,8 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                  ema_decay=ema_decay if average == 'ema' else None, target=target, n_train=len(dls.train.x),
                  n_valid=len(dls.valid.x), flops=summ.totals['flops'] if summ else None)
     for cb in cbs:
-        if hasattr(cb, 'config'): cb.config = {**extra, **cb.config}  # the trackers record the recipe's settings too
+        if hasattr(cb, 'config'):  # the trackers record the recipe's settings too
+            cb.config = {**extra, **cb.config}  # pyright: ignore[reportAttributeAccessIssue]  (any callback with a config)
     if is_main_process():  # before the fit: an interrupted run's checkpoints can be loaded too
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / SETTINGS_FILE, json.dumps(run_settings(learn, extra), indent=1, default=str) + '\n')
@@ -247,7 +259,7 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                                               size=size, valid_pct=valid_pct, seed=seed, n_train=n_train,
                                               n_valid=n_valid))
     if pretrained:  # its schedules come from fine_tune: one frozen epoch, then all at discriminative rates
-        learn.cbs = [cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB)]
+        learn.cbs = fc.L(cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB))
         learn.fine_tune(epochs - 1, base_lr=lr, freeze_epochs=1)
     else: learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]

@@ -5,7 +5,9 @@ as the Learner that trained it."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ class RunError(ValueError):
     "A folder that is not a loadable run of the main job: no record, a record of another format, no checkpoint."
 
 
-def run_record(folder) -> dict:
+def run_record(folder: str | os.PathLike) -> dict:
     "What the run in `folder` recorded about its model and data (`model.json`), checked."
     from .recipe import RUN_FILE, RUN_FORMAT
     folder = Path(folder)
@@ -42,7 +44,7 @@ def _stand_in(meta: dict):
     from ..data.dataloaders import DataLoaders  # imported when needed: it brings matplotlib (0.4 s)
     prep = Preprocess.from_json(meta)
     x, y = torch.zeros(0, *prep.shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-    norm = {} if prep.mean is None else dict(mean=prep.mean, std=prep.std)
+    norm: dict[str, Any] = {} if prep.mean is None else dict(mean=prep.mean, std=prep.std)
     dls = DataLoaders(TensorDataLoader(x, y, **norm), TensorDataLoader(x, y, **norm))
     dls.mean, dls.std, dls.classes, dls.source = prep.mean, prep.std, list(meta['classes']), 'none'
     return dls
@@ -57,14 +59,14 @@ def _data(meta: dict, data, bs: int):
         where = rec.get('data')
         if where is None or (where != 'fashion' and not Path(where).exists()): return _stand_in(meta)
         data = where
-    args = {k: rec.get(k) for k in ('n_train', 'n_valid', 'size', 'valid_pct')}
+    args: dict[str, Any] = {k: rec.get(k) for k in ('n_train', 'n_valid', 'size', 'valid_pct')}
     dls = recipe_dls(str(data), bs, seed=rec.get('seed', 42), **args)
     if list(dls.classes) != list(meta['classes']):
         raise RunError(f'{data}: its classes {list(dls.classes)} are not the run\'s {meta["classes"]}')
     return dls
 
 
-def load_run(folder, checkpoint: str | None = None, data='auto', bs: int = 256, lr: float = 1e-3) -> Learner:
+def load_run(folder: str | os.PathLike, checkpoint: str | os.PathLike | None = None, data: str | os.PathLike | None = 'auto', bs: int = 256, lr: float = 1e-3) -> Learner:
     """A Learner for the run in `folder`: its model rebuilt from `model.json` with the weights of `checkpoint` (a
     file name in the folder or a path; default: the first of `CHECKPOINTS` there, the finished run's weights first),
     cross-entropy, AdamW at `lr` for fine-tuning, accuracy as its metric. `data`: 'auto' reloads the run's data if it

@@ -7,10 +7,15 @@ statistics are averaged with the weights, which stands in for `torch.optim.swa_u
 data. Checkpoints keep the training weights and the average, so `fit(resume=...)` goes on exactly."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from ..core.events import Callback
 from ..core.state import plain_keys
+
+if TYPE_CHECKING:
+    from ..core.learner import Learner
 
 __all__ = ['WeightAverageCB']
 
@@ -26,7 +31,7 @@ class WeightAverageCB(Callback):
     skip_in_probes = True  # lr_find or TTA must not restart the average (after the fit the model holds it anyway)
     order = 25  # swaps back after SaveModelCB (20): a checkpoint holds the weights its metrics were measured on
 
-    def __init__(self, mode: str = 'ema', decay: float = 0.999, start: float = 0.75, keep: bool = True):
+    def __init__(self, mode: str = 'ema', decay: float = 0.999, start: float = 0.75, keep: bool = True) -> None:
         if mode not in ('ema', 'swa'): raise ValueError(f"WeightAverageCB: mode must be 'ema' or 'swa', got {mode!r}")
         if not 0 < decay < 1: raise ValueError(f'WeightAverageCB: decay must be in (0, 1), got {decay}')
         if not 0 <= start < 1: raise ValueError(f'WeightAverageCB: start must be in [0, 1), got {start}')
@@ -42,7 +47,7 @@ class WeightAverageCB(Callback):
             self._live = {keys[k]: v for k, v in learn.model.state_dict(keep_vars=True).items()}
         return self._live
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self._live = None
         st = self._state(learn)
         self._keys = [k for k, v in st.items() if v.is_floating_point()]
@@ -60,9 +65,9 @@ class WeightAverageCB(Callback):
         return 1.0 if self.n < self._swa_from else 1 / (self.n - self._swa_from + 1)
 
     @torch.no_grad()
-    def after_step(self, learn):
+    def after_step(self, learn: Learner) -> None:
         if not learn.training or self.avg is None: return
-        torch._foreach_lerp_(self.avg, self._cur, self.weight())
+        torch._foreach_lerp_(self.avg, self._cur, self.weight())  # pyright: ignore[reportPrivateImportUsage]
         self.n += 1
 
     # -- validation on the average --------------------------------------------------------------------------
@@ -70,7 +75,7 @@ class WeightAverageCB(Callback):
     def _swap_in(self, learn):
         st = self._state(learn)
         self._backup = [st[k].detach().clone() for k in self._keys]
-        for k, a in zip(self._keys, self.avg): st[k].copy_(a)
+        for k, a in zip(self._keys, self.avg): st[k].copy_(a)  # pyright: ignore[reportArgumentType]  (set by before_fit)
 
     @torch.no_grad()
     def _swap_out(self, learn):
@@ -79,17 +84,17 @@ class WeightAverageCB(Callback):
         for k, b in zip(self._keys, self._backup): st[k].copy_(b)
         self._backup = None
 
-    def before_epoch(self, learn):
+    def before_epoch(self, learn: Learner) -> None:
         if not learn.training and self.avg is not None and self.n > 0: self._swap_in(learn)
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if not learn.training: self._swap_out(learn)
 
-    def cleanup_epoch(self, learn):  # an error or a cancel during validation: the training weights come back
+    def cleanup_epoch(self, learn: Learner) -> None:  # an error or a cancel during validation: the training weights come back
         if self._backup is not None: self._swap_out(learn)
 
     @torch.no_grad()
-    def after_fit(self, learn):
+    def after_fit(self, learn: Learner) -> None:
         if self.keep and self.avg is not None and self.n > 0:
             st = self._state(learn)
             for k, a in zip(self._keys, self.avg): st[k].copy_(a)
@@ -110,7 +115,7 @@ class WeightAverageCB(Callback):
         if set(state['avg']) != set(self._keys):
             raise ValueError(f'WeightAverageCB: the checkpoint averages {len(state["avg"])} tensors, this model has '
                              f'{len(self._keys)} (another model?)')
-        for a, k in zip(self.avg, self._keys): a.copy_(state['avg'][k])
+        for a, k in zip(self.avg, self._keys): a.copy_(state['avg'][k])  # pyright: ignore[reportArgumentType]  (set by before_fit)
         self.n = int(state['n'])
         if state.get('training') is not None:  # saved while validating on the average: train on from the real weights
             st = self._state(learn)

@@ -3,8 +3,10 @@
 they record, and how a resumed fit goes on in the same run, is `TrackerCB`'s (`miniai.callbacks.trackers`)."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 from .trackers import TrackerCB, import_client
 
@@ -18,11 +20,12 @@ class WandBCB(TrackerCB):
     `WandBCB`, which subclasses `MetricsCB` and runs here unchanged too."""
     client, extra = 'wandb', 'wandb'
 
-    def __init__(self, project: str = 'miniai', dir=None, mode: str | None = None, entity: str | None = None, **kw):
+    def __init__(self, project: str = 'miniai', dir: str | os.PathLike | None = None, mode: str | None = None,
+                 entity: str | None = None, **kw: Any) -> None:
         super().__init__(**kw)
         self.project, self.dir, self.mode, self.entity, self.run = project, dir, mode, entity, None
 
-    def open(self, name, run_id, settings) -> str:
+    def open(self, name: str | None, run_id: str | None, settings: dict) -> str:
         wandb = import_client('wandb', 'wandb')
         if self.dir is not None: Path(self.dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=self.project, entity=self.entity, name=name, id=run_id, config=settings,
@@ -34,7 +37,7 @@ class WandBCB(TrackerCB):
     def send(self, values: dict, step: int) -> None: self.run.log(values, step=step)
     def set_summary(self, values: dict) -> None: self.run.summary.update(values)
 
-    def upload(self, paths) -> None:
+    def upload(self, paths: list[Path]) -> None:
         for p in paths: self.run.save(str(p), base_path=str(p.parent), policy='now')
 
     def close(self, status: str) -> None:
@@ -52,11 +55,11 @@ class MLflowCB(TrackerCB):
     client, extra = 'mlflow', 'mlflow'
     STATUS = {'finished': 'FINISHED', 'interrupted': 'KILLED', 'failed': 'FAILED'}
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = 'miniai', **kw):
+    def __init__(self, tracking_uri: str | None = None, experiment: str = 'miniai', **kw: Any) -> None:
         super().__init__(**kw)
         self.tracking_uri, self.experiment, self.mlflow = tracking_uri, experiment, None
 
-    def open(self, name, run_id, settings) -> str:
+    def open(self, name: str | None, run_id: str | None, settings: dict) -> str:
         from mlflow.entities import Param
         self.mlflow = import_client('mlflow', 'mlflow').MlflowClient(self.tracking_uri)
         if run_id is not None:  # going on: params are written once, and already are
@@ -67,7 +70,7 @@ class MLflowCB(TrackerCB):
         run_id = self.mlflow.create_run(exp_id, run_name=name).info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in settings.items()]
         for i in range(0, len(params), 100): self.mlflow.log_batch(run_id, params=params[i:i + 100])
-        return run_id
+        return run_id  # pyright: ignore[reportReturnType]  (MLflow's run ids are strings)
 
     def send(self, values: dict, step: int) -> None:
         from mlflow.entities import Metric
@@ -76,7 +79,7 @@ class MLflowCB(TrackerCB):
 
     def set_summary(self, values: dict) -> None: self.send(values, self.batches)
 
-    def upload(self, paths) -> None:
+    def upload(self, paths: list[Path]) -> None:
         for p in paths: self.mlflow.log_artifact(self.run_id, str(p))
 
     def close(self, status: str) -> None: self.mlflow.set_terminated(self.run_id, status=self.STATUS[status])

@@ -5,6 +5,7 @@ import csv
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from ..core.events import Callback
 from ..core.files import atomic_path
 from ..core.ranks import is_main_process
 from .metrics import monitor_value
+
+if TYPE_CHECKING:
+    from ..core.learner import Learner
 
 __all__ = ['CSVLoggerCB', 'TensorBoardCB', 'TimeToAccuracyCB']
 
@@ -23,7 +27,7 @@ class CSVLoggerCB(Callback):
     skip_in_probes = True
     order = 20
 
-    def __init__(self, path='metrics.csv'): self.path, self._resumed = Path(path), False
+    def __init__(self, path: str | os.PathLike = 'metrics.csv') -> None: self.path, self._resumed = Path(path), False
 
     def state_dict(self) -> dict:
         "Only where it logs: a fit resumed from the checkpoint is told so (`load_state_dict`)."
@@ -42,7 +46,7 @@ class CSVLoggerCB(Callback):
         if len(keep) == len(rows) - 1: return
         with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f: csv.writer(f).writerows([rows[0], *keep])
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         history = getattr(getattr(learn, 'metrics', None), 'history', None)
         if not history or not is_main_process(): return
         row = {k: v for k, v in history[-1].items() if k != 'fit'}  # a file's rows go on across fits and resumes
@@ -62,7 +66,7 @@ class CSVLoggerCB(Callback):
             f.flush()
             os.fsync(f.fileno())  # a row, once written, survives a crash (rewrites go through atomic_path)
 
-    def cleanup_fit(self, learn): self._resumed = False
+    def cleanup_fit(self, learn: Learner) -> None: self._resumed = False
 
 
 class TensorBoardCB(Callback):
@@ -72,21 +76,21 @@ class TensorBoardCB(Callback):
     skip_in_probes = True
     order = 20
 
-    def __init__(self, log_dir='runs/tb'):
+    def __init__(self, log_dir: str | os.PathLike = 'runs/tb') -> None:
         # not `step`: an attribute named like a step would be taken for one on a plain Learner
         self.log_dir, self.batches_logged, self.writer, self._losses = Path(log_dir), 0, None, []
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         try: from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise ImportError('TensorBoardCB needs the tensorboard package: pip install tensorboard') from e
         self.writer = SummaryWriter(str(self.log_dir)) if is_main_process() else None
         self._losses = []
 
-    def after_batch(self, learn):
+    def after_batch(self, learn: Learner) -> None:
         if learn.training and self.writer is not None: self._losses.append(learn.loss.detach())
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if self.writer is None: return
         if learn.training and self._losses:
             for v in torch.stack(self._losses).float().tolist():
@@ -102,7 +106,7 @@ class TensorBoardCB(Callback):
                     self.writer.add_scalar(f'{stage}/{k}', v, row['epoch'])
         self.writer.flush()
 
-    def cleanup_fit(self, learn):
+    def cleanup_fit(self, learn: Learner) -> None:
         if self.writer is not None: self.writer.close()
         self.writer = None
 
@@ -115,11 +119,11 @@ class TimeToAccuracyCB(Callback):
     order = 19  # after MetricsCB has logged the epoch, before SaveModelCB (20) saves it: checkpoints hold its row
     skip_in_probes = True
 
-    def __init__(self, target: float = 0.94, metric: str = 'accuracy', verbose: bool = True):
+    def __init__(self, target: float = 0.94, metric: str = 'accuracy', verbose: bool = True) -> None:
         self.target, self.metric, self.verbose = target, metric, verbose
         self.curve, self.reached, self._t0, self._pending = [], None, None, None
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self.curve, self.reached, self._t0 = [], None, time.perf_counter()
         if self._pending is not None:
             st, self._pending = self._pending, None
@@ -130,7 +134,7 @@ class TimeToAccuracyCB(Callback):
         "Seconds since the fit began (including the time before a resume)."
         return 0.0 if self._t0 is None else time.perf_counter() - self._t0
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if learn.training and learn.phases[1]: return  # wait for this epoch's validation
         v = monitor_value(learn, self.metric)  # a float: reading it waited for the device
         if v is None: return

@@ -13,12 +13,21 @@ from ..core.devices import model_device
 from ..core.events import Callback
 from ..core.ranks import is_main_process
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Iterator
+    from typing import Any
+
+    from torcheval.metrics.metric import Metric
+
+    from ..core.learner import Learner
+
 __all__ = ['MetricsCB', 'LocalMetrics', 'metrics_reducer', 'format_time', 'quiet_torcheval', 'monitor_value',
            'monitor_mode', 'improved']
 
 
 @contextmanager
-def quiet_torcheval():
+def quiet_torcheval() -> Iterator[None]:
     "Inside, importing torcheval does not print the FutureWarning about `torch.jit.script` that it raises (not ours)."
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
@@ -42,7 +51,7 @@ def format_time(t: float) -> str:
 class LocalMetrics:
     "How `MetricsCB` reads its metrics in one process; `DDPCB` and `AccelerateCB` offer one that merges the ranks'."
     @staticmethod
-    def compute(metric):
+    def compute(metric: Metric) -> Any:
         "The metric's value."
         return metric.compute()
 
@@ -52,7 +61,7 @@ class LocalMetrics:
         return weight > 0
 
 
-def metrics_reducer(learn):
+def metrics_reducer(learn: Learner) -> Any:
     "How the metrics are read in this fit: the first reducer a callback offers (`metrics_reducer()`), else local."
     for cb in learn.cbs:
         f = getattr(cb, 'metrics_reducer', None)
@@ -70,21 +79,21 @@ class MetricsCB(Callback):
     `rows()` gives one fit's. Other callbacks take part through what they offer (see `Callback`): a merge over
     processes (`metrics_reducer`), a change to the row (`annotate_metrics`), a place to show it (`show_metrics`)."""
     skip_in_probes = True
-    def __init__(self, *ms, flush_every: int = 32, **metrics):
+    def __init__(self, *ms: Metric, flush_every: int = 32, **metrics: Metric) -> None:
         for o in ms: metrics[type(o).__name__] = o
         self.metrics, self.flush_every = metrics, flush_every
         self.all_metrics = copy(metrics)
         self.all_metrics['loss'] = self.loss = _mean_metric()
         self.history, self._device, self.fits, self._viewers, self.train = [], None, 0, [], True
 
-    def _log(self, d: dict) -> None:
+    def _log(self, d: Any) -> None:
         """Show an epoch's row: hand it to the callbacks that show rows (`show_metrics`, e.g. `ProgressCB`'s table),
         else print it on the main process. A subclass may send rows elsewhere by overriding this, as the course does."""
         if self._viewers:
             for show in self._viewers: show(d)
         elif is_main_process(): print(d)
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         learn.metrics = self
         self.fits += 1
 
@@ -93,7 +102,7 @@ class MetricsCB(Callback):
         n = fit + self.fits if fit < 0 else fit
         return [r for r in self.history if r['fit'] == n]
 
-    def before_epoch(self, learn):
+    def before_epoch(self, learn: Learner) -> None:
         # the metrics go where the model is here, outside the batch: torcheval's `to` copies each state from the
         # host, which inside a batch would make the CPU wait for the device
         if isinstance(learn.model, torch.nn.Module): self._to(model_device(learn.model))
@@ -101,7 +110,7 @@ class MetricsCB(Callback):
         self._preds, self._ys, self._losses, self._ns = [], [], [], []
         self._start = time.perf_counter()
 
-    def after_batch(self, learn):
+    def after_batch(self, learn: Learner) -> None:
         y, preds = learn.batch[1], learn.preds
         if isinstance(preds, torch.Tensor): preds = preds.detach()
         self._preds.append(preds)
@@ -134,7 +143,7 @@ class MetricsCB(Callback):
                     for m in self.metrics.values(): m.update(p, y)
         self._preds, self._ys, self._losses, self._ns = [], [], [], []
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         self._flush()
         reducer = metrics_reducer(learn)  # asked now: DDPCB (order 10) sets up its reducer after our before_fit
         if not reducer.measured(float(self.loss.weights)): return  # nothing was measured (cancelled before a batch)
@@ -151,7 +160,7 @@ class MetricsCB(Callback):
         self._log(row)
 
 
-def monitor_value(learn, monitor: str):
+def monitor_value(learn: Learner, monitor: str) -> Any:
     "The latest value of `monitor` ('valid loss', 'train accuracy', or a metric name for validation) from MetricsCB."
     stage, _, name = monitor.partition(' ') if monitor.startswith(('valid ', 'train ')) else ('valid', '', monitor)
     want = 'eval' if stage == 'valid' else 'train'

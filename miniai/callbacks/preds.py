@@ -2,6 +2,9 @@
 the interpretation and FID's features."""
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 
 from ..core.devices import HostCopies
@@ -27,13 +30,17 @@ class CapturePreds(Callback):
     With `skip_loss`, each batch ends once its prediction is taken: no loss is computed (batches need no targets)."""
     order = 0  # takes each batch in after_batch before SingleBatchCB (1) ends the fit
 
-    def __init__(self, inps: bool = False, skip_loss: bool = False):
+    all_preds: Any  # lists of batches during the fit; tensors (or None) once it ends
+    all_targs: Any
+    all_inps: Any
+
+    def __init__(self, inps: bool = False, skip_loss: bool = False) -> None:
         self.inps, self.skip_loss = inps, skip_loss
         # taken in after_predict: after every other after_predict (CompileCB copies outputs out of CUDA-graph memory)
         if skip_loss: self.order = 100
         self.all_preds, self.all_targs, self.all_inps, self._host = [], [], [], HostCopies()
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self.all_preds, self.all_targs, self.all_inps, self._host = [], [], [], HostCopies()
 
     def _take(self, learn):
@@ -42,21 +49,21 @@ class CapturePreds(Callback):
         if len(b) > 1: self.all_targs.append(host(b[1]))
         if self.inps: self.all_inps.append(host(b[0]))
 
-    def after_predict(self, learn):
+    def after_predict(self, learn: Learner) -> None:
         if not self.skip_loss: return
         self._take(learn)
         raise CancelBatchException()  # nothing else is needed from this batch
 
-    def after_batch(self, learn):
+    def after_batch(self, learn: Learner) -> None:
         if not self.skip_loss: self._take(learn)
 
-    def cleanup_fit(self, learn):  # not after_fit: a cancelled fit (e.g. `SingleBatchCB`) keeps what it saw
+    def cleanup_fit(self, learn: Learner) -> None:  # not after_fit: a cancelled fit (e.g. `SingleBatchCB`) keeps what it saw
         self._host.wait()
         self.all_preds, self.all_targs, self.all_inps = _cat(self.all_preds), _cat(self.all_targs), _cat(self.all_inps)
 
 
 @learner_method
-def capture_preds(self: Learner, cbs=None, inps: bool = False):
+def capture_preds(self: Learner, cbs: Iterable[Callback] | None = None, inps: bool = False) -> tuple[Any, ...]:
     """Predictions and targets (and inputs, if `inps`) over the validation set, through the Learner's callbacks plus
     `cbs`. A look, not a change: the model, optimizer, data order and RNGs are left as they were."""
     cp = CapturePreds(inps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import fastcore.all as fc
 import torch
@@ -14,6 +15,12 @@ from ..core.files import atomic_path
 from ..core.messages import warn_once
 from ..core.ranks import is_main_process
 from .metrics import MetricsCB, format_time
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from ..core.learner import Learner
 
 __all__ = ['ProgressCB', 'plots_show', 'show_or_save']
 
@@ -33,7 +40,7 @@ def plots_show() -> bool:
     return matplotlib.get_backend().lower() not in _NON_INTERACTIVE
 
 
-def show_or_save(fig, plot, what: str, hint: str) -> None:
+def show_or_save(fig: Figure, plot: bool | str | os.PathLike, what: str, hint: str) -> None:
     """Save `fig` to `plot` when it is a path; else, where no figure can be seen (a script with a non-interactive
     backend), say so once, with `hint` on how to keep it, rather than drop it silently."""
     if isinstance(plot, (str, os.PathLike)):
@@ -53,12 +60,12 @@ class ProgressCB(Callback):
     skip_in_probes = True
     order = MetricsCB.order + 1
 
-    def __init__(self, plot: bool | str | os.PathLike = False, refresh: float = 0.3, log_every: float = 10.):
+    def __init__(self, plot: bool | str | os.PathLike = False, refresh: float = 0.3, log_every: float = 10.) -> None:
         self.plot, self.refresh, self.log_every = plot, refresh, log_every
         # made here too, not only in before_fit: cleanup_fit runs even when a fit failed before ours began
         self.losses, self.val_losses, self._pending, self._header, self._last = [], [], [], None, 0.
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self.silent = not is_main_process()  # with several processes, only rank 0 reports
         self.bars = (fc.IN_NOTEBOOK or sys.stdout.isatty()) and not self.silent
         self.losses, self.val_losses, self._pending, self._header = [], [], [], None
@@ -71,7 +78,7 @@ class ProgressCB(Callback):
             master_bar, _ = _progress()
             learn.epochs = self.mbar = master_bar(learn.epochs)
 
-    def show_metrics(self, d: dict):
+    def show_metrics(self, d: dict) -> None:
         "Show a metrics row in the table (`MetricsCB` hands each row here): the header first, then the row."
         if self._header is None:
             self._header = list(d)
@@ -83,7 +90,7 @@ class ProgressCB(Callback):
         if self.bars: self.mbar.write(cells, table=True)
         else: print('  '.join(f'{c:<8}' for c in cells).rstrip(), flush=True)
 
-    def before_epoch(self, learn):
+    def before_epoch(self, learn: Learner) -> None:
         self._epoch_start = self._line_at = time.perf_counter()
         if self.bars:
             _, progress_bar = _progress()
@@ -91,7 +98,7 @@ class ProgressCB(Callback):
             # fastprogress counts epochs from 1 ('Epoch 2/3'); the table, the logs and the stop messages from 0
             learn.dl.prefix = f'epoch {learn.epoch} {"train" if learn.training else "eval"} :'
 
-    def after_batch(self, learn):
+    def after_batch(self, learn: Learner) -> None:
         if self.plot and learn.training: self._pending.append(learn.loss.detach())
         now = time.perf_counter()
         if now - self._last < self.refresh: return
@@ -124,13 +131,13 @@ class ProgressCB(Callback):
         if self.val_losses: graphs.append([[x for x, _ in self.val_losses], [v for _, v in self.val_losses]])
         self.mbar.update_graph(graphs)
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if self.plot and not learn.training and hasattr(learn, 'metrics') and learn.metrics.history:
             self._flush()
             self.val_losses.append((len(self.losses), learn.metrics.history[-1]['loss']))
             self._update_graph()
 
-    def plot_losses(self, ax=None) -> None:
+    def plot_losses(self, ax: Axes | None = None) -> None:
         "Training loss per batch and validation loss per epoch of the latest fit, on `ax` (a new figure if None)."
         import matplotlib.pyplot as plt
         self._flush()
@@ -141,11 +148,11 @@ class ProgressCB(Callback):
         ax.set_ylabel('loss')
         ax.legend()
 
-    def after_fit(self, learn):
+    def after_fit(self, learn: Learner) -> None:
         if isinstance(self.plot, (str, os.PathLike)) and not self.silent:
             import matplotlib.pyplot as plt
             self.plot_losses()
             show_or_save(plt.gcf(), self.plot, 'ProgressCB', '')
             plt.close(plt.gcf())
 
-    def cleanup_fit(self, learn): self._flush()
+    def cleanup_fit(self, learn: Learner) -> None: self._flush()

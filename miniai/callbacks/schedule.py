@@ -3,6 +3,9 @@ finding a learning rate (`LRFinderCB`, `learn.lr_find`)."""
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch.optim.lr_scheduler import ExponentialLR
 
@@ -13,6 +16,10 @@ from ..core.ranks import world_size
 from ..core.state import CheckpointError
 from .progress import show_or_save
 from .suggest import SuggestedLRs, lr_suggestions, smooth_losses
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from torch import optim
 
 __all__ = ['BaseSchedCB', 'BatchSchedCB', 'EpochSchedCB', 'HasLearnCB', 'RecorderCB', 'LRFinderCB', 'suggest_lr',
            'lr_find']
@@ -27,9 +34,10 @@ class BaseSchedCB(Callback):
     skip_in_probes = True
     resume_needs_state = 'required'  # a resumed fit goes on with its schedule or not at all
     unit = 'steps'
-    def __init__(self, sched): self.sched, self._whole, self._saved, self.schedo = sched, None, None, None
+    def __init__(self, sched: Callable[[optim.Optimizer], Any] | None) -> None:
+        self.sched, self._whole, self._saved, self.schedo = sched, None, None, None
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self.schedo = self.sched(learn.opt)
         if self._saved is not None: self._restore(self._saved)
         self._saved = None
@@ -37,7 +45,7 @@ class BaseSchedCB(Callback):
         self._whole = self._fit_steps(learn)[0] if world_size() > 1 else None
         if self._whole is None: self._check(learn)
 
-    def before_epoch(self, learn):
+    def before_epoch(self, learn: Learner) -> None:
         if self._whole is None or not learn.training: return
         whole, self._whole = self._whole, None
         self._check(learn, whole)
@@ -59,7 +67,7 @@ class BaseSchedCB(Callback):
     def _step(self, learn):
         if learn.training: self.schedo.step()
 
-    def cleanup_fit(self, learn): self._saved = None  # a state handed over for a fit that failed before it was used
+    def cleanup_fit(self, learn: Learner) -> None: self._saved = None  # a state handed over for a fit that failed before it was used
 
     def state_dict(self) -> dict | None:
         "The scheduler's state (None before the first fit has built it)."
@@ -79,7 +87,7 @@ class BaseSchedCB(Callback):
 
 class BatchSchedCB(BaseSchedCB):
     "Step the scheduler after every training batch (e.g. `OneCycleLR`)."
-    def after_batch(self, learn): self._step(learn)
+    def after_batch(self, learn: Learner) -> None: self._step(learn)
 
     def _fit_steps(self, learn):
         n = len(learn.dls.train) if learn.phases[0] and hasattr(learn.dls.train, '__len__') else None
@@ -89,26 +97,26 @@ class BatchSchedCB(BaseSchedCB):
 class EpochSchedCB(BaseSchedCB):
     "Step the scheduler after every training epoch (e.g. `StepLR`)."
     unit = 'epochs'
-    def after_epoch(self, learn): self._step(learn)
+    def after_epoch(self, learn: Learner) -> None: self._step(learn)
     def _fit_steps(self, learn): return (learn.n_epochs, 'epochs') if learn.phases[0] else (None, '')
 
 
 class HasLearnCB(Callback):
     "Keep `self.learn` during a fit, for callbacks whose helpers need the Learner."
-    def before_fit(self, learn): self.learn = learn
-    def cleanup_fit(self, learn): self.learn = None
+    def before_fit(self, learn: Learner) -> None: self.learn = learn
+    def cleanup_fit(self, learn: Learner) -> None: self.learn = None
 
 
 class RecorderCB(Callback):
     """Record `fn(self)` for each keyword `fn` after every training batch: `self.pg` is the optimizer's last parameter
     group (the head's; the only one with a plain learning rate), `self.pgs` all of them (`lr=slice(...)`)."""
     skip_in_probes = True
-    def __init__(self, **d): self.d, self.recs = d, {k: [] for k in d}
-    def before_fit(self, learn):
+    def __init__(self, **d: Callable[[RecorderCB], Any]) -> None: self.d, self.recs = d, {k: [] for k in d}
+    def before_fit(self, learn: Learner) -> None:
         self.recs = {k: [] for k in self.d}
         self.pgs = learn.opt.param_groups
         self.pg = self.pgs[-1]
-    def after_batch(self, learn):
+    def after_batch(self, learn: Learner) -> None:
         if not learn.training: return
         for k, fn in self.d.items(): self.recs[k].append(fn(self))
 
@@ -122,7 +130,7 @@ class RecorderCB(Callback):
             ax.set_xlabel('batch')
 
 
-def suggest_lr(lrs, losses, beta: float = 0.98) -> float:
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], beta: float = 0.98) -> float:
     "One tenth of the learning rate at which the (bias-corrected exponentially smoothed) loss was lowest."
     if not lrs: raise ValueError('suggest_lr: no learning rate was recorded')
     s = smooth_losses(losses, beta)
@@ -133,15 +141,15 @@ class LRFinderCB(Callback):
     """Multiply the learning rate by `gamma` after each training batch; stop when the loss exceeds `max_mult` times
     its minimum or stops being finite. Skips validation. Reads the loss every batch: it is a probe, not training.
     `plot`: draw loss against learning rate at the end (True), also save it to a file (a path), or not (False)."""
-    def __init__(self, gamma: float = 1.3, max_mult: float = 3, plot=True):
+    def __init__(self, gamma: float = 1.3, max_mult: float = 3, plot: bool | str | os.PathLike = True) -> None:
         self.gamma, self.max_mult, self.show = gamma, max_mult, plot
         self.lrs, self.losses = [], []
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self.sched = ExponentialLR(learn.opt, self.gamma)
         self.lrs, self.losses, self.min = [], [], math.inf
 
-    def after_batch(self, learn):
+    def after_batch(self, learn: Learner) -> None:
         if not learn.training: raise CancelEpochException()
         self.lrs.append(learn.opt.param_groups[-1]['lr'])  # the head's, when there are several groups
         loss = learn.loss.item()
@@ -153,7 +161,7 @@ class LRFinderCB(Callback):
     @property
     def suggestion(self) -> SuggestedLRs: return lr_suggestions(self.lrs, self.losses)
 
-    def plot(self, ax=None):
+    def plot(self, ax: Axes | None = None) -> Axes:
         "Loss against learning rate on a log axis, the suggested learning rates (valley, minimum, steep) marked."
         import matplotlib.pyplot as plt
         if ax is None: _, ax = plt.subplots(figsize=(5, 3.5))
@@ -168,7 +176,7 @@ class LRFinderCB(Callback):
             ax.legend()
         return ax
 
-    def cleanup_fit(self, learn):
+    def cleanup_fit(self, learn: Learner) -> None:
         if not (self.show and self.lrs): return
         import matplotlib.pyplot as plt
         self.plot()
@@ -178,7 +186,7 @@ class LRFinderCB(Callback):
 
 @learner_method
 def lr_find(self: Learner, gamma: float = 1.3, max_mult: float = 3, start_lr: float = 1e-5, max_epochs: int = 10,
-            plot=True) -> SuggestedLRs:
+            plot: bool | str | os.PathLike = True) -> SuggestedLRs:
     """Train from `start_lr`, multiplying it by `gamma` each batch, until the loss exceeds `max_mult` times its
     minimum; plot loss against learning rate (`plot` may be a path to save it to) and return the suggestions: a
     `SuggestedLRs`, which as a number is `minimum` (a tenth of the rate at the smoothed loss's lowest point) and also

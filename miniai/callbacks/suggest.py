@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 __all__ = ['SuggestedLRs', 'smooth_losses', 'lr_suggestions']
 
@@ -10,6 +11,10 @@ class SuggestedLRs(float):
     """The learning rates `lr_find` suggests. As a number it is `minimum` (what `lr_find` always returned); also
     `valley` (inside the long descent before the minimum, the usual choice for fine-tuning) and `steep` (where the loss
     falls fastest)."""
+    minimum: float
+    steep: float
+    valley: float
+
     def __new__(cls, minimum: float, steep: float, valley: float):
         self = super().__new__(cls, minimum)
         self.minimum, self.steep, self.valley = minimum, steep, valley
@@ -19,7 +24,7 @@ class SuggestedLRs(float):
     def __repr__(self): return 'SuggestedLRs(' + ', '.join(f'{k}={v:.2e}' for k, v in self.as_dict().items()) + ')'
 
 
-def smooth_losses(losses, beta: float = 0.98) -> list[float]:
+def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> list[float]:
     "The bias-corrected exponential moving average of `losses`, up to the first one that is not finite."
     avg, out = 0., []
     for i, loss in enumerate(losses):
@@ -29,7 +34,7 @@ def smooth_losses(losses, beta: float = 0.98) -> list[float]:
     return out
 
 
-def lr_suggestions(lrs, losses, beta: float = 0.98) -> SuggestedLRs:
+def lr_suggestions(lrs: Sequence[float], losses: Sequence[float], beta: float = 0.98) -> SuggestedLRs:
     """`minimum`: a tenth of the rate at the smoothed loss's lowest point; `steep`: the rate where it falls fastest
     against log(rate); `valley`: the geometric middle of the longest stretch over which it keeps falling (by more than
     noise) and that ends at or before the lowest point."""

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +25,9 @@ from ..core.events import Callback
 from ..core.ranks import is_main_process, world_size
 from .metrics import improved, monitor_mode
 
+if TYPE_CHECKING:
+    from ..core.learner import Learner
+
 __all__ = ['run_settings', 'git_commit', 'TrackerCB', 'MissingClient', 'import_client']
 
 
@@ -28,14 +35,14 @@ class MissingClient(ImportError):
     "A tracker's client package is not installed: the message names the extra that installs it."
 
 
-def import_client(module: str, extra: str):
+def import_client(module: str, extra: str) -> ModuleType:
     "Import the tracker client `module`, or raise `MissingClient` naming `pip install 'miniai-learner[extra]'`."
     try: return importlib.import_module(module)
     except ImportError as e:
         raise MissingClient(f"logging to {extra} needs the {module} package: pip install 'miniai-learner[{extra}]'") from e
 
 
-def git_commit(folder='.') -> str | None:
+def git_commit(folder: str | os.PathLike = '.') -> str | None:
     "The commit checked out in `folder` (with '+dirty' when files changed), or None outside a git checkout."
     try:
         run = partial(subprocess.run, cwd=folder, capture_output=True, text=True, timeout=5)
@@ -60,7 +67,7 @@ def _describe(f) -> str:
     return getattr(f, '__name__', type(f).__name__)
 
 
-def run_settings(learn, extra: dict | None = None) -> dict:
+def run_settings(learn: Learner, extra: dict | None = None) -> dict:
     """What a fit is run with, as plain JSON values: learning rate, epochs, batch size, optimizer, schedule, precision,
     the model (class, parameters), the data (loader sizes), the callbacks, miniai's and torch's versions and the git
     commit; `extra` (the recipe's seed, data name, FLOPs...) is added on top."""
@@ -75,7 +82,7 @@ def run_settings(learn, extra: dict | None = None) -> dict:
     for split in ('train', 'valid'):
         dl = getattr(dls, split, None)
         ds = getattr(dl, 'x', getattr(dl, 'dataset', None))
-        try: s[f'n_{split}'] = len(ds)
+        try: s[f'n_{split}'] = len(ds)  # pyright: ignore[reportArgumentType]  (a TypeError is caught)
         except TypeError: pass
     if (pgs := getattr(getattr(learn, 'opt', None), 'param_groups', None)) and len(pgs) > 1:
         s['lrs'] = [pg['lr'] for pg in pgs]
@@ -98,10 +105,11 @@ class TrackerCB(Callback):
     closes the run at once, marked so."""
     order = 18  # after MetricsCB's row, before SaveModelCB (20) and InterruptCB (90) save: checkpoints hold our step
     skip_in_probes = True
-    client, extra = None, None  # the package and the miniai extra that installs it
+    client: str | None = None  # the package and the miniai extra that installs it
+    extra: str | None = None
 
     def __init__(self, config: dict | None = None, run_name: str | None = None, loss_every: int = 10,
-                 files=(), finish: bool = True):
+                 files: Iterable[str | os.PathLike] = (), finish: bool = True) -> None:
         if loss_every < 1: raise ValueError(f'loss_every must be >= 1, got {loss_every}')
         self.config, self.run_name, self.loss_every, self.files = dict(config or {}), run_name, loss_every, files
         self.finish_at_end, self.run_id, self.batches, self.best = finish, None, 0, {}
@@ -126,16 +134,17 @@ class TrackerCB(Callback):
             return None
 
     # -- events ------------------------------------------------------------------------------------------------
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self._losses, self._done, self.best = [], False, {}
         if not is_main_process() or self.is_open or self.failed: return  # a run kept open: the next fit goes on in it
-        import_client(self.client, self.extra)  # a missing client is the user's to fix: say so, before training
+        # a missing client is the user's to fix: say so, before training
+        import_client(self.client, self.extra)  # pyright: ignore[reportArgumentType]  (each subclass names its client)
         self.is_open, resume, self._resume = True, self._resume, None
         if resume is not None:
             self.run_id, self.batches, self.best = resume['run_id'], resume['batches'], dict(resume.get('best', {}))
         self.run_id = self._try(self.open, self.run_name, self.run_id, run_settings(learn, self.config)) or self.run_id
 
-    def after_batch(self, learn):
+    def after_batch(self, learn: Learner) -> None:
         if not learn.training: return
         self.batches += 1
         if self.is_open and self.batches % self.loss_every == 0: self._losses.append((self.batches, learn.loss.detach()))
@@ -146,7 +155,7 @@ class TrackerCB(Callback):
         self._losses = []
         for s, v in zip(steps, torch.stack(losses).float().tolist()): self._try(self.send, {'train/batch_loss': v}, s)
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if not self.is_open: return
         self._flush_losses()  # the one read of the losses this epoch
         history = getattr(getattr(learn, 'metrics', None), 'history', None)
@@ -160,7 +169,7 @@ class TrackerCB(Callback):
             if improved(v, self.best.get(f'best_{k}'), monitor_mode(k)): self.best[f'best_{k}'] = v
         self._try(self.send, {**values, 'epoch': row['epoch']}, self.batches)
 
-    def after_fit(self, learn):
+    def after_fit(self, learn: Learner) -> None:
         self._done = True
         if not self.is_open: return
         clock = getattr(learn, 'time_to_accuracy', None)
@@ -171,7 +180,7 @@ class TrackerCB(Callback):
         self._try(self.set_summary, summary)
         self._try(self.upload, [Path(p) for p in self.files if Path(p).is_file()])
 
-    def cleanup_fit(self, learn):
+    def cleanup_fit(self, learn: Learner) -> None:
         if not self.is_open: return
         self._flush_losses()
         exc = sys.exc_info()[1]  # what is ending the fit, if anything (a CancelFitException is over by now)
@@ -179,7 +188,7 @@ class TrackerCB(Callback):
         if not self._done: self.finish('interrupted' if isinstance(exc, KeyboardInterrupt) else 'failed')
         elif self.finish_at_end: self.finish()
 
-    def finish(self, status: str = 'finished', files=(), summary: dict | None = None) -> None:
+    def finish(self, status: str = 'finished', files: Iterable[str | os.PathLike] = (), summary: dict | None = None) -> None:
         "Add `summary` values and `files` (those that exist) to the run and close it with `status`."
         if summary: self._try(self.set_summary, summary)
         if files: self._try(self.upload, [Path(p) for p in files if Path(p).is_file()])

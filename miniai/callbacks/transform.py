@@ -5,15 +5,22 @@ from torch import nn
 
 from ..core.events import Callback
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Callable
+    from typing import Any
+
+    from ..core.learner import Learner
+
 __all__ = ['BatchTransformCB', 'augment_cb']
 
 
 class BatchTransformCB(Callback):
     "Replace each batch by `tfm(batch)` before it is used, in training (`on_train`) and/or validation (`on_val`)."
-    def __init__(self, tfm, on_train: bool = True, on_val: bool = True):
+    def __init__(self, tfm: Callable[[Any], Any], on_train: bool = True, on_val: bool = True) -> None:
         self.tfm, self.on_train, self.on_val = tfm, on_train, on_val
 
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         if (self.on_train and learn.training) or (self.on_val and not learn.training):
             learn.batch = self.tfm(learn.batch)
 

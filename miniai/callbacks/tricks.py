@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.events import Callback, CancelFitException
 from .metrics import improved, monitor_mode, monitor_value
+
+if TYPE_CHECKING:
+    from ..core.learner import Learner
 
 __all__ = ['EarlyStoppingCB', 'TerminateOnNaNCB', 'GradClipCB', 'GradAccumCB']
 
@@ -18,13 +22,13 @@ class EarlyStoppingCB(Callback):
     skip_in_probes = True
     order = 25  # after MetricsCB logged the epoch and SaveModelCB saved it
 
-    def __init__(self, monitor: str = 'valid loss', patience: int = 3, min_delta: float = 0., mode: str | None = None):
+    def __init__(self, monitor: str = 'valid loss', patience: int = 3, min_delta: float = 0., mode: str | None = None) -> None:
         self.monitor, self.patience, self.min_delta = monitor, patience, min_delta
         self.mode = monitor_mode(monitor, mode)
 
-    def before_fit(self, learn): self.best, self.wait, self.stopped_epoch = None, 0, None
+    def before_fit(self, learn: Learner) -> None: self.best, self.wait, self.stopped_epoch = None, 0, None
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if learn.training and learn.phases[1]: return
         v = monitor_value(learn, self.monitor)
         if v is None: return
@@ -42,9 +46,9 @@ class TerminateOnNaNCB(Callback):
     """Stop at the first loss that is not finite, before its backward pass and step, so the weights (and the last
     checkpoint) stay good; `nan_at` holds (epoch, batch). This reads the loss every batch: on a GPU that is one
     synchronisation per batch, the price of never taking a bad step."""
-    def before_fit(self, learn): self.nan_at = None
+    def before_fit(self, learn: Learner) -> None: self.nan_at = None
 
-    def after_loss(self, learn):
+    def after_loss(self, learn: Learner) -> None:
         if not math.isfinite(learn.loss.item()):
             self.nan_at = (learn.epoch, learn.iter)
             warnings.warn(f'loss is {learn.loss.item()} at epoch {learn.epoch}, batch {learn.iter} '
@@ -57,9 +61,9 @@ class GradClipCB(Callback):
     """Clip the gradients' global norm to `max_norm` after each backward pass. Loss-scaled (fp16) gradients are
     unscaled first, by every callback that scales the loss (`MixedPrecision`, `AccelerateCB`: those with an
     `unscale_grads` method), looked up at each step, since they make this fit's scaler in their own `before_fit`."""
-    def __init__(self, max_norm: float, norm_type: float = 2.): self.max_norm, self.norm_type = max_norm, norm_type
+    def __init__(self, max_norm: float, norm_type: float = 2.) -> None: self.max_norm, self.norm_type = max_norm, norm_type
 
-    def after_backward(self, learn):
+    def after_backward(self, learn: Learner) -> None:
         for cb in learn.cbs:
             if callable(getattr(cb, 'unscale_grads', None)): cb.unscale_grads(learn)
         self.last_norm = torch.nn.utils.clip_grad_norm_(learn.model.parameters(), self.max_norm, self.norm_type)
@@ -93,15 +97,15 @@ class GradAccumCB(Callback):
     `GradScaler` steps the optimizer itself)."""
     order = 50  # after schedulers (order 0) were built on the real optimizer
 
-    def __init__(self, n: int):
+    def __init__(self, n: int) -> None:
         if n < 1: raise ValueError(f'GradAccumCB: n must be >= 1, got {n}')
         self.n = n
 
-    def before_fit(self, learn): learn.opt = self.acc = _AccumulatingOpt(learn.opt, self.n)
+    def before_fit(self, learn: Learner) -> None: learn.opt = self.acc = _AccumulatingOpt(learn.opt, self.n)
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if learn.training: self.acc.flush()
 
-    def cleanup_fit(self, learn):
+    def cleanup_fit(self, learn: Learner) -> None:
         opt = getattr(learn, 'opt', None)  # a fit may fail before its optimizer is made
         if isinstance(opt, _AccumulatingOpt): learn.opt = opt.opt

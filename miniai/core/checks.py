@@ -11,7 +11,8 @@ loss itself (on CUDA, a device-side assert that leaves the GPU unusable) before 
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,11 @@ from .events import Callback
 from .messages import warn_user
 from .nested import first_shape, tensors_in
 
+if TYPE_CHECKING:
+    from .learner import Learner
+
+_Fn = TypeVar('_Fn', bound=Callable[..., Any])
+
 __all__ = ['ModuleForwardError', 'takes_tuples', 'module_expects', 'forward_error', 'failed_module', 'device_mismatch',
            'dtype_mismatch', 'explain_forward_failure', 'is_nll_loss', 'is_classification_loss', 'loss_failure',
            'NamedBatchCB', 'FirstBatchChecks']
@@ -30,9 +36,9 @@ class ModuleForwardError(RuntimeError):
     "A forward pass failed inside a module; the message names the module's path and the input shape it got."
 
 
-def takes_tuples(f):
+def takes_tuples(f: _Fn) -> _Fn:
     "Mark a `predict` step that reads the batch by position (`batch[0]`), so that a dict batch is refused clearly."
-    f.takes_tuples = True
+    f.takes_tuples = True  # type: ignore[attr-defined]
     return f
 
 
@@ -47,7 +53,8 @@ def module_expects(m: nn.Module) -> str:
     return ''
 
 
-def forward_error(model: nn.Module, m: nn.Module, shape, e: BaseException, batch_shape=None) -> ModuleForwardError:
+def forward_error(model: nn.Module, m: nn.Module, shape: tuple | None, e: BaseException,
+                  batch_shape: tuple | None = None) -> ModuleForwardError:
     "The error for a forward pass of `model` that failed in its module `m`, which got input of `shape`."
     path = next((p for p, mod in model.named_modules() if mod is m), None) or '(model)'
     want, batch = module_expects(m), batch_shape is not None and batch_shape != shape
@@ -72,7 +79,7 @@ def failed_module(e: BaseException, model: nn.Module) -> tuple[nn.Module, object
     return found
 
 
-def device_mismatch(model: nn.Module, data, cbs=()) -> str | None:
+def device_mismatch(model: nn.Module, data: Any, cbs: Iterable = ()) -> str | None:
     "Why `data` cannot go through `model` if its tensors are on another device than the model's parameters; else None."
     if next(model.parameters(), None) is None: return None  # nothing of the model's sits on a device
     dev = model_device(model)
@@ -85,7 +92,7 @@ def device_mismatch(model: nn.Module, data, cbs=()) -> str | None:
     return f"the model's parameters are on {dev} but the batch is on {', '.join(others)}: {fix}"
 
 
-def dtype_mismatch(model: nn.Module, x) -> str | None:
+def dtype_mismatch(model: nn.Module, x: Any) -> str | None:
     """Why the input `x` cannot go through `model` if it is not of its weights' float dtype (uint8 pixels that were
     never normalised, integers, float64); else None."""
     if not isinstance(x, torch.Tensor) or x.dtype == (w := model_dtype(model)): return None
@@ -99,7 +106,7 @@ def dtype_mismatch(model: nn.Module, x) -> str | None:
     return f"the model's input is {x.dtype} but its weights are {w}: convert it ({fix})"
 
 
-def explain_forward_failure(learn, e: RuntimeError) -> Exception | None:
+def explain_forward_failure(learn: Learner, e: RuntimeError) -> Exception | None:
     "A clearer error for `e`, raised by the model's forward pass during a fit, or None when there is nothing to add."
     if isinstance(e, torch.OutOfMemoryError): return None
     batch, said = getattr(learn, 'batch', None), str(e).lower()
@@ -111,7 +118,7 @@ def explain_forward_failure(learn, e: RuntimeError) -> Exception | None:
     if any(w in said for w in ('type', 'byte', 'long', 'double')) and (why := dtype_mismatch(learn.model, x)):
         return TypeError(f'{why}. ({e})')
     if (where := failed_module(e, learn.model)) is None: return None
-    return forward_error(learn.model, *where, e, batch_shape=first_shape(batch))
+    return forward_error(learn.model, *where, e, batch_shape=first_shape(batch))  # pyright: ignore[reportArgumentType]
 
 
 # -- the loss -------------------------------------------------------------------------------------------------
@@ -121,20 +128,20 @@ def _func_of(loss_func):
     return loss_func
 
 
-def is_nll_loss(loss_func) -> bool:
+def is_nll_loss(loss_func: Callable) -> bool:
     "Whether `loss_func` is `nll_loss` (the function, a partial of it, or `nn.NLLLoss`), which takes log-probabilities."
     f = _func_of(loss_func)
     return f is F.nll_loss or isinstance(f, nn.NLLLoss)
 
 
-def is_classification_loss(loss_func) -> bool:
+def is_classification_loss(loss_func: Callable) -> bool:
     """Whether `loss_func` is cross-entropy or `nll_loss` (functions, partials of them, or their modules): a loss that
     takes one output per class. Other losses may pair class labels with outputs of another width (embeddings)."""
     f = _func_of(loss_func)
     return f is F.cross_entropy or isinstance(f, nn.CrossEntropyLoss) or is_nll_loss(loss_func)
 
 
-def loss_failure(loss_func, preds, targets, e: BaseException) -> ValueError:
+def loss_failure(loss_func: Callable, preds: Any, targets: Sequence, e: BaseException) -> ValueError:
     "The error for a loss function that could not take the model's output and the targets: shapes, or devices."
     name = getattr(_func_of(loss_func), '__name__', None) or type(_func_of(loss_func)).__name__
     if len({str(t.device) for t in (preds, *targets) if isinstance(t, torch.Tensor)}) > 1:
@@ -153,11 +160,11 @@ class NamedBatchCB(Callback):
     Learner's steps and callbacks read by position: the values of `inputs`, then those of `targets` (a key or a list
     of keys each). Batches that are not dicts go through unchanged."""
     order = -20  # before every callback that reads the batch by position (augmentation, channels-last, ...)
-    def __init__(self, inputs='input', targets='label'):
+    def __init__(self, inputs: str | Sequence[str] = 'input', targets: str | Sequence[str] = 'label') -> None:
         as_list = lambda k: [k] if isinstance(k, str) else list(k)
         self.keys = as_list(inputs) + as_list(targets)
 
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         b = learn.batch
         if not isinstance(b, Mapping): return
         if missing := [k for k in self.keys if k not in b]:
@@ -202,7 +209,7 @@ def _check_target_shape(kind: str, out: tuple, want: tuple) -> None:
 class FirstBatchChecks:
     """The Learner's look at the first batch of each fit: each per-batch handler runs once and then leaves the dispatch;
     a value on an accelerator is read at the end of the first epoch (see this module's docstring)."""
-    def __init__(self, learn):
+    def __init__(self, learn: Learner) -> None:
         self.learn, self._later = learn, []
         self.handlers = {'before_batch': self.before_batch, 'after_predict': self.after_predict,
                          'after_loss': self.after_loss, 'after_epoch': self.after_epoch}
@@ -219,7 +226,7 @@ class FirstBatchChecks:
         if _reads_now(dev): then(*[t.item() for t in tensors])
         else: self._later.append((tensors, then))
 
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         self._done('before_batch')
         b = learn.batch
         if not isinstance(b, (Mapping, torch.Tensor)): return
@@ -236,7 +243,7 @@ class FirstBatchChecks:
                 f'does, with as_tuple=True, through collate_dict; or collate_fn=collate_dict(ds)), or add '
                 f"NamedBatchCB(inputs=..., targets=...) naming the keys (e.g. NamedBatchCB('image', 'label')).")
 
-    def after_predict(self, learn):
+    def after_predict(self, learn: Learner) -> None:
         self._done('after_predict')
         preds, b = learn.preds, learn.batch
         y = b[-1] if isinstance(b, (tuple, list)) and len(b) >= 2 else None
@@ -268,7 +275,7 @@ class FirstBatchChecks:
                       f'is {top}: if there are {top + 1} classes, make its last layer output {top + 1} (the other '
                       f'{n_out - top - 1} are never a target)')
 
-    def after_loss(self, learn):
+    def after_loss(self, learn: Learner) -> None:
         self._done('after_loss')
         loss, preds = learn.loss, learn.preds
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and isinstance(preds, torch.Tensor)
@@ -284,6 +291,6 @@ class FirstBatchChecks:
                   f'{", below 0, which no classification loss can be" if loss < 0 else ""}): use F.cross_entropy on '
                   f'raw outputs, or end the model with nn.LogSoftmax(dim=1)')
 
-    def after_epoch(self, learn):  # stays for the fit (once an epoch, with nothing left to read after the first)
+    def after_epoch(self, learn: Learner) -> None:  # stays for the fit (once an epoch, with nothing left to read after the first)
         later, self._later = self._later, []
         for tensors, then in later: then(*[t.item() for t in tensors])

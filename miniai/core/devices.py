@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -68,7 +70,7 @@ def _from_env() -> torch.device | None:
     return dev
 
 
-def resolve_device(device=None) -> str:
+def resolve_device(device: str | torch.device | None = None) -> str:
     """The device `device` stands for in this process, as a string: None means `default_device()`; 'cuda' without
     an index means this process's GPU (cuda:LOCAL_RANK under torchrun, or the GPU `$MINIAI_DEVICE` names)."""
     if device is None: return default_device()
@@ -101,7 +103,7 @@ def __getattr__(name: str):
 def __dir__(): return sorted([*globals(), 'def_device'])  # so tab completion in notebooks offers it
 
 
-def to_device(x, device=None):
+def to_device(x: Any, device: str | torch.device | None = None) -> Any:
     """Move a tensor, or the tensors inside nested dicts, lists and tuples, to `device` (default: `default_device()`).
     Copies to an accelerator are asynchronous (`non_blocking`): from pinned CPU memory they overlap with compute and
     never make the CPU wait. Copies to the CPU are not, since the CPU could otherwise read data still being copied."""
@@ -110,7 +112,7 @@ def to_device(x, device=None):
     return apply_to_tensors(lambda t: t.to(device, non_blocking=non_blocking), x)
 
 
-def pins_by_default(device) -> bool:
+def pins_by_default(device: str | torch.device) -> bool:
     "Whether data held on `device` will be trained on a CUDA GPU here, so its batches are worth pinning."
     return (torch.device(device).type == 'cpu' and torch.cuda.is_available()
             and os.environ.get(ENV, '').strip().split(':')[0] in ('', 'cuda'))
@@ -126,7 +128,7 @@ def pinned_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.index_select(t, 0, idx, out=out)
 
 
-def deliver_loader(dl, device):
+def deliver_loader(dl: Any, device: str | torch.device) -> Callable[[], object]:
     """Ask the loader `dl` to hand out its batches on `device` if it can (it has `deliver_to`, as `TensorDataLoader`
     does); returns the function that puts its delivery back as it was (nothing to do for other loaders)."""
     deliver = getattr(dl, 'deliver_to', None)
@@ -141,9 +143,9 @@ class HostCopies:
     get CPU ones; `wait()` once before reading them. A CUDA tensor is copied into pinned memory asynchronously, in
     its stream's order, so its GPU memory may be reused as soon as the caller lets go of it (what is held on the GPU
     stays one batch deep); CPU tensors are taken as they are, those on other devices copied at once."""
-    def __init__(self): self._from = set()
+    def __init__(self) -> None: self._from = set()
 
-    def __call__(self, x): return apply_to_tensors(self.copy, x)
+    def __call__(self, x: Any) -> Any: return apply_to_tensors(self.copy, x)
 
     def copy(self, t: torch.Tensor) -> torch.Tensor:
         "One tensor on the CPU (pinned, still on its way, for a CUDA tensor)."
@@ -169,7 +171,7 @@ def cpu_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)  # the rest of the model (modules, attributes) copied as usual
 
 
-def collate_device(b):
+def collate_device(b: list) -> Any:
     "`default_collate` the batch `b`, then move it to the default device."
     return to_device(default_collate(b))
 

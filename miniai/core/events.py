@@ -6,7 +6,12 @@ from __future__ import annotations
 import re
 import traceback
 import warnings
+from collections.abc import Callable, Iterable
 from functools import wraps
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .learner import Learner
 
 
 __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
@@ -56,19 +61,19 @@ def callback_name(cls_name: str) -> str:
     return re.sub(r'(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])', '_', base).lower()
 
 
-def sort_cbs(cbs) -> list:
+def sort_cbs(cbs: Iterable) -> list:
     "Callbacks sorted by their `order` (stable, so equal orders keep their given order)."
     return sorted(cbs, key=lambda cb: getattr(cb, 'order', 0))
 
 
-def run_cbs(cbs, method_nm: str, learn=None) -> None:
+def run_cbs(cbs: Iterable, method_nm: str, learn: Learner | None = None) -> None:
     "Call `method_nm(learn)` on each callback in `cbs` that has it, in `order`."
     for cb in sort_cbs(cbs):
         method = getattr(cb, method_nm, None)
         if method is not None: method(learn)
 
 
-def misspelt_events(cb) -> list[str]:
+def misspelt_events(cb: object) -> list[str]:
     "Public methods of `cb` named like an event (`before_`, `after_`, `cleanup_`) that are not one."
     cls = type(cb)
     return [n for n in dir(cls) if n.startswith(('before_', 'after_', 'cleanup_')) and n not in EVENTS
@@ -91,7 +96,7 @@ def note_failure(exc: BaseException, failure: BaseException, where: str) -> None
              f'{"".join(traceback.format_exception_only(type(failure), failure)).strip()}{_origin(failure)}']
     lines += [f'  {n}' for n in getattr(failure, '__notes__', ())]
     for line in lines:
-        if hasattr(exc, 'add_note'): exc.add_note(line)
+        if hasattr(exc, 'add_note'): exc.add_note(line)  # pyright: ignore[reportAttributeAccessIssue]  (Python >= 3.11)
         else: warnings.warn(line, RuntimeWarning, stacklevel=2)
 
 
@@ -108,9 +113,9 @@ class with_cbs:
     """Decorator: run `before_{nm}`, the function, `after_{nm}`; swallow `Cancel{Nm}Exception`; always `cleanup_{nm}`.
     An exception on its way reaches the caller as the same object even if the cleanup fails too (the failure is
     attached to it, see `note_failure`); a cleanup that fails when nothing else went wrong raises its own error."""
-    def __init__(self, nm: str): self.nm = nm
+    def __init__(self, nm: str) -> None: self.nm = nm
 
-    def __call__(self, f):
+    def __call__(self, f: Callable[..., None]) -> Callable[..., None]:
         before, after, cleanup, cancel = (f'before_{self.nm}', f'after_{self.nm}', f'cleanup_{self.nm}',
                                           _CANCEL[self.nm])
         @wraps(f)

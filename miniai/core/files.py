@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(path):
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path` for the body to write (a file, or a folder with files); when the body
     ends without an error, what it wrote is synced to the disk and renamed to `path` in one step, so `path` is always
     either the old file or the complete new one (a folder is not put in place of one that has files: that is an
@@ -46,7 +47,7 @@ def atomic_path(path):
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_atomic(path, data: bytes | str) -> Path:
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     "Write `data` (text as UTF-8) to the file `path` through `atomic_path`; returns the path."
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
@@ -54,7 +55,7 @@ def write_atomic(path, data: bytes | str) -> Path:
 
 
 @contextmanager
-def locked(path):
+def locked(path: str | os.PathLike) -> Iterator[None]:
     "Hold an exclusive lock on the file `path` (made if needed) for the body, across processes and threads."
     from filelock import FileLock
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -3,11 +3,15 @@ optimizer's groups for a learning rate given as a number, a `slice(lo, hi)` or o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from torch import nn
 
 __all__ = ['default_splitter', 'split_params', 'spread_lrs', 'optimizer_params', 'BATCHNORMS']
 
+#: what an `lr` argument takes: one rate, `slice(lo, hi)` (spread over the groups) or one rate a group
+LR = float | slice | list[float] | tuple[float, ...]
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -33,7 +37,7 @@ def default_splitter(model: nn.Module) -> list:
     return [g for g in (body[:cut], body[cut:], head) if g]
 
 
-def split_params(model: nn.Module, splitter=None) -> list[list[nn.Parameter]]:
+def split_params(model: nn.Module, splitter: Callable[[nn.Module], Iterable] | None = None) -> list[list[nn.Parameter]]:
     """`splitter(model)`'s groups as lists of parameters (a group may be a module, a list of modules or of
     parameters); parameters that no group names join the last group, so every parameter is trained."""
     groups, seen, out = (splitter or default_splitter)(model), set(), []
@@ -51,7 +55,7 @@ def split_params(model: nn.Module, splitter=None) -> list[list[nn.Parameter]]:
     return out
 
 
-def spread_lrs(lr, n: int) -> list[float]:
+def spread_lrs(lr: LR | None, n: int) -> list[float]:
     """One learning rate per group: a number for all; `slice(lo, hi)` from `lo` (the first group) to `hi` (the last),
     geometrically; `slice(hi)` `hi / 10` for all groups but the last; a list, one each."""
     if isinstance(lr, slice):
@@ -72,7 +76,8 @@ def spread_lrs(lr, n: int) -> list[float]:
     return [float(lr)] * n
 
 
-def optimizer_params(model: nn.Module, lr, splitter=None):
+def optimizer_params(model: nn.Module, lr: LR | None,
+                     splitter: Callable[[nn.Module], Iterable] | None = None) -> tuple[Any, float | None]:
     """What `fit` gives the optimizer, and the learning rate to build it with: the model's parameters and `lr` for a
     number (one group, as before groups existed), a group a splitter group with its own rate for a slice or a list."""
     if not isinstance(lr, (slice, list, tuple)): return model.parameters(), lr

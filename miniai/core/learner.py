@@ -22,8 +22,11 @@ methods of a Learner subclass (`TrainLearner`) or of a callback (`TrainCB`).
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
+from collections.abc import Callable, Iterable
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import fastcore.all as fc
 import torch
@@ -34,7 +37,7 @@ from .checks import FirstBatchChecks, explain_forward_failure, loss_failure, tak
 from .devices import deliver_loader, resolve_device, to_device
 from .events import (EVENTS, STEPS, Callback, CancelFitException, callback_name, misspelt_events, note_failure, run_cbs,
                      sort_cbs, with_cbs)
-from .groups import optimizer_params
+from .groups import LR, optimizer_params
 
 __all__ = ['Learner', 'TrainLearner', 'MomentumLearner', 'TrainCB', 'DeviceCB', 'SingleBatchCB', 'compute_loss',
            'learner_method']
@@ -68,7 +71,7 @@ def _finish_then_stop(methods, learn):
     if stop is not None: raise stop
 
 
-def compute_loss(loss_func, preds, *targets):
+def compute_loss(loss_func: Callable, preds: Any, *targets: Any) -> Any:
     "`loss_func(preds, *targets)`, with an error naming the loss and both shapes (or devices) when they do not fit."
     try: return loss_func(preds, *targets)
     except (RuntimeError, ValueError, IndexError, TypeError) as e:
@@ -86,8 +89,9 @@ class Learner:
     `save`, `load`, `resume_cb` (miniai.runs.checkpoint), `freeze`, `freeze_to`, `unfreeze` (miniai.core.freezing),
     `fit_one_cycle`, `fit_flat_cos`, `fine_tune` (miniai.callbacks.onecycle). Importing miniai adds them all.
     """
-    def __init__(self, model: nn.Module, dls=(0,), loss_func=F.mse_loss, lr: float = 0.1, cbs=None,
-                 opt_func=optim.SGD, splitter=None):
+    def __init__(self, model: nn.Module, dls: Any = (0,), loss_func: Callable = F.mse_loss, lr: float | None = 0.1,
+                 cbs: Callback | Iterable[Callback] | None = None, opt_func: Callable | None = optim.SGD,
+                 splitter: Callable[[nn.Module], Iterable] | None = None) -> None:
         self.model, self.dls, self.loss_func, self.lr, self.opt_func = model, dls, loss_func, lr, opt_func
         self.splitter = splitter  # model -> parameter groups (None: `default_splitter`); see miniai.core.groups
         self.cbs = fc.L(list(fc.L(cbs)))  # a copy: fit and probes add and remove callbacks on it
@@ -134,7 +138,9 @@ class Learner:
             if train: self.one_epoch(True)
             if valid: self.one_epoch(False)
 
-    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True, cbs=None, lr=None, resume=None):
+    def fit(self, n_epochs: int = 1, train: bool = True, valid: bool = True,
+            cbs: Callback | Iterable[Callback] | None = None, lr: LR | None = None,
+            resume: str | os.PathLike | None = None) -> None:
         """Train for `n_epochs` with a fresh optimizer at `lr` (a number; or `slice(lo, hi)`, rates growing
         geometrically over the parameter groups, see `miniai.core.groups`); `cbs` are used for this fit only.
         `resume`: a checkpoint path (see `miniai.runs.checkpoint`) to continue a run from where it was saved."""
@@ -147,7 +153,7 @@ class Learner:
         try:
             self._prepare_dispatch()
             self.n_epochs, self.phases = n_epochs, (train, valid)
-            self.epochs = range(n_epochs)
+            self.epochs: Any = range(n_epochs)  # a progress bar may wrap it
             if lr is None: lr = self.lr
             if self.opt_func: self.opt = self.opt_func(*optimizer_params(self.model, lr, getattr(self, 'splitter', None)))
             self._fit(train, valid)
@@ -206,7 +212,10 @@ class Learner:
             for m in d[method_nm]: m(self)
         else: run_cbs(self.cbs, method_nm, self)
 
-    def __getattr__(self, name):
+    if TYPE_CHECKING:  # the loop's state (batch, preds, loss, opt, epoch...) is set on the Learner by its callbacks
+        def __setattr__(self, name: str, value: Any) -> None: ...
+
+    def __getattr__(self, name: str) -> Any:
         if name in STEPS: return partial(self.callback, name)
         if not name.startswith('_') and (cb := self._callback_named(name)) is not None: return cb
         raise AttributeError(f'{type(self).__name__!r} object has no attribute {name!r}')
@@ -221,19 +230,19 @@ class Learner:
                    if issubclass(c, Callback) and c is not Callback): return cb
         return None
 
-    def predict(self, x=None, act=None):
+    def predict(self, x: Any = None, act: Callable | None = None) -> Any:
         """With `x`: the class of `x` (one item or a batch), its probability and all probabilities, through this
         Learner's callbacks (see `miniai.tools.inference.predict`). Without: the loop's 'predict' step, which a plain
         Learner takes from its callbacks (`TrainCB`)."""
         if x is None: return self.callback('predict')
         return self.predict_item(x, act)
-    predict.step_from_callbacks = True
+    predict.step_from_callbacks = True  # pyright: ignore[reportFunctionMemberAccess]  (a mark the dispatch reads)
 
     @property
     def training(self) -> bool: return self.model.training
 
 
-def learner_method(f=None, *, name: str | None = None):
+def learner_method(f: Callable | None = None, *, name: str | None = None) -> Callable:
     """Decorator: add the function `f` to `Learner` as a method called `name` (default: `f`'s own name), from the
     module of the feature it belongs to (each is listed in `Learner`'s docstring); `f` itself stays what the module
     exports."""
@@ -245,23 +254,24 @@ def learner_method(f=None, *, name: str | None = None):
 class TrainLearner(Learner):
     "A `Learner` with the usual steps: predict from `batch[0]`, loss against `batch[1]`, backward, step, zero."
     @takes_tuples
-    def predict(self, x=None, act=None):
+    def predict(self, x: Any = None, act: Callable | None = None) -> Any:
         "The 'predict' step: the model's output for `batch[0]`; with `x`, `Learner.predict` (a class for `x`)."
         if x is not None: return Learner.predict(self, x, act)
         self.preds = self.model(self.batch[0])
-    def get_loss(self): self.loss = compute_loss(self.loss_func, self.preds, self.batch[1])
-    def backward(self): self.loss.backward()
-    def step(self): self.opt.step()
-    def zero_grad(self): self.opt.zero_grad()
+    def get_loss(self) -> None: self.loss = compute_loss(self.loss_func, self.preds, self.batch[1])
+    def backward(self) -> None: self.loss.backward()
+    def step(self) -> None: self.opt.step()
+    def zero_grad(self) -> None: self.opt.zero_grad()
 
 
 class MomentumLearner(TrainLearner):
     "A `TrainLearner` whose `zero_grad` keeps `mom` times the old gradients (momentum without optimizer state)."
-    def __init__(self, model, dls, loss_func, lr=None, cbs=None, opt_func=optim.SGD, mom: float = 0.85):
+    def __init__(self, model: nn.Module, dls: Any, loss_func: Callable, lr: float | None = None,
+                 cbs: Callback | Iterable[Callback] | None = None, opt_func: Callable = optim.SGD, mom: float = 0.85) -> None:
         self.mom = mom
         super().__init__(model, dls, loss_func, lr, cbs, opt_func)
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         with torch.no_grad():
             for p in self.model.parameters():
                 if p.grad is not None: p.grad *= self.mom
@@ -269,13 +279,14 @@ class MomentumLearner(TrainLearner):
 
 class TrainCB(Callback):
     "The training steps as a callback, for a plain `Learner`; the first `n_inp` batch items go to the model."
-    def __init__(self, n_inp: int = 1): self.n_inp = n_inp
+    def __init__(self, n_inp: int = 1) -> None: self.n_inp = n_inp
     @takes_tuples
-    def predict(self, learn): learn.preds = learn.model(*learn.batch[:self.n_inp])
-    def get_loss(self, learn): learn.loss = compute_loss(learn.loss_func, learn.preds, *learn.batch[self.n_inp:])
-    def backward(self, learn): learn.loss.backward()
-    def step(self, learn): learn.opt.step()
-    def zero_grad(self, learn): learn.opt.zero_grad()
+    def predict(self, learn: Learner) -> None: learn.preds = learn.model(*learn.batch[:self.n_inp])
+    def get_loss(self, learn: Learner) -> None:
+        learn.loss = compute_loss(learn.loss_func, learn.preds, *learn.batch[self.n_inp:])
+    def backward(self, learn: Learner) -> None: learn.loss.backward()
+    def step(self, learn: Learner) -> None: learn.opt.step()
+    def zero_grad(self, learn: Learner) -> None: learn.opt.zero_grad()
 
 
 class DeviceCB(Callback):
@@ -285,15 +296,16 @@ class DeviceCB(Callback):
     (`deliver_to`, as `TensorDataLoader` does) is asked to, for each epoch of the fit: CPU-held uint8 images in
     pinned memory (`fashion_dls(device='cpu')` on a CUDA machine) then cross to the GPU as uint8 without making the
     CPU wait, and are normalised there; outside the fit the loader yields CPU batches again."""
-    def __init__(self, device=None): self.device = resolve_device(device)
-    def before_fit(self, learn):
+    def __init__(self, device: str | torch.device | None = None) -> None: self.device = resolve_device(device)
+    def before_fit(self, learn: Learner) -> None:
         if hasattr(learn.model, 'to'): learn.model.to(self.device)
-    def before_epoch(self, learn): self._undeliver = deliver_loader(getattr(learn, 'dl', None), self.device)
-    def before_batch(self, learn): learn.batch = to_device(learn.batch, device=self.device)
-    def cleanup_epoch(self, learn): self.__dict__.pop('_undeliver', lambda: None)()
+    def before_epoch(self, learn: Learner) -> None:
+        self._undeliver = deliver_loader(getattr(learn, 'dl', None), self.device)
+    def before_batch(self, learn: Learner) -> None: learn.batch = to_device(learn.batch, device=self.device)
+    def cleanup_epoch(self, learn: Learner) -> None: self.__dict__.pop('_undeliver', lambda: None)()
 
 
 class SingleBatchCB(Callback):
     "End the fit after one batch: a quick check that the whole loop runs."
     order = 1
-    def after_batch(self, learn): raise CancelFitException()
+    def after_batch(self, learn: Learner) -> None: raise CancelFitException()

@@ -12,7 +12,7 @@ __all__ = ['clean_ipython_hist', 'clean_tb', 'clean_mem']
 
 def clean_ipython_hist() -> None:
     "Drop IPython's references to old outputs, which keep tensors alive."
-    try: ip = get_ipython()  # noqa: F821  (defined only inside IPython)
+    try: ip = get_ipython()  # noqa: F821  (defined only inside IPython)  # pyright: ignore[reportUndefinedVariable]
     except NameError: return
     user_ns = ip.user_ns
     ip.displayhook.flush()

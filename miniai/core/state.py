@@ -5,17 +5,23 @@ wrappers), `unchanged` (snapshot and restore), and the one protocol by which cal
 from __future__ import annotations
 
 import inspect
+import os
 import random
 import re
 import warnings
 import weakref
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+if TYPE_CHECKING:
+    from .learner import Learner
 
 __all__ = ['CheckpointError', 'set_seed', 'rng_state', 'set_rng_state', 'unwrap_model', 'plain_keys',
            'plain_state_dict', 'plain_saved_keys', 'keeps_state', 'loader_generator', 'note_epoch_start',
@@ -112,7 +118,7 @@ def plain_saved_keys(sd: dict, want: set) -> dict:
     return sd2 if set(sd2) == want else sd
 
 
-def keeps_state(obj) -> bool:
+def keeps_state(obj: object) -> bool:
     """Whether `obj` (an optimizer, a scheduler, a data loader) has a state to save and load back. Hugging Face
     Accelerate's prepared loaders have `state_dict`/`load_state_dict` whatever they wrap, but they work only when the
     loader inside has them too (not over torch's `DataLoader`, whose state is its sampler's)."""
@@ -121,7 +127,7 @@ def keeps_state(obj) -> bool:
     return inner is None or hasattr(inner, 'state_dict')
 
 
-def loader_generator(dl) -> torch.Generator | None:
+def loader_generator(dl: Any) -> torch.Generator | None:
     "The `torch.Generator` a torch DataLoader shuffles with (`DataLoader(..., generator=g)`), where it has its own."
     g = None if keeps_state(dl) else getattr(dl, 'generator', None)  # a loader with a state keeps its order itself
     return g if isinstance(g, torch.Generator) else None
@@ -130,14 +136,14 @@ def loader_generator(dl) -> torch.Generator | None:
 _EPOCH_START = weakref.WeakKeyDictionary()  # loader -> its generator's state as the current epoch started
 
 
-def note_epoch_start(dl) -> None:
+def note_epoch_start(dl: Any) -> None:
     """Remember the state of `dl`'s generator as an epoch starts (before its order is drawn), so that a checkpoint
     taken part-way through the epoch can run the same order again (InterruptCB calls it)."""
     g = loader_generator(dl)
     if g is not None: _EPOCH_START[dl] = g.get_state()
 
 
-def loader_state(dl) -> dict | None:
+def loader_state(dl: Any) -> dict | None:
     """What a checkpoint keeps of a training loader to give it back its order: its own `state_dict()` where it has one
     (miniai's TensorDataLoader), else the states of the generator a torch DataLoader shuffles with, now and at the
     start of this epoch (`note_epoch_start`); None where the order comes from the global RNG (kept with the RNGs)."""
@@ -146,7 +152,7 @@ def loader_state(dl) -> dict | None:
     return None if g is None else {'torch_generator': g.get_state(), 'epoch_generator': _EPOCH_START.get(dl)}
 
 
-def set_loader_state(dl, state: dict | None, repeat_epoch: bool = False) -> bool:
+def set_loader_state(dl: Any, state: dict | None, repeat_epoch: bool = False) -> bool:
     """Give `dl` the order kept in `state` (from `loader_state`): the coming epochs', or with `repeat_epoch` that of
     the epoch under way when it was taken, to run it again. Returns whether it could."""
     if state is None: return False
@@ -164,7 +170,7 @@ def set_loader_state(dl, state: dict | None, repeat_epoch: bool = False) -> bool
 
 
 @contextmanager
-def unchanged(model: nn.Module, *others):
+def unchanged(model: nn.Module, *others: Any) -> Iterator[None]:
     """Run the body, then put back `model`'s parameters, gradients, buffers and train/eval modes, the RNGs, and the
     state of each of `others` that has `state_dict`/`load_state_dict` (optimizers, schedulers, data loaders) and the
     generator of each torch DataLoader among them that has its own.
@@ -176,7 +182,7 @@ def unchanged(model: nn.Module, *others):
     grads = {p: (None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()}
     gens = [g for g in map(loader_generator, others) if g is not None]
     gen_states = [g.get_state() for g in gens]
-    others = [o for o in others if keeps_state(o)]
+    others = [o for o in others if keeps_state(o)]  # pyright: ignore[reportAssignmentType]
     states = [deepcopy(o.state_dict()) for o in others]
     rngs = rng_state()
     try: yield
@@ -192,7 +198,7 @@ def unchanged(model: nn.Module, *others):
 
 
 @contextmanager
-def looking(learn, quiet: bool = True):
+def looking(learn: Learner, quiet: bool = True) -> Iterator[Learner]:
     """Inside, run probes (`lr_find`, `capture_preds`, ...) through `fit`; afterwards the model, its optimizer (the
     same object, same state), the data order and the RNGs are as they were. `quiet` sets aside meanwhile the
     callbacks marked `skip_in_probes` (metrics, progress, schedulers, checkpoints, loggers), which would treat the
@@ -210,7 +216,7 @@ def looking(learn, quiet: bool = True):
 
 
 @torch.no_grad()
-def match_state_layout(opt) -> None:
+def match_state_layout(opt: torch.optim.Optimizer) -> None:
     """Give each optimizer state tensor shaped like its parameter the parameter's memory layout (strides).
     Loaded states are contiguous, and a model turned channels-last after its optimizer state was made has NHWC
     weights: a fused AdamW reads both as flat memory, so mismatched layouts would pair the wrong elements."""
@@ -223,7 +229,7 @@ def match_state_layout(opt) -> None:
 
 
 # -- callbacks' own state in checkpoints ---------------------------------------------------------------------------
-def stateful_callbacks(cbs) -> dict:
+def stateful_callbacks(cbs: Iterable) -> dict:
     """The callbacks that keep state (a `state_dict` and a `load_state_dict` method), by class name (numbered `.1`,
     `.2`... when a class is there more than once), in the order given."""
     own = [cb for cb in cbs if callable(getattr(cb, 'state_dict', None))
@@ -233,7 +239,7 @@ def stateful_callbacks(cbs) -> dict:
             for i, (n, cb) in enumerate(zip(names, own))}
 
 
-def callback_states(cbs) -> tuple[dict, list, list]:
+def callback_states(cbs: Iterable) -> tuple[dict, list, list]:
     """Each stateful callback's `state_dict()` by name (None where it has nothing to keep yet); the names of those the
     training itself goes on from (`resume_needs_state`), and of those it cannot go on without (`'required'`)."""
     found = stateful_callbacks(cbs)
@@ -242,7 +248,8 @@ def callback_states(cbs) -> tuple[dict, list, list]:
             [k for k, v in needs.items() if v == 'required'])
 
 
-def load_callback_states(cbs, states: dict | None, where, needed=(), required=()) -> None:
+def load_callback_states(cbs: Iterable, states: dict | None, where: str | os.PathLike, needed: Iterable[str] | None = (),
+                         required: Iterable[str] | None = ()) -> None:
     """Hand each callback of `cbs` its saved state (`load_state_dict`; each applies it when it next starts a fit).
     A saved state the training goes on from (`needed`) that no callback of `cbs` takes, or a callback of `cbs` that
     needs one (`resume_needs_state`) and finds none in `where` (the run was saved without it), is warned of: the run

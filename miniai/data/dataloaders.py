@@ -20,11 +20,17 @@ from .normalise import Normalise
 from .show import overlay_masks, show_images
 from .targets import Targets
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    import os
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
 __all__ = ['inplace', 'collate_dict', 'Dataset', 'get_dls', 'DataLoaders', 'image_dls', 'table_dls', 'folder_dls',
            'dd_dls', 'mask_dls']
 
 
-def inplace(f):
+def inplace(f: Callable[[Any], None]) -> Callable[[Any], Any]:
     "Turn `f`, which changes its argument in place, into a function that also returns it (for `with_transform`)."
     def _f(b):
         f(b)
@@ -33,7 +39,7 @@ def inplace(f):
     return _f
 
 
-def collate_dict(ds):
+def collate_dict(ds: Any) -> Callable[[list], tuple]:
     "A collate function for a `datasets.Dataset` that returns a tuple of its feature columns."
     get = itemgetter(*ds.features)
     def _collate(b): return get(default_collate(b))
@@ -42,7 +48,7 @@ def collate_dict(ds):
 
 class Dataset:
     "Pairs of (x, y) taken from two sequences of the same length."
-    def __init__(self, x, y):
+    def __init__(self, x: Sequence, y: Sequence) -> None:
         if len(x) != len(y): raise ValueError(f'Dataset: x has {len(x)} items but y has {len(y)}')
         self.x, self.y = x, y
     def __len__(self) -> int: return len(self.x)
@@ -51,7 +57,7 @@ class Dataset:
 
 
 
-def get_dls(train_ds, valid_ds, bs: int, **kwargs):
+def get_dls(train_ds: Any, valid_ds: Any, bs: int, **kwargs: Any) -> tuple[DataLoader, DataLoader]:
     "A shuffled training `DataLoader` and a validation one with twice the batch size."
     return (DataLoader(train_ds, batch_size=bs, shuffle=True, **kwargs),
             DataLoader(valid_ds, batch_size=bs * 2, **kwargs))
@@ -59,13 +65,19 @@ def get_dls(train_ds, valid_ds, bs: int, **kwargs):
 
 class DataLoaders:
     "A training and a validation data loader, as `.train` and `.valid`."
-    def __init__(self, *dls):
+    #: set where the data is known (`image_dls`, `fashion_dls`, a run's loaders): class names, pixel statistics, source
+    classes: list[str]
+    mean: Any  # per-channel floats (None: not normalised)
+    std: Any
+    source: str
+
+    def __init__(self, *dls: Any) -> None:
         if len(dls) < 2:
             raise ValueError(f'DataLoaders needs a training and a validation loader, got {len(dls)} loader(s)')
         self.train, self.valid = dls[:2]
 
     @classmethod
-    def from_dd(cls, dd, batch_size: int, as_tuple: bool = True, **kwargs) -> 'DataLoaders':
+    def from_dd(cls, dd: Any, batch_size: int, as_tuple: bool = True, **kwargs: Any) -> 'DataLoaders':
         """Data loaders over the splits of a `DatasetDict` `dd`, batches collated to tuples of its features. A `dd` of
         images and labels with no transform (`miniai.data.hf.is_image_dd`) takes the fast path instead: uint8 tensors
         decoded once and cached, normalised per batch (`dd_dls`; DataLoader-only options such as
@@ -76,8 +88,9 @@ class DataLoaders:
         return cls(*get_dls(*dd.values(), bs=batch_size, **kwargs))
 
     @classmethod
-    def from_folder(cls, path, train: str = 'train', valid: str = 'valid', valid_pct: float | None = None,
-                    size=None, bs: int = 64, device=None, seed: int | None = None, **kwargs) -> 'DataLoaders':
+    def from_folder(cls, path: str | os.PathLike, train: str = 'train', valid: str = 'valid',
+                    valid_pct: float | None = None, size: int | tuple[int, int] | None = None, bs: int = 64,
+                    device: str | torch.device | None = None, seed: int | None = None, **kwargs: Any) -> 'DataLoaders':
         """Data loaders over a folder of images, a folder per class (`path/train/<class>/*.png`, and `path/valid` or
         `path/test`; or `valid_pct` of the images held out by a split seeded with `seed`), decoded once and cached as
         uint8, memory-mapped; `size` resizes (see `miniai.data.folders.folder_images`; `kwargs` go to `image_dls`).
@@ -149,7 +162,7 @@ class DataLoaders:
         if getattr(self, 'mean', None) is None: raise ValueError('dls.normalise: these loaders have no mean/std')
         return Normalise(self.mean, self.std, channels=xb.shape[-3]).encode(xb)
 
-    def normalize_with(self, mean, std) -> 'DataLoaders':
+    def normalize_with(self, mean: float | Sequence[float], std: float | Sequence[float]) -> 'DataLoaders':
         """Normalise the batches of both loaders with `mean` and `std` (of [0, 1] pixels, per channel) instead of the
         data's own statistics: a pretrained network's (`vision_learner` asks for it). Still per batch, from uint8."""
         for dl in (self.train, self.valid):
@@ -160,14 +173,15 @@ class DataLoaders:
         self.mean, self.std = self.train.mean, self.train.std
         return self
 
-    def test_dl(self, items, labels=None, bs: int | None = None, device=None) -> ItemsDataLoader:
+    def test_dl(self, items: Any, labels: Any = None, bs: int | None = None,
+                device: str | torch.device | None = None) -> ItemsDataLoader:
         """A loader of new items made as the training data was (decoded, resized, normalised; see
         `miniai.data.items.items_dl`): a folder, files, PIL images or tensors, for `learn.get_preds(dl=...)` and
         `ClassificationInterpretation.from_learner(learn, dl)` (which needs labels: class folders, or `labels`)."""
         bs = bs or getattr(self.valid, 'bs', None) or 64
-        return items_dl(data_preprocess(self, 'test_dl'), items, labels, getattr(self, 'classes', None), bs, device)
+        return items_dl(data_preprocess(self, 'test_dl'), items, labels, getattr(self, 'classes', None), bs, device)  # pyright: ignore[reportArgumentType]  (never None: 64 at worst)
 
-    def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs) -> None:
+    def show_batch(self, max_n: int = 9, ncols: int | None = None, **kwargs: Any) -> None:
         """Show up to `max_n` images of a training batch, pixels as stored (before normalising), titled with class
         names; like `show_images`, returns nothing (`plt.gcf()` is the figure)."""
         xb, yb = next(iter(self.train))
@@ -195,10 +209,10 @@ _WORKER_OPTIONS = ('num_workers', 'persistent_workers', 'prefetch_factor', 'work
                    'timeout', 'generator')
 
 
-def image_dls(images: ImageSet, train: str, valid: str, bs: int = 64, device=None, shuffle: bool = True,
-              drop_last: bool = False, seed: int | None = None, n_train: int | None = None,
+def image_dls(images: ImageSet, train: str, valid: str, bs: int = 64, device: str | torch.device | None = None,
+              shuffle: bool = True, drop_last: bool = False, seed: int | None = None, n_train: int | None = None,
               n_valid: int | None = None, rank: int = 0, world_size: int = 1, pin_memory: bool | None = None,
-              normalize=None):
+              normalize: tuple[float | Sequence[float], float | Sequence[float]] | None = None) -> DataLoaders:
     """Training and validation loaders over the splits `train` and `valid` of `images`, normalised per batch with the
     training split's statistics (or `normalize=(mean, std)`, e.g. a pretrained network's); `.classes` (and
     `.vocab`), `.mean` and `.std` (per channel) on the result.
@@ -211,8 +225,8 @@ def image_dls(images: ImageSet, train: str, valid: str, bs: int = 64, device=Non
     mean, std = (images.mean, images.std) if normalize is None else normalize
     norm = dict(mean=mean, std=std, device=device, rank=rank, world_size=world_size,
                 pin_memory=pin_memory)
-    dls = DataLoaders(TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **norm),
-                      TensorDataLoader(xv, yv, bs, **norm))
+    dls = DataLoaders(TensorDataLoader(xt, yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **norm),  # pyright: ignore[reportArgumentType]  (norm: keyword arguments of both loaders)
+                      TensorDataLoader(xv, yv, bs, **norm))  # pyright: ignore[reportArgumentType]
     dls.mean, dls.std, dls.classes, dls.source = dls.train.mean, dls.train.std, images.classes, images.source
     return dls
 
@@ -230,14 +244,16 @@ def table_dls(columns: list, rows: list, path, where: str, fn_col=0, label_col=1
     return dls
 
 
-def folder_dls(path, train: str = 'train', valid: str = 'valid', valid_pct: float | None = None, size=None,
-               bs: int = 64, device=None, seed: int | None = None, cache_dir=None, **kwargs):
+def folder_dls(path: str | os.PathLike, train: str = 'train', valid: str = 'valid', valid_pct: float | None = None,
+               size: int | tuple[int, int] | None = None, bs: int = 64, device: str | torch.device | None = None,
+               seed: int | None = None, cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> DataLoaders:
     "`DataLoaders` over a folder of images (see `folder_images`); `kwargs` go to `image_dls`."
     images = folder_images(path, train, valid, valid_pct, size, seed, cache_dir)
     return image_dls(images, *images.splits, bs=bs, device=device, seed=seed, **kwargs)
 
 
-def dd_dls(dd, bs: int = 64, size=None, device=None, seed: int | None = None, cache_dir=None, **kwargs):
+def dd_dls(dd: Any, bs: int = 64, size: int | tuple[int, int] | None = None, device: str | torch.device | None = None,
+           seed: int | None = None, cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> DataLoaders:
     """`DataLoaders` over the first two splits of `dd` (training, then validation), as uint8 tensors normalised per
     batch (see `dd_images`); `kwargs` go to `image_dls`."""
     images = dd_images(dd, size, cache_dir)

@@ -8,6 +8,7 @@ import re
 import struct
 import warnings
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -22,13 +23,13 @@ class ImageDataError(ValueError):
     "Images that cannot be used as they are (unreadable, missing, inconsistent); the message names the file or folder."
 
 
-def read_file(path) -> torch.Tensor:
+def read_file(path: str | os.PathLike) -> torch.Tensor:
     "The bytes of the file `path`, as a 1-D uint8 tensor."
     try: return torch.from_numpy(np.fromfile(path, np.uint8))
     except OSError as e: raise ImageDataError(f'{path}: cannot be read ({e.strerror or e})') from None
 
 
-def decode(data: torch.Tensor, name) -> torch.Tensor:
+def decode(data: torch.Tensor, name: object) -> torch.Tensor:
     "Encoded bytes (1-D uint8) -> uint8 [C, H, W], C 1 or 3 (alpha dropped, palettes expanded, 16 bits scaled to 8)."
     from torchvision.io import ImageReadMode, decode_image
     # a palette PNG (colour type 3 in IHDR) decodes to its indices unless RGB is asked for
@@ -59,14 +60,14 @@ def resize_cover(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return TF.center_crop(img, list(size))
 
 
-def load_image(item, name) -> torch.Tensor:
+def load_image(item: str | os.PathLike | torch.Tensor, name: object) -> torch.Tensor:
     "An image as uint8 [C, H, W], C 1 or 3, from a file's path, its encoded bytes (1-D uint8) or decoded pixels."
     img = read_file(item) if isinstance(item, (str, os.PathLike)) else item
     return decode(img, name) if img.dim() == 1 else as_chw(img)[:3]
 
 
 @contextlib.contextmanager
-def quiet_decoders():
+def quiet_decoders() -> Iterator[None]:
     "Inside, torchvision's notice about its decoders' future move to TorchCodec is not shown (they work as before)."
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='The image decoding and encoding capabilities of TorchVision')

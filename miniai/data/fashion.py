@@ -15,6 +15,7 @@ import warnings
 import zlib
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ def _checked_folder(folder, what: str) -> Path:
     return folder.resolve()
 
 
-def find_fashion_mnist(path=None) -> Path | None:
+def find_fashion_mnist(path: str | os.PathLike | None = None) -> Path | None:
     "The folder with the four IDX files: `path`, else `$MINIAI_DATA`, else Debian's; None means only the hub is left."
     # a source the user named explicitly is never skipped silently: it is used or it is an error
     if path is not None: return _checked_folder(path, 'path')
@@ -79,7 +80,7 @@ def find_fashion_mnist(path=None) -> Path | None:
     return DEBIAN_DIR.resolve() if DEBIAN_DIR.is_dir() and not _missing(DEBIAN_DIR) else None
 
 
-def read_idx(path, ndim: int) -> torch.Tensor:
+def read_idx(path: str | os.PathLike, ndim: int) -> torch.Tensor:
     "Read an unsigned-byte IDX file with `ndim` dimensions (gzip or not), checking its header against its size."
     path = Path(path)
     try:
@@ -115,7 +116,7 @@ def _check_split(split: str, x: torch.Tensor, y: torch.Tensor, xname, yname) -> 
 
 def _read_split(folder: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     xp, yp = _file(folder, FILES[split][0]), _file(folder, FILES[split][1])
-    return _check_split(split, read_idx(xp, 3), read_idx(yp, 1), xp, yp)
+    return _check_split(split, read_idx(xp, 3), read_idx(yp, 1), xp, yp)  # pyright: ignore[reportArgumentType]  (_source checked the files are there)
 
 
 def _source(path=None):
@@ -144,7 +145,7 @@ def _arrays(source) -> dict:
                             f'hub fashion_mnist[{s}] labels') for s in FILES}
 
 
-def fashion_arrays(path=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def fashion_arrays(path: str | os.PathLike | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     "For 'train' and 'test', the pair (uint8 images [N,28,28], int64 labels [N]); decoded once per process, read-only."
     return dict(_arrays(_source(path)))
 
@@ -164,7 +165,7 @@ def _build(arrays: dict):
                            for s, (x, y) in arrays.items()})
 
 
-def load_fashion_mnist(path=None, cache_dir=None):
+def load_fashion_mnist(path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None) -> Any:
     "Fashion-MNIST as the hub's `datasets.DatasetDict` (train 60000, test 10000; `image`, `label`), cached as arrow."
     import datasets as hf
     source = _source(path)
@@ -193,8 +194,8 @@ def _stats(source) -> tuple[float, float]:
     return mean, std
 
 
-def fashion_dls(bs: int = 1024, path=None, device=None, shuffle: bool = True, drop_last: bool = False,
-                seed: int | None = None, n_train: int | None = None, n_valid: int | None = None,
+def fashion_dls(bs: int = 1024, path: str | os.PathLike | None = None, device: str | torch.device | None = None, shuffle: bool = True,
+                drop_last: bool = False, seed: int | None = None, n_train: int | None = None, n_valid: int | None = None,
                 rank: int = 0, world_size: int = 1, pin_memory: bool | None = None) -> DataLoaders:
     """Training and test loaders of normalised float images [N,1,28,28] and int64 labels, ready for a Learner.
 
@@ -213,7 +214,7 @@ def fashion_dls(bs: int = 1024, path=None, device=None, shuffle: bool = True, dr
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
     xt, yt = subset(xt, yt, n_train, gen, 'fashion_dls: n_train')
     xv, yv = subset(xv, yv, n_valid, gen, 'fashion_dls: n_valid')
-    kw = dict(device=device, rank=rank, world_size=world_size, pin_memory=pin_memory, mean=mean, std=std)
+    kw: dict[str, Any] = dict(device=device, rank=rank, world_size=world_size, pin_memory=pin_memory, mean=mean, std=std)
     train = TensorDataLoader(xt.unsqueeze(1), yt, bs, shuffle=shuffle, drop_last=drop_last, seed=seed, **kw)
     valid = TensorDataLoader(xv.unsqueeze(1), yv, bs, **kw)
     dls = DataLoaders(train, valid)

@@ -104,8 +104,9 @@ def _layout(path: Path, train: str, valid: str, valid_pct, seed) -> tuple[dict, 
     return {'train': split(per_train), 'valid': split(per_valid)}, classes, skipped
 
 
-def folder_images(path, train: str = 'train', valid: str = 'valid', valid_pct: float | None = None, size=None,
-                  seed: int | None = None, cache_dir=None) -> ImageSet:
+def folder_images(path: str | os.PathLike, train: str = 'train', valid: str = 'valid', valid_pct: float | None = None,
+                  size: int | tuple[int, int] | None = None, seed: int | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> ImageSet:
     """The images of an ImageFolder layout (`path/train/<class>/*`, `path/valid` or `path/test` alike, or
     `valid_pct` of them held out by a split seeded with `seed`) as a cached, memory-mapped `ImageSet`. Decoded once;
     the cache is keyed by the files' names, sizes and modification times, and rebuilt when any changes. `size`
@@ -128,7 +129,7 @@ def folder_images(path, train: str = 'train', valid: str = 'valid', valid_pct: f
     return cached_images(stem, key, file_batches(files), labels, counts, classes, size, str(path), cache_dir)
 
 
-def write_image_folder(path, x: torch.Tensor, y: torch.Tensor, classes: list[str], split: str = 'train') -> list[Path]:
+def write_image_folder(path: str | os.PathLike, x: torch.Tensor, y: torch.Tensor, classes: list[str], split: str = 'train') -> list[Path]:
     """Write uint8 images `x` with labels `y` as PNGs in the ImageFolder layout, `path/split/<class>/<index>.png`
     (`/` in a class name becomes `_`), for trying `from_folder` or exporting a data set; returns the files in order.
     The one set of files miniai writes without `atomic_path`: syncing each small file costs many times the write

@@ -3,7 +3,9 @@ decoded in threads, arrays copied as they are), keyed by the splits' fingerprint
 path for a `DatasetDict` with no transform (`is_image_dd`)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +29,7 @@ def _columns(ds) -> tuple[str, str] | None:
     return None if img is None or lab is None else (img, lab)
 
 
-def is_image_dd(dd) -> bool:
+def is_image_dd(dd: Any) -> bool:
     """Whether `dd` is a `DatasetDict` of images and labels with no transform or format set: what `dd_images` turns
     into uint8 tensors (a transformed one goes item by item, through the transform, as the course's does)."""
     splits = list(dd.values()) if hasattr(dd, 'values') else []
@@ -63,7 +65,7 @@ def _encoded(col) -> list:
     return [Path(paths[k].as_py()) if not b[k].is_valid else data[offs[k]:offs[k + 1]] for k in range(len(b))]
 
 
-def dd_images(dd, size=None, cache_dir=None) -> ImageSet:
+def dd_images(dd: Any, size: int | tuple[int, int] | None = None, cache_dir: str | os.PathLike | None = None) -> ImageSet:
     """The images and labels of every split of the `DatasetDict` `dd` (see `is_image_dd`) as a cached, memory-mapped
     `ImageSet`, in one pass over arrow batches (images decoded in threads, arrays copied as they are); cached by the
     splits' fingerprints, so the same data is decoded once."""
@@ -71,7 +73,7 @@ def dd_images(dd, size=None, cache_dir=None) -> ImageSet:
         raise ImageDataError('dd_images takes a DatasetDict of images (an Image or uint8 Array column) and labels (a '
                          'ClassLabel or an integer label column) with no transform or format set')
     parts, size = list(dd.items()), image_size(size)
-    img, lab = _columns(parts[0][1])
+    img, lab = _columns(parts[0][1])  # pyright: ignore[reportGeneralTypeIssues]  (is_image_dd checked the columns)
     feat = parts[0][1].features[lab]
     labels = torch.cat([torch.from_numpy(np.asarray(ds.with_format('numpy', columns=[lab])[:][lab])).long()
                         for _, ds in parts])

@@ -14,10 +14,12 @@ import threading
 import warnings
 import zlib
 from collections import deque
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,12 +58,12 @@ class ImageSet:
         raise KeyError(f'no split {name!r}; this set has {", ".join(self.splits)}')
 
 
-def cache_root(cache_dir=None) -> Path:
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     "Where miniai caches data: `cache_dir`, else `$MINIAI_CACHE`, else ~/.cache/miniai."
     return Path(cache_dir or os.environ.get('MINIAI_CACHE') or Path.home() / '.cache' / 'miniai').expanduser()
 
 
-def image_size(size) -> tuple[int, int] | None:
+def image_size(size: int | tuple[int, int] | None) -> tuple[int, int] | None:
     "`size` (an int, or (height, width)) as (height, width); None stays None."
     if size is None: return None
     h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -69,12 +71,12 @@ def image_size(size) -> tuple[int, int] | None:
     return int(h), int(w)
 
 
-def digest(*parts) -> str:
+def digest(*parts: object) -> str:
     "A short hash of `parts` (their repr), to name a cache file."
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
-def cache_key(*parts) -> str:
+def cache_key(*parts: object) -> str:
     "The key a cache file holds for images identified by `parts`: their `digest` with this file format's version."
     return digest(_KEY_FORMAT, *parts)
 
@@ -87,11 +89,11 @@ _MAGIC, _FORMAT = b'MINIAIu8', 1
 
 def _crc(arr: np.ndarray, step: int = 1 << 26) -> int:
     flat, crc = arr.reshape(-1), 0
-    for i in range(0, len(flat), step): crc = zlib.crc32(memoryview(flat[i:i + step]), crc)
+    for i in range(0, len(flat), step): crc = zlib.crc32(memoryview(flat[i:i + step]), crc)  # pyright: ignore[reportArgumentType]  (a contiguous array is a buffer)
     return crc
 
 
-def write_images(path: Path, shape: tuple, fill, labels: torch.Tensor, meta: dict, stats_of: int) -> None:
+def write_images(path: Path, shape: tuple, fill: Callable[[np.ndarray], None], labels: torch.Tensor, meta: dict, stats_of: int) -> None:
     """Write the cache file `path`: `fill(pixels)` writes the uint8 images into the memory-mapped array `pixels` of
     `shape`; `meta` (key, splits, classes, source) goes in the header, with the mean and std of the first `stats_of`
     images. Written through `atomic_path`, so a crash never leaves a half-written cache."""
@@ -101,7 +103,7 @@ def write_images(path: Path, shape: tuple, fill, labels: torch.Tensor, meta: dic
         pixels = np.memmap(tmp, np.uint8, 'r+', shape=shape) if n_pix else np.zeros(shape, np.uint8)
         fill(pixels)
         mean, std = channel_stats(torch.from_numpy(pixels[:stats_of]), meta.get('source', 'images'))
-        pixels.flush()
+        pixels.flush()  # pyright: ignore[reportAttributeAccessIssue]  (a memmap)
         lab = labels.to(torch.int64).numpy().astype('<i8')
         head = json.dumps({**meta, 'format': _FORMAT, 'shape': list(shape), 'mean': mean, 'std': std,
                            'crc': _crc(pixels), 'crc_labels': zlib.crc32(lab.tobytes())}).encode()
@@ -232,8 +234,8 @@ def _build(file: Path, key: str, batches, labels: torch.Tensor, splits: dict, cl
         return
 
 
-def cached_images(stem: str, key: str, batches, labels: torch.Tensor, splits: dict, classes: list, size,
-                  source: str, cache_dir=None) -> ImageSet:
+def cached_images(stem: str, key: str, batches: Callable[[int, int], Any], labels: torch.Tensor, splits: dict,
+                  classes: list, size: tuple[int, int] | None, source: str, cache_dir: str | os.PathLike | None = None) -> ImageSet:
     """The images a source lists, from the cache file `<cache>/images/<stem>.u8` if it holds `key` (`cache_key` of
     what identifies them), else decoded into it first. `batches(lo, hi)`
     yields `(start, items, names)` for the items lo..hi (at most `DECODE_BATCH` a time): an item is a file's path,

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ __all__ = ['RESIZE_RULE', 'Preprocess', 'item_shape', 'data_preprocess', 'is_pat
 RESIZE_RULE = 'cover'  # resize_cover: scale (antialiased) to cover the size, crop the centre; what the cache does
 
 
-def is_path(item) -> bool:
+def is_path(item: object) -> bool:
     "Whether `item` names a file or folder (a str or a path), not pixels."
     return isinstance(item, (str, os.PathLike))
 
@@ -87,7 +89,7 @@ class Preprocess:
     def from_json(cls, d: dict, what: str = 'predict') -> 'Preprocess':
         return cls(tuple(d['input_shape']), d.get('mean'), d.get('std'), d.get('resize', RESIZE_RULE), what)
 
-    def is_one(self, x) -> bool:
+    def is_one(self, x: Any) -> bool:
         "Whether `x` is one item (a path, an image, a tensor of one input), not a list or a batch."
         if is_path(x) or _is_pil(x): return True
         if isinstance(x, (np.ndarray, torch.Tensor)):
@@ -102,7 +104,7 @@ class Preprocess:
         raise TypeError(f'{self.what}: got {got}, an image, but the model takes inputs of shape {self.shape}, not '
                         f'images: pass a float tensor of that shape')
 
-    def pixels(self, item, name=None) -> torch.Tensor:
+    def pixels(self, item: Any, name: object = None) -> torch.Tensor:
         """A file's path, a PIL image or uint8 pixels ([H, W], [H, W, C] or [C, H, W]) as the training images were:
         uint8 [C, H, W] of the training channels (colour made grey by luminance, grey repeated) and size."""
         if not self.images: self._not_images(item)
@@ -140,10 +142,10 @@ class Preprocess:
         return x
 
     def _normaliser(self) -> Normalise | None:
-        return None if self.mean is None else Normalise(self.mean, self.std, channels=self.shape[0],
+        return None if self.mean is None else Normalise(self.mean, self.std, channels=self.shape[0],  # pyright: ignore[reportArgumentType]  (mean and std come together)
                                                         spatial_dims=len(self.shape) - 1)
 
-    def one(self, item, name=None) -> torch.Tensor:
+    def one(self, item: Any, name: object = None) -> torch.Tensor:
         "One item as the model's input: float32 of `shape`, normalised where the training data was."
         if _is_float(item): return self._float(torch.as_tensor(item))
         if isinstance(item, (torch.Tensor, np.ndarray)) and item.dtype not in (torch.uint8, np.uint8):
@@ -157,11 +159,11 @@ class Preprocess:
                              f'pass float tensors made as the training inputs were')
         return norm.encode(px)
 
-    def split(self, items) -> list:
+    def split(self, items: Any) -> list:
         "`items` (a list, or a batch tensor) as a list of single items."
         return [items] if self.is_one(items) else list(items)
 
-    def batch(self, items) -> torch.Tensor:
+    def batch(self, items: Any) -> torch.Tensor:
         "A list of items (or a batch tensor) as one float32 batch the model takes."
         if isinstance(items, torch.Tensor) and items.is_floating_point() and items.dim() == len(self.shape) + 1 \
                 and tuple(items.shape[1:]) == self.shape:
@@ -171,7 +173,7 @@ class Preprocess:
         return torch.stack(xs)
 
 
-def item_shape(dl) -> tuple:
+def item_shape(dl: Any) -> tuple:
     "The shape of one input of the loader `dl` (whose order is left as it was)."
     if isinstance(getattr(dl, 'x', None), torch.Tensor): return tuple(dl.x.shape[1:])  # TensorDataLoader: no batch
     with unchanged(torch.nn.Module(), dl):  # drawing a batch may move the loader's (and the global) generator on
@@ -179,7 +181,7 @@ def item_shape(dl) -> tuple:
     return tuple((b[0] if isinstance(b, (tuple, list)) else b).shape[1:])
 
 
-def data_preprocess(dls, what: str = 'predict') -> Preprocess:
+def data_preprocess(dls: Any, what: str = 'predict') -> Preprocess:
     "How the inputs of `dls` (a `DataLoaders`) were made: its validation items' shape, its `mean` and `std`."
     mean, std = getattr(dls, 'mean', None), getattr(dls, 'std', None)
     return Preprocess(item_shape(dls.valid), mean, std, what=what)
@@ -188,11 +190,11 @@ def data_preprocess(dls, what: str = 'predict') -> Preprocess:
 class ItemsDataLoader(TensorDataLoader):
     """A `TensorDataLoader` over new items, in order: batches `(x,)`, or `(x, y)` where the items have labels.
     `.items` names each item (its file, or its index)."""
-    def __init__(self, x, y, items: list, labelled: bool, **kwargs):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, items: list, labelled: bool, **kwargs: Any) -> None:
         super().__init__(x, y, **kwargs)
         self.items, self.labelled = items, labelled
 
-    def __iter__(self):
+    def __iter__(self):  # pyright: ignore[reportIncompatibleMethodOverride]
         for xb, yb in super().__iter__(): yield (xb, yb) if self.labelled else (xb,)
 
 
@@ -208,7 +210,8 @@ def _folder_items(folder: Path, classes) -> tuple[list, list | None]:
     return files, None
 
 
-def items_dl(prep: Preprocess, items, labels=None, classes=None, bs: int = 64, device=None) -> ItemsDataLoader:
+def items_dl(prep: Preprocess, items: Any, labels: Any = None, classes: Sequence[str] | None = None, bs: int = 64,
+             device: str | torch.device | None = None) -> ItemsDataLoader:
     """A loader of new `items`, made as the training data was (`prep`): a folder (every image below it; labelled by
     class folders named as `classes`), a list of files, PIL images or tensors, or a batch tensor. `labels` (class
     indices or names) gives batches their targets, for `ClassificationInterpretation`. uint8 items are kept as

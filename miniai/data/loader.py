@@ -2,6 +2,8 @@
 keep, sharding over ranks, and uint8 images normalised per batch where the data lives (`Normalise`)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.utils.data import TensorDataset
 
@@ -29,8 +31,9 @@ class TensorDataLoader:
     gathers batches into pinned memory, so that their copy to the GPU does not make the CPU wait; delivered to the
     GPU, uint8 images cross as uint8 (a quarter of the bytes) and are normalised there."""
     def __init__(self, x: torch.Tensor, y: torch.Tensor, bs: int = 1024, shuffle: bool = False,
-                 drop_last: bool = False, seed: int | None = None, device=None, rank: int = 0, world_size: int = 1,
-                 pin_memory: bool = False, mean=None, std=None):
+                 drop_last: bool = False, seed: int | None = None, device: str | torch.device | None = None, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False, mean: float | Sequence[float] | torch.Tensor | None = None,
+                 std: float | Sequence[float] | torch.Tensor | None = None) -> None:
         if len(x) != len(y): raise ValueError(f'TensorDataLoader: {len(x)} inputs but {len(y)} targets')
         if bs < 1: raise ValueError(f'TensorDataLoader: bs must be >= 1, got {bs}')
         if not 0 <= rank < world_size: raise ValueError(f'TensorDataLoader: rank {rank} not in [0, {world_size})')
@@ -50,7 +53,7 @@ class TensorDataLoader:
         self.gen = torch.Generator().manual_seed(seed or 0)
         self._epoch_gen = None  # the generator's state before the latest epoch's order was drawn
 
-    def set_normalisation(self, mean, std) -> None:
+    def set_normalisation(self, mean: float | Sequence[float] | torch.Tensor | None, std: float | Sequence[float] | torch.Tensor | None) -> None:
         "Normalise uint8 batches with `mean` and `std` ([0, 1] pixels, one per channel or one for all; both None: no)."
         self.norm = None
         if mean is None and std is None: return
@@ -67,7 +70,7 @@ class TensorDataLoader:
     device = property(lambda self: self.x.device, doc="Where the data is, and its batches unless delivered elsewhere.")
     delivery = property(lambda self: self._deliver, doc="Where batches are delivered (None: where the data is).")
 
-    def deliver_to(self, device=None) -> None:
+    def deliver_to(self, device: str | torch.device | None = None) -> None:
         """Hand out batches on `device` from now on; None (or the data's own device): where the data is. For whoever
         trains on another device than the data's (`DeviceCB` calls it at each epoch of its fit and undoes it after)."""
         dev = None if device is None else torch.device(resolve_device(device))
@@ -130,7 +133,8 @@ def _rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.index_select(t, 0, idx)
 
 
-def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, gen: torch.Generator, what: str):
+def subset(x: torch.Tensor, y: torch.Tensor, n: int | None, gen: torch.Generator,
+           what: str) -> tuple[torch.Tensor, torch.Tensor]:
     "The first `n` items of a seeded permutation: a random subset with every class present in proportion."
     if n is None or n >= len(x): return x, y
     if n < 1: raise ValueError(f'{what} must be >= 1, got {n}')

@@ -17,7 +17,7 @@ def _floats(v) -> tuple[float, ...]:
     return tuple(float(o) for o in (v if isinstance(v, (Sequence, torch.Tensor, np.ndarray)) else [v]))
 
 
-def per_channel(v, c: int, what: str) -> tuple[float, ...]:
+def per_channel(v: float | Sequence[float] | torch.Tensor, c: int, what: str) -> tuple[float, ...]:
     "`v` (a number, or one per channel) as `c` floats; one value stands for every channel."
     v = _floats(v)
     if len(v) == 1: v = v * c
@@ -30,7 +30,7 @@ class Normalise:
     ([N, C, H, W] or [C, H, W] for 2-D images): `encode` turns uint8 pixels (or floats in [0, 1]) into float32
     `(x / 255 - mean) / std`, `decode` turns normalised images back into [0, 1] pixels. `mean` and `std` are those of
     [0, 1] pixels, one per channel (or one for all of them when `channels` is given)."""
-    def __init__(self, mean, std, channels: int | None = None, spatial_dims: int = 2):
+    def __init__(self, mean: float | Sequence[float] | torch.Tensor, std: float | Sequence[float] | torch.Tensor, channels: int | None = None, spatial_dims: int = 2) -> None:
         c = channels or max(len(_floats(mean)), len(_floats(std)))
         self.mean, self.std = per_channel(mean, c, 'mean'), per_channel(std, c, 'std')
         if min(self.std) <= 0: raise ValueError(f'std must be > 0, got {self.std}')
@@ -47,7 +47,7 @@ class Normalise:
             self._consts[key] = torch.tensor(v, dtype=torch.float32, device=device).view(shape)
         return self._consts[key]
 
-    def encode(self, x: torch.Tensor, device=None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
         """`x` normalised, as float32 on `device` (default: where `x` is). uint8 becomes `x * (1 / (255 std)) - mean /
         std`: one pass that reads the bytes and writes floats, the same arithmetic as normalising a set up front."""
         dev = torch.device(device) if device is not None else x.device

@@ -2,18 +2,25 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from itertools import zip_longest
+from typing import TYPE_CHECKING, Any
 
 import fastcore.all as fc
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 __all__ = ['overlay_masks', 'show_image', 'subplots', 'get_grid', 'show_images']
 
 
-@fc.delegates(plt.Axes.imshow)
-def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
+@fc.delegates(plt.Axes.imshow)  # pyright: ignore[reportPrivateImportUsage]
+def show_image(im: Any, ax: Axes | None = None, figsize: tuple[float, float] | None = None, title: str | None = None,
+               noframe: bool = True, **kwargs: Any) -> Axes:
     "Show an image (a tensor CHW/HW, or an array HWC/HW) on `ax`, creating one if needed; returns `ax`."
     if fc.hasattrs(im, ('cpu', 'permute', 'detach')):
         im = im.detach().cpu()
@@ -31,7 +38,8 @@ def show_image(im, ax=None, figsize=None, title=None, noframe=True, **kwargs):
 
 
 @fc.delegates(plt.subplots, keep=True)
-def subplots(nrows: int = 1, ncols: int = 1, figsize=None, imsize: int = 3, suptitle=None, **kwargs):
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] | None = None, imsize: int = 3,
+             suptitle: str | None = None, **kwargs: Any) -> tuple[Figure, np.ndarray]:
     "A figure and an array of axes, sized `imsize` inches per image unless `figsize` is given."
     if figsize is None: figsize = (ncols * imsize, nrows * imsize)
     fig, ax = plt.subplots(nrows, ncols, figsize=figsize, **kwargs)
@@ -41,7 +49,8 @@ def subplots(nrows: int = 1, ncols: int = 1, figsize=None, imsize: int = 3, supt
 
 
 @fc.delegates(subplots)
-def get_grid(n: int, nrows=None, ncols=None, title=None, weight='bold', size=14, **kwargs):
+def get_grid(n: int, nrows: int | None = None, ncols: int | None = None, title: str | None = None, weight: str = 'bold',
+             size: int = 14, **kwargs: Any) -> tuple[Figure, np.ndarray]:
     "A grid of at least `n` axes (extra ones switched off); returns the figure and the flat axes."
     if nrows: ncols = ncols or int(math.ceil(n / nrows))
     elif ncols: nrows = int(math.ceil(n / ncols))
@@ -55,7 +64,8 @@ def get_grid(n: int, nrows=None, ncols=None, title=None, weight='bold', size=14,
 
 
 @fc.delegates(subplots)
-def show_images(ims, nrows=None, ncols=None, titles=None, **kwargs) -> None:
+def show_images(ims: Sequence | torch.Tensor, nrows: int | None = None, ncols: int | None = None, titles: Sequence[str] | None = None,
+                **kwargs: Any) -> None:
     """Show the images `ims` in a grid, with optional `titles`. Returns nothing, as the course's does: a Figure
     returned at the end of a Jupyter cell would show twice (`plt.gcf()` is the figure drawn)."""
     _, axs = get_grid(len(ims), nrows, ncols, **kwargs)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..core.devices import deliver_loader, to_device
-from ..core.learner import DeviceCB, TrainCB
+from ..core.learner import DeviceCB, Learner, TrainCB
 from ..core.ranks import world_size
 from .ddp import RankMetrics
 
@@ -58,7 +59,7 @@ class AccelerateCB(TrainCB):
     `accelerator_kwargs` go to `accelerate.Accelerator`."""
     order = DeviceCB.order + 10
 
-    def __init__(self, n_inp: int = 1, mixed_precision: str | None = 'fp16', **accelerator_kwargs):
+    def __init__(self, n_inp: int = 1, mixed_precision: str | None = 'fp16', **accelerator_kwargs: Any) -> None:
         super().__init__(n_inp)
         if mixed_precision not in _PRECISIONS + (None,):
             raise ValueError(f"AccelerateCB: mixed_precision must be one of {', '.join(map(repr, _PRECISIONS))} or "
@@ -95,7 +96,7 @@ class AccelerateCB(TrainCB):
                             f"{type(opt).__name__} is not one: use a torch optimizer, or mixed_precision='bf16' "
                             f"or 'no'")
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         if self.mixed_precision is not None and self.acc.state.mixed_precision != self.mixed_precision:
             self.acc = self._new_accelerator()  # another AccelerateCB has set the process's precision since
         acc, opt, n = self.acc, learn.__dict__.get('opt'), self.acc.num_processes
@@ -125,26 +126,26 @@ class AccelerateCB(TrainCB):
         elif dev.type == 'cuda' and dev.index is None: dev = torch.device('cuda', torch.cuda.current_device())
         self.device = dev
 
-    def metrics_reducer(self):
+    def metrics_reducer(self) -> type[RankMetrics] | None:
         "`MetricsCB` merges its metrics over the processes while they train together."
         return RankMetrics if getattr(self, '_undo', None) and self.acc.num_processes > 1 else None
 
-    def before_epoch(self, learn): self._undeliver = deliver_loader(getattr(learn, 'dl', None), self.device)
-    def cleanup_epoch(self, learn): self.__dict__.pop('_undeliver', lambda: None)()
+    def before_epoch(self, learn: Learner) -> None: self._undeliver = deliver_loader(getattr(learn, 'dl', None), self.device)
+    def cleanup_epoch(self, learn: Learner) -> None: self.__dict__.pop('_undeliver', lambda: None)()
 
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         # a prepared DataLoader already delivers on the device; a TensorDataLoader is asked to (before_epoch), and
         # a batch still elsewhere (a loader that cannot deliver) is moved here
         x = learn.batch[0] if isinstance(learn.batch, (tuple, list)) and learn.batch else None
         if isinstance(x, torch.Tensor) and x.device != self.device: learn.batch = to_device(learn.batch, self.device)
 
-    def backward(self, learn): self.acc.backward(learn.loss)
+    def backward(self, learn: Learner) -> None: self.acc.backward(learn.loss)
 
-    def unscale_grads(self, learn) -> None:
+    def unscale_grads(self, learn: Learner) -> None:
         "Divide fp16 gradients by the loss scale now (for `GradClipCB`); Accelerate unscales each optimizer once."
         self.acc.unscale_gradients(learn.opt)
 
-    def cleanup_fit(self, learn):
+    def cleanup_fit(self, learn: Learner) -> None:
         undo, self._undo = self._undo, []
         for f in reversed(undo): f()
         self.acc.free_memory()  # drop the accelerator's references to this fit's model, optimizer and loaders

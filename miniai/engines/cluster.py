@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -22,6 +22,9 @@ import torch.distributed as dist
 from ..core.ranks import is_dist, is_main_process, local_rank, rank, world_size
 from ..core.state import loader_state, rng_state
 from .ddp import all_agree, cpu_group, gather_to_main
+
+if TYPE_CHECKING:
+    from ..core.learner import Learner
 
 __all__ = ['StopAgreement', 'rank_state', 'save_by_main', 'save_together', 'this_rank']
 
@@ -36,7 +39,7 @@ class StopAgreement:
     every N batches, N worked out from the slowest rank's pace, the same on every rank. So a stop comes at most two
     rounds (about 2 x `seconds`, default 0.5; `$MINIAI_STOP_CHECK_SECONDS`) after the signal, and the rounds cost next
     to nothing however short a batch is. The ranks' CPUs drift at most a round apart."""
-    def __init__(self, seconds: float | None = None):
+    def __init__(self, seconds: float | None = None) -> None:
         self.group = cpu_group() if is_dist() and world_size() > 1 else None
         self.seconds = float(os.environ.get('MINIAI_STOP_CHECK_SECONDS', 0.5)) if seconds is None else seconds
         self.agreed, self._work, self._flag, self.rounds = None, None, None, 0
@@ -76,7 +79,7 @@ class StopAgreement:
         return self.agreed
 
 
-def rank_state(learn, rng: dict | None = None) -> dict:
+def rank_state(learn: Learner, rng: dict | None = None) -> dict:
     """What a checkpoint keeps of this rank alone: its random generators (`rng`, else now) and its training data order;
     and which process it was (global rank, LOCAL_RANK), for the record."""
     dl = getattr(getattr(learn, 'dls', None), 'train', None)
@@ -84,7 +87,7 @@ def rank_state(learn, rng: dict | None = None) -> dict:
             'data': loader_state(dl)}
 
 
-def save_by_main(write: Callable[[list | None], object], mine: dict, path) -> Path:
+def save_by_main(write: Callable[[list | None], object], mine: dict, path: str | os.PathLike) -> Path:
     """Called on every rank at once: the main process calls `write(states)`, `states` being every rank's `mine` in
     rank order (None when alone), and every rank waits until it is done. If it fails, every rank raises: the main
     process its own error, the others one naming `path`, instead of waiting for a file that never comes."""
@@ -101,7 +104,7 @@ def save_by_main(write: Callable[[list | None], object], mine: dict, path) -> Pa
     return Path(path)
 
 
-def save_together(learn, path, rng: dict | None = None, **extra) -> Path:
+def save_together(learn: Learner, path: str | os.PathLike, rng: dict | None = None, **extra: Any) -> Path:
     """`learn.save(path, **extra)` from code that runs on every rank at once (SaveModelCB, InterruptCB): the main
     process writes, with each rank's own random states (`rng`: taken earlier, else now) and data order, and every rank
     waits for the file. Alone, the same as `learn.save`."""
@@ -110,7 +113,7 @@ def save_together(learn, path, rng: dict | None = None, **extra) -> Path:
                         rank_state(learn, rng), path)
 
 
-def this_rank(ck: dict, where) -> dict:
+def this_rank(ck: dict, where: object) -> dict:
     """The checkpoint `ck` as this rank goes on from it: with its own random states and data order when the file holds
     every rank's. Resuming with another number of processes than saved it works, with a warning saying what is not
     exact (docs/on-a-cluster.md)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from torch import nn
 from ..core.devices import model_device
 from ..core.events import Callback
 from ..core.nested import apply_to_tensors
+
+if TYPE_CHECKING:
+    from ..core.learner import Learner
 
 __all__ = ['CompileCB', 'COMPILE_MODES']
 
@@ -61,7 +65,7 @@ class CompileCB(Callback):
     order = 30  # after DeviceCB/ChannelsLastCB placed the model and hook callbacks hooked it
 
     def __init__(self, mode: str = 'default', backend: str = 'inductor', dynamic: bool | None = False,
-                 recompile_limit: int = 32, **kwargs):
+                 recompile_limit: int = 32, **kwargs: Any) -> None:
         if mode not in COMPILE_MODES:
             raise ValueError(f"CompileCB: mode must be one of {', '.join(COMPILE_MODES)}; got {mode!r}")
         self.mode, self.backend, self.dynamic, self.recompile_limit, self.kwargs = (mode, backend, dynamic,
@@ -91,11 +95,11 @@ class CompileCB(Callback):
         kw = dict(backend=self.backend, dynamic=self.dynamic, **self.kwargs)
         if self.backend == 'inductor': kw['mode'] = mode  # other backends do not take a mode
         params = inspect.signature(torch.compile).parameters
-        if 'isolate_recompiles' in params: kw.update(isolate_recompiles=True, recompile_limit=self.recompile_limit)
+        if 'isolate_recompiles' in params: kw.update(isolate_recompiles=True, recompile_limit=self.recompile_limit)  # pyright: ignore[reportArgumentType]  (torch.compile's options are typed narrower than they are)
         model.compile(**kw)
         self._model, self._compiled, self._key = model, model._compiled_call_impl, mode
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         model = learn.model
         if not isinstance(model, nn.Module):
             raise TypeError(f'CompileCB compiles an nn.Module; learn.model is a {type(model).__name__}')
@@ -115,9 +119,9 @@ class CompileCB(Callback):
                                f"mode='default' (no CUDA graphs) while hooks are on, or remove them")
         cfg = {'skip_nnmodule_hook_guards': False}
         if 'isolate_recompiles' not in inspect.signature(torch.compile).parameters:  # older torch: one shared limit
-            cfg['recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'] = \
-                self.recompile_limit
-        self._patch = torch._dynamo.config.patch(**cfg)
+            key = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'
+            cfg[key] = self.recompile_limit  # pyright: ignore[reportArgumentType]  (torch's config: an int)
+        self._patch = torch._dynamo.config.patch(**cfg)  # pyright: ignore[reportArgumentType]
         self._patch.__enter__()
         self._compile(model, mode)
 
@@ -126,16 +130,16 @@ class CompileCB(Callback):
         if not self._epoch_graphs: return row
         return {**row, 'time': f"{row.get('time', '')} (compiling {self._epoch_secs:.0f}s)".strip()}
 
-    def before_epoch(self, learn): self._epoch_secs, self._epoch_graphs = 0., 0
+    def before_epoch(self, learn: Learner) -> None: self._epoch_secs, self._epoch_graphs = 0., 0
 
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         if self.cuda_graphs: torch.compiler.cudagraph_mark_step_begin()
         self._t, self._g = time.perf_counter(), self._stats['unique_graphs']
 
-    def after_predict(self, learn):
+    def after_predict(self, learn: Learner) -> None:
         if self.cuda_graphs: learn.preds = _copy_out(learn.preds)
 
-    def cleanup_batch(self, learn):
+    def cleanup_batch(self, learn: Learner) -> None:
         if self._t is None: return
         if (n := self._stats['unique_graphs'] - self._g):
             secs = time.perf_counter() - self._t
@@ -144,12 +148,12 @@ class CompileCB(Callback):
             self.compile_secs += secs
         self._t = None
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if self._epoch_graphs:
             self.compiles.append({'epoch': learn.epoch, 'train': 'train' if learn.training else 'eval',
                                   'secs': self._epoch_secs, 'graphs': self._epoch_graphs})
 
-    def cleanup_fit(self, learn):
+    def cleanup_fit(self, learn: Learner) -> None:
         if self._model is not None: self._model._compiled_call_impl = None  # the plain model outside the fit
         if self._patch is not None: self._patch.__exit__(None, None, None)
         self._reset_fit()

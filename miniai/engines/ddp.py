@@ -16,6 +16,7 @@ import os
 import socket
 import warnings
 from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,11 @@ from ..core.events import Callback
 from ..core.learner import DeviceCB
 from ..core.ranks import is_dist, is_main_process, local_rank, local_world_size, rank, world_size
 
+if TYPE_CHECKING:
+    from torcheval.metrics.metric import Metric
+
+    from ..core.learner import Learner
+
 __all__ = ['init_distributed', 'end_distributed', 'default_backend', 'cpu_group', 'gpu_id', 'gradient_group',
            'gather_to_main', 'all_agree', 'RankMetrics', 'DDPCB']
 
@@ -36,7 +42,7 @@ _cpu = {}  # default process group -> the gloo group beside it (`cpu_group`)
 _timeout = 300.  # seconds: that of the group `init_distributed` made, for the gloo group beside it too
 
 
-def default_backend(device) -> str:
+def default_backend(device: str | torch.device) -> str:
     """The backend for a model on `device`: NCCL for a GPU of this process's own, gloo on the CPU, and gloo when
     several processes on this machine may share one GPU through `MINIAI_DEVICE=cuda:N` (NCCL refuses two ranks on one
     device). Whether they do is known only once they have joined: `DDPCB` then asks (`gradient_group`) and gives
@@ -76,7 +82,7 @@ def end_distributed() -> None:
     dist.destroy_process_group()
 
 
-def cpu_group():
+def cpu_group() -> dist.ProcessGroup | None:
     """A gloo group of all ranks beside the default one (made once, on first use, which must come at the same point
     on every rank), for small CPU collectives that must never wait for a GPU; None when not distributed."""
     if not is_dist(): return None
@@ -87,12 +93,12 @@ def cpu_group():
     return _cpu[world]
 
 
-def gpu_id(device) -> str:
+def gpu_id(device: str | torch.device) -> str:
     "The identity of the physical GPU behind `device` (its UUID), the same whichever GPUs this process is shown."
     return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
 
 
-def gradient_group(device, backend: str):
+def gradient_group(device: str | torch.device, backend: str) -> dist.ProcessGroup | None:
     """The process group DDP all-reduces the gradients in: None for the default group, or, where the default is gloo
     only because the processes named a GPU through `MINIAI_DEVICE=cuda:N`, an NCCL group when their GPUs turn out to
     be different ones (each process shown a GPU of its own). A collective (every rank calls it)."""
@@ -100,16 +106,16 @@ def gradient_group(device, backend: str):
     if backend != 'gloo' or device.type != 'cuda' or default_backend(device) != 'gloo': return None
     mine = (socket.gethostname(), gpu_id(device))
     every = [None] * world_size()
-    dist.all_gather_object(every, mine, group=cpu_group())
+    dist.all_gather_object(every, mine, group=cpu_group())  # pyright: ignore[reportArgumentType]
     if len(set(every)) < len(every): return None  # two ranks on one GPU: gloo, since NCCL refuses that
-    return dist.new_group(backend='nccl', timeout=timedelta(seconds=_timeout))
+    return dist.new_group(backend='nccl', timeout=timedelta(seconds=_timeout))  # pyright: ignore[reportReturnType]  (new_group gives a group on the ranks in it)
 
 
-def gather_to_main(obj) -> list | None:
+def gather_to_main(obj: object) -> list | None:
     "Every rank's `obj` (picklable), in rank order, on the main process; None on the others. A collective."
     if not is_dist() or world_size() == 1: return [obj]
     got = [None] * world_size() if is_main_process() else None
-    dist.gather_object(obj, got, dst=0, group=cpu_group())
+    dist.gather_object(obj, got, dst=0, group=cpu_group())  # pyright: ignore[reportArgumentType]
     return got
 
 
@@ -144,7 +150,7 @@ class RankMetrics:
     """How `MetricsCB` reads its metrics when several processes train together: every rank's state merged before the
     value is computed. Both are collectives, so every rank calls them, and calls both or neither."""
     @staticmethod
-    def compute(metric):
+    def compute(metric: Metric) -> Any:
         "Merge every rank's state of a torcheval metric, then compute."
         with quiet_torcheval(): from torcheval.metrics.toolkit import get_synced_metric
         return get_synced_metric(metric).compute()  # this torcheval gives the merged metric to every rank
@@ -182,12 +188,12 @@ class DDPCB(Callback):
     skip_in_probes = True
     order = 10  # after DeviceCB and ChannelsLastCB have placed the model
 
-    def __init__(self, timeout: float = 300., find_unused_parameters: bool = False, backend: str | None = None):
+    def __init__(self, timeout: float = 300., find_unused_parameters: bool = False, backend: str | None = None) -> None:
         if backend not in (None, 'nccl', 'gloo'):
             raise ValueError(f"DDPCB: backend must be 'nccl', 'gloo' or None (by the model's device), got {backend!r}")
         self.timeout, self.find_unused, self.backend = timeout, find_unused_parameters, backend
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self.active = is_dist() or world_size() > 1
         if not self.active: return
         dev, backend = _check_placement(self, learn)
@@ -207,15 +213,15 @@ class DDPCB(Callback):
             setattr(learn.dls, name, new)
             self.undo.append(undo)
 
-    def metrics_reducer(self):
+    def metrics_reducer(self) -> type[RankMetrics] | None:
         "`MetricsCB` merges its metrics over the ranks while this callback trains data-parallel."
         return RankMetrics if getattr(self, 'active', False) else None
 
-    def before_epoch(self, learn):
+    def before_epoch(self, learn: Learner) -> None:
         if self.active and isinstance(getattr(learn.dl, 'sampler', None), DistributedSampler):
             learn.dl.sampler.set_epoch(learn.epoch)
 
-    def cleanup_fit(self, learn):
+    def cleanup_fit(self, learn: Learner) -> None:
         if not getattr(self, 'active', False):
             end_distributed()  # joined early (fit(resume='auto') chose a checkpoint) by a fit that failed before ours
             return

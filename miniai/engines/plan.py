@@ -41,7 +41,7 @@ class SpeedPlan:
 CUDA_COMPILE_EPOCHS = 19
 
 
-def fastest_plan(device=None, epochs: int | None = None) -> SpeedPlan:
+def fastest_plan(device: str | torch.device | None = None, epochs: int | None = None) -> SpeedPlan:
     """The fastest safe settings for training on `device` (default: the best available) for `epochs` epochs, each
     with its reason: precision and memory format (`fastest_settings`), AdamW's implementation, whether to compile
     (only where the measured speed-up repays the compile time within `epochs`), and where the data lives."""
@@ -74,7 +74,7 @@ def fastest_plan(device=None, epochs: int | None = None) -> SpeedPlan:
     return SpeedPlan(str(device), precision, cl, opt, mode, why)
 
 
-def fastest_settings(device=None) -> tuple[str, str]:
+def fastest_settings(device: str | torch.device | None = None) -> tuple[str, str]:
     "The fastest safe precision setting for `device` (default: the best available) and why, e.g. ('bf16-cl', '...')."
     device = torch.device(device or default_device())  # MINIAI_DEVICE=cpu on a GPU machine plans for the CPU
     if device.type == 'cuda':

@@ -8,13 +8,13 @@ import torch
 
 from ..core.devices import model_device
 from ..core.events import Callback
-from ..core.learner import DeviceCB, TrainCB
+from ..core.learner import DeviceCB, Learner, TrainCB
 from ..core.messages import warn_once
 from ..core.state import match_state_layout
 
 __all__ = ['MixedPrecision', 'ChannelsLastCB', 'warn_fp16_on_cpu', 'cpu_has_bf16', 'cuda_has_bf16', 'precision_cbs']
 
-def cuda_has_bf16(device=None) -> bool:
+def cuda_has_bf16(device: str | torch.device | None = None) -> bool:
     """Whether the CUDA GPU `device` (default: the current one) does bf16 arithmetic in hardware: compute capability
     8.0 (Ampere) or newer. `torch.cuda.is_bf16_supported()` also counts emulation, so it says True on a T4 or V100,
     where bf16 runs far slower than fp16; and it asks about the current device, not a given one."""
@@ -33,7 +33,7 @@ class MixedPrecision(TrainCB):
     a `TrainLearner` (whose own methods win) fp16 is refused; bf16 needs no scaling and works with either."""
     order = DeviceCB.order + 10
 
-    def __init__(self, dtype: torch.dtype | None = None, n_inp: int = 1):
+    def __init__(self, dtype: torch.dtype | None = None, n_inp: int = 1) -> None:
         super().__init__(n_inp)
         if dtype not in (None, torch.bfloat16, torch.float16):
             raise ValueError(f'MixedPrecision: dtype must be torch.bfloat16, torch.float16 or None (choose for the '
@@ -41,7 +41,7 @@ class MixedPrecision(TrainCB):
         self.dtype, self.scaler, self._ctx, self._scaler_state = dtype, None, None, None
         self._asked = dtype  # None: chosen again at each fit, for the device the model is on then
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         dev = model_device(learn.model)
         self.device_type, dtype = dev.type, self._asked
         if dtype is None: dtype = torch.bfloat16 if dev.type != 'cuda' or cuda_has_bf16(dev) else torch.float16
@@ -70,11 +70,11 @@ class MixedPrecision(TrainCB):
         "Keep what `state_dict` gave for the scaler that the next fit makes (a resume calls this before that)."
         self._scaler_state = sd.get('scaler') or None  # {} is a scaler that never stepped: nothing to restore
 
-    def unscale_grads(self, learn) -> None:
+    def unscale_grads(self, learn: Learner) -> None:
         "Divide the gradients by the loss scale now (before clipping them), once per step; a no-op without fp16."
         if self.scaler is not None: self.scaler.unscale_(learn.opt)
 
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         self._ctx = torch.autocast(self.device_type, dtype=self.dtype)
         self._ctx.__enter__()
 
@@ -83,14 +83,14 @@ class MixedPrecision(TrainCB):
             self._ctx.__exit__(None, None, None)
             self._ctx = None
 
-    def after_loss(self, learn): self._exit()
-    def cleanup_batch(self, learn): self._exit()  # also when the batch ended by an exception
+    def after_loss(self, learn: Learner) -> None: self._exit()
+    def cleanup_batch(self, learn: Learner) -> None: self._exit()  # also when the batch ended by an exception
 
-    def backward(self, learn):
+    def backward(self, learn: Learner) -> None:
         if self.scaler is None: learn.loss.backward()
         else: self.scaler.scale(learn.loss).backward()
 
-    def step(self, learn):
+    def step(self, learn: Learner) -> None:
         if self.scaler is None: learn.opt.step()
         else:
             self.scaler.step(learn.opt)
@@ -105,10 +105,10 @@ class ChannelsLastCB(Callback):
     "Put the model and every 4-d input batch in `torch.channels_last` memory format (fast convolutions on CPU/GPU)."
     order = DeviceCB.order + 5
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         learn.model.to(memory_format=torch.channels_last)
         if 'opt' in learn.__dict__: match_state_layout(learn.opt)  # e.g. state loaded by a resume before this
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         b = learn.batch
         learn.batch = (_channels_last(b[0]), *b[1:])
 
@@ -128,7 +128,7 @@ def cpu_has_bf16() -> bool:
     return any(f in flags for f in (' amx_bf16', ' avx512_bf16')) or 'AMX' in torch.backends.cpu.get_cpu_capability()
 
 
-def precision_cbs(precision: str, device=None) -> list:
+def precision_cbs(precision: str, device: str | torch.device | None = None) -> list:
     "Callbacks for `precision`: 'fp32', 'bf16', 'fp16', 'channels-last', 'bf16-cl' (bf16 and channels-last)."
     table = {'fp32': [], 'bf16': [MixedPrecision(torch.bfloat16)], 'fp16': [MixedPrecision(torch.float16)],
              'channels-last': [ChannelsLastCB()], 'bf16-cl': [MixedPrecision(torch.bfloat16), ChannelsLastCB()]}

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +29,7 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def resolve_arch(arch) -> tuple[str, str, object]:
+def resolve_arch(arch: str | Callable[..., nn.Module]) -> tuple[str, str, Any]:
     """('torchvision' or 'timm', name, builder or None) for `arch`: a torchvision builder (`resnet18`), a torchvision
     name, or a timm name ('timm/...' forces timm). An unknown name is refused with the closest names."""
     if callable(arch): return 'torchvision', arch.__name__, arch
@@ -43,7 +46,8 @@ def resolve_arch(arch) -> tuple[str, str, object]:
     raise ValueError(f'unknown architecture {arch!r}{hint}{extra}')
 
 
-def load_backbone(arch, pretrained: bool, n_in: int, weights_file=None):
+def load_backbone(arch: str | Callable[..., nn.Module], pretrained: bool, n_in: int,
+                  weights_file: str | os.PathLike | None = None) -> tuple[nn.Module, tuple | None]:
     """The network for `arch` without its classifier, with its pretrained weights through the library's own loading
     (torchvision's `weights=`, looked for in `$TORCH_HOME/hub/checkpoints` before downloading; timm's `pretrained=True`,
     `weights_file` going to its `pretrained_cfg_overlay`), and the weights' (mean, std) or None."""
@@ -51,12 +55,12 @@ def load_backbone(arch, pretrained: bool, n_in: int, weights_file=None):
     if kind == 'timm':
         if importlib.util.find_spec('timm') is None: raise ImportError(TIMM_MISSING)
         import timm
-        kw = {'pretrained_cfg_overlay': dict(file=str(weights_file))} if weights_file else {}
+        kw: dict[str, Any] = {'pretrained_cfg_overlay': dict(file=str(weights_file))} if weights_file else {}
         m = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool='', in_chans=n_in, **kw)
         cfg = m.pretrained_cfg
-        return m, ((cfg['mean'], cfg['std']) if pretrained else None)
+        return m, ((cfg['mean'], cfg['std']) if pretrained else None)  # pyright: ignore[reportIndexIssue, reportArgumentType]  (timm's pretrained_cfg is a dict)
     from torchvision.models import get_model_weights
-    weights = get_model_weights(builder).DEFAULT if pretrained else None
+    weights = get_model_weights(builder).DEFAULT if pretrained else None  # pyright: ignore[reportAttributeAccessIssue]  (an enum of weights)
     m = builder(weights=weights)
     if weights_file is not None:
         raise ValueError(f'weights_file is for timm models; torchvision loads {name} weights from '
@@ -96,7 +100,7 @@ def adapt_first_conv(body: nn.Module, n_in: int) -> None:
     conv.in_channels = n_in
 
 
-def channel_stats_for(stats, n_in: int):
+def channel_stats_for(stats: Sequence[Sequence[float]], n_in: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     "The weights' (mean, std) for `n_in` channels: their averages for one (a grey image), repeated in turn for more."
     mean, std = (list(map(float, v)) for v in stats)
     if n_in == len(mean): return tuple(mean), tuple(std)
@@ -106,7 +110,7 @@ def channel_stats_for(stats, n_in: int):
 
 class ConcatPool(nn.Module):
     "Average and max pooling to one pixel, side by side: [N, 2C]."
-    def forward(self, x): return torch.cat([x.mean((-2, -1)), x.amax((-2, -1))], 1)
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return torch.cat([x.mean((-2, -1)), x.amax((-2, -1))], 1)
 
 
 def create_head(nf: int, n_out: int, hidden: int = 512, p: float = 0.5) -> nn.Sequential:

@@ -17,6 +17,7 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import fastcore.all as fc
 import torch
@@ -56,7 +57,7 @@ def collate_ddpm(b: list, xl: str | int = 'image') -> tuple[tuple[torch.Tensor, 
     return noisify(default_collate(b)[xl])
 
 
-def dl_ddpm(ds, bs: int = 128, xl: str | int = 'image', **kwargs) -> DataLoader:
+def dl_ddpm(ds: Any, bs: int = 128, xl: str | int = 'image', **kwargs: Any) -> DataLoader:
     "A `DataLoader` of batches of `bs` noisified images (`collate_ddpm` with key `xl`); `kwargs` go to `DataLoader`."
     return DataLoader(ds, batch_size=bs, collate_fn=partial(collate_ddpm, xl=xl), **kwargs)
 

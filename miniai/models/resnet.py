@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import fastcore.all as fc
+import torch
 from torch import nn
 
-from .layers import GeneralRelu, conv
+from .layers import Act, GeneralRelu, Norm, conv
 
 __all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_resnet', 'resnet9', 'fashion_resnet9',
            'BasicBlock',
@@ -17,7 +19,8 @@ __all__ = ['act_gr', 'ResBlock', 'GlobalAvgPool', 'fashion_resnet', 'seed002_res
 act_gr = partial(GeneralRelu, leak=0.1, sub=0.4)
 
 
-def _conv_block(ni, nf, stride, act=act_gr, norm=None, ks=3, bias=None):
+def _conv_block(ni: int, nf: int, stride: int, act: Act = act_gr, norm: Norm = None, ks: int = 3,
+                bias: bool | None = None) -> nn.Sequential:
     return nn.Sequential(conv(ni, nf, stride=1, act=act, norm=norm, ks=ks, bias=bias),
                          conv(nf, nf, stride=stride, act=None, norm=norm, ks=ks, bias=bias))
 
@@ -27,23 +30,25 @@ class ResBlock(nn.Module):
     block strides and uses a 1x1 convolution when the channel count changes, so it never drops information. Its
     parameters are the course's (`ResBlock(16, 32, norm=nn.BatchNorm2d)`: 14,560); `bias=False` drops the two
     convolutions' biases, redundant before a BatchNorm (14,496), not the shortcut's, which has no norm."""
-    def __init__(self, ni: int, nf: int, stride: int = 1, ks: int = 3, act=act_gr, norm=None, bias: bool | None = None):
+    def __init__(self, ni: int, nf: int, stride: int = 1, ks: int = 3, act: Callable[[], nn.Module] = act_gr,
+                 norm: Norm = None, bias: bool | None = None) -> None:
         super().__init__()
         self.convs = _conv_block(ni, nf, stride, act=act, ks=ks, norm=norm, bias=bias)
         self.idconv = fc.noop if ni == nf else conv(ni, nf, ks=1, stride=1, act=None)
         self.pool = fc.noop if stride == 1 else nn.AvgPool2d(2, ceil_mode=True)
         self.act = act()
 
-    def forward(self, x): return self.act(self.convs(x) + self.idconv(self.pool(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.act(self.convs(x) + self.idconv(self.pool(x)))
 
 
 class GlobalAvgPool(nn.Module):
     "Average over the last two (spatial) dimensions: (N, C, H, W) -> (N, C), for inputs of any size."
-    def forward(self, x): return x.mean((-2, -1))
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return x.mean((-2, -1))
 
 
-def fashion_resnet(nfs=(16, 32, 64, 128, 256, 512), act=act_gr, norm=nn.BatchNorm2d, drop: float = 0.,
-                   in_channels: int = 1, n_classes: int = 10, ks: int = 5, bias: bool | None = None) -> nn.Sequential:
+def fashion_resnet(nfs: Sequence[int] = (16, 32, 64, 128, 256, 512), act: Callable[[], nn.Module] = act_gr,
+                   norm: Norm = nn.BatchNorm2d, drop: float = 0., in_channels: int = 1, n_classes: int = 10,
+                   ks: int = 5, bias: bool | None = None) -> nn.Sequential:
     """The course's Fashion-MNIST ResNet: a `ks`x`ks` `ResBlock` stem, a stride-2 `ResBlock` per further entry of
     `nfs`, global average pooling, dropout, and a bias-free linear head followed by BatchNorm: 4,907,588 parameters,
     as the course's lesson 14 prints (4,905,572 with `bias=False`, see `ResBlock`). The course's earlier, 5-stage
@@ -54,8 +59,9 @@ def fashion_resnet(nfs=(16, 32, 64, 128, 256, 512), act=act_gr, norm=nn.BatchNor
     return nn.Sequential(*layers)
 
 
-def seed002_resnet(act=nn.ReLU, nfs=(8, 16, 32, 64, 128, 256), norm=None, pool: bool = False,
-                   in_channels: int = 1, n_classes: int = 10, bias: bool | None = None) -> nn.Sequential:
+def seed002_resnet(act: Callable[[], nn.Module] = nn.ReLU, nfs: Sequence[int] = (8, 16, 32, 64, 128, 256),
+                   norm: Norm = None, pool: bool = False, in_channels: int = 1, n_classes: int = 10,
+                   bias: bool | None = None) -> nn.Sequential:
     """The two models of the ResNet walk-through (seed 002): `pool=False` ends with a 1x1-output conv and Flatten
     (1,247,362 parameters; 28x28 inputs only), `pool=True` with `GlobalAvgPool`, Flatten and Linear (1,226,882)."""
     layers = [ResBlock(in_channels, nfs[0], stride=1, act=act, norm=norm, bias=bias)]
@@ -105,32 +111,33 @@ def _cbn(ni, nf, ks, stride, act=True):
 class BasicBlock(nn.Module):
     "Two 3x3 conv-BN layers with a shortcut (a strided 1x1 conv-BN when the shape changes), as in ResNet-18/34."
     expansion = 1
-    def __init__(self, ni: int, nf: int, stride: int = 1):
+    def __init__(self, ni: int, nf: int, stride: int = 1) -> None:
         super().__init__()
         self.convs = nn.Sequential(_cbn(ni, nf, 3, stride), _cbn(nf, nf, 3, 1, act=False))
         self.shortcut = (nn.Identity() if stride == 1 and ni == nf else _cbn(ni, nf, 1, stride, act=False))
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x): return self.act(self.convs(x) + self.shortcut(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.act(self.convs(x) + self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
     "1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a projection shortcut where needed, as in ResNet-50."
     expansion = 4
-    def __init__(self, ni: int, nf: int, stride: int = 1):
+    def __init__(self, ni: int, nf: int, stride: int = 1) -> None:
         super().__init__()
         out = nf * self.expansion
         self.convs = nn.Sequential(_cbn(ni, nf, 1, 1), _cbn(nf, nf, 3, stride), _cbn(nf, out, 1, 1, act=False))
         self.shortcut = nn.Identity() if stride == 1 and ni == out else _cbn(ni, out, 1, stride, act=False)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x): return self.act(self.convs(x) + self.shortcut(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor: return self.act(self.convs(x) + self.shortcut(x))
 
 
 class ResNet(nn.Sequential):
     """Stem (7x7 stride-2 conv-BN-ReLU, 3x3 max-pool), four stages of `block`s with `layers[i]` blocks each
     (64, 128, 256, 512 channels times the block's expansion), global average pooling and a linear classifier."""
-    def __init__(self, block, layers, in_channels: int = 3, n_classes: int = 1000):
+    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], in_channels: int = 3,
+                 n_classes: int = 1000) -> None:
         stem = nn.Sequential(_cbn(in_channels, 64, 7, 2), nn.MaxPool2d(3, stride=2, padding=1))
         stages, ni = [], 64
         for i, (n, nf) in enumerate(zip(layers, (64, 128, 256, 512))):

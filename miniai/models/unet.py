@@ -10,10 +10,15 @@ and its state dicts load.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from .layers import Act, Norm
 
 __all__ = ['timestep_embedding', 'pre_conv', 'upsample', 'lin', 'SelfAttention', 'SelfAttention2D', 'EmbResBlock',
            'saved', 'DownBlock', 'UpBlock', 'EmbUNetModel']
@@ -34,7 +39,8 @@ def _pre_act(layer: nn.Module, ni: int, act, norm) -> nn.Sequential:
     return nn.Sequential(*([norm(ni)] if norm else []), *([act()] if act else []), layer)
 
 
-def pre_conv(ni: int, nf: int, ks: int = 3, stride: int = 1, act=nn.SiLU, norm=None, bias: bool = True) -> nn.Sequential:
+def pre_conv(ni: int, nf: int, ks: int = 3, stride: int = 1, act: Act = nn.SiLU, norm: Norm = None,
+             bias: bool = True) -> nn.Sequential:
     "A pre-activation convolution: `norm` (if any), `act` (if any), then a `ks`x`ks` conv with 'same' padding."
     return _pre_act(nn.Conv2d(ni, nf, ks, stride=stride, padding=ks // 2, bias=bias), ni, act, norm)
 
@@ -44,7 +50,7 @@ def upsample(nf: int) -> nn.Sequential:
     return nn.Sequential(nn.Upsample(scale_factor=2.), nn.Conv2d(nf, nf, 3, padding=1))
 
 
-def lin(ni: int, nf: int, act=nn.SiLU, norm=None, bias: bool = True) -> nn.Sequential:
+def lin(ni: int, nf: int, act: Act = nn.SiLU, norm: Norm = None, bias: bool = True) -> nn.Sequential:
     "A pre-activation linear layer: `norm` (if any), `act` (if any), then `nn.Linear(ni, nf)`."
     return _pre_act(nn.Linear(ni, nf, bias=bias), ni, act, norm)
 
@@ -54,7 +60,7 @@ class SelfAttention(nn.Module):
     `attn_chans` channels each: layer norm, one projection to queries, keys and values, softmax(QKᵀ/√d)V per head
     (`F.scaled_dot_product_attention`), an output projection. Returns that alone (no residual), in the input's
     layout."""
-    def __init__(self, ni: int, attn_chans: int, transpose: bool = True):
+    def __init__(self, ni: int, attn_chans: int, transpose: bool = True) -> None:
         super().__init__()
         if attn_chans < 1 or ni % attn_chans:
             raise ValueError(f'SelfAttention: {ni} channels do not split into heads of attn_chans={attn_chans}')
@@ -86,8 +92,8 @@ class SelfAttention2D(SelfAttention):
 class EmbResBlock(nn.Module):
     """Two pre-activation convs with the embedding, projected to a per-channel scale and shift, applied between
     them; a shortcut (a 1x1 conv when the widths differ); then, if `attn_chans`, self-attention added on."""
-    def __init__(self, n_emb: int, ni: int, nf: int | None = None, ks: int = 3, act=nn.SiLU, norm=nn.BatchNorm2d,
-                 attn_chans: int = 0):
+    def __init__(self, n_emb: int, ni: int, nf: int | None = None, ks: int = 3, act: Act = nn.SiLU,
+                 norm: Norm = nn.BatchNorm2d, attn_chans: int = 0) -> None:
         super().__init__()
         nf = ni if nf is None else nf
         self.emb_proj = nn.Linear(n_emb, nf * 2)
@@ -118,7 +124,7 @@ def saved(m: nn.Module, blk: nn.Module) -> nn.Module:
 class DownBlock(nn.Module):
     """`num_layers` `EmbResBlock`s, then (if `add_down`) a stride-2 3x3 conv; each of their outputs is kept in
     `.saved` for the up path's skip connections."""
-    def __init__(self, n_emb: int, ni: int, nf: int, add_down: bool = True, num_layers: int = 1, attn_chans: int = 0):
+    def __init__(self, n_emb: int, ni: int, nf: int, add_down: bool = True, num_layers: int = 1, attn_chans: int = 0) -> None:
         super().__init__()
         self.resnets = nn.ModuleList([saved(EmbResBlock(n_emb, ni if i == 0 else nf, nf, attn_chans=attn_chans), self)
                                       for i in range(num_layers)])
@@ -134,7 +140,7 @@ class UpBlock(nn.Module):
     """`num_layers` `EmbResBlock`s, each taking the previous output concatenated with the last of `ups` (popped),
     then (if `add_up`) `upsample`. `prev_nf` is the width coming in, `ni` that of the last skip it takes."""
     def __init__(self, n_emb: int, ni: int, prev_nf: int, nf: int, add_up: bool = True, num_layers: int = 2,
-                 attn_chans: int = 0):
+                 attn_chans: int = 0) -> None:
         super().__init__()
         width_in = lambda i: (prev_nf if i == 0 else nf) + (ni if i == num_layers - 1 else nf)
         self.resnets = nn.ModuleList([EmbResBlock(n_emb, width_in(i), nf, attn_chans=attn_chans)
@@ -151,8 +157,8 @@ class EmbUNetModel(nn.Module):
     levels), `num_layers` res blocks a level going down and one more coming up, attention (heads of `attn_chans`
     channels) from level `attn_start` on. `forward((x, t))`, as a Learner passes a batch's input, or `forward(x, t)`;
     `x` [N, in_channels, H, W] with H and W divisible by 2 ** (len(nfs) - 1), `t` [N] (or [1]) in [0, 1)."""
-    def __init__(self, in_channels: int = 3, out_channels: int = 3, nfs=(224, 448, 672, 896), num_layers: int = 1,
-                 attn_chans: int = 8, attn_start: int = 1):
+    def __init__(self, in_channels: int = 3, out_channels: int = 3, nfs: Sequence[int] = (224, 448, 672, 896),
+                 num_layers: int = 1, attn_chans: int = 8, attn_start: int = 1) -> None:
         super().__init__()
         n = len(nfs)
         self.conv_in = nn.Conv2d(in_channels, nfs[0], kernel_size=3, padding=1)
@@ -169,7 +175,7 @@ class EmbUNetModel(nn.Module):
                                           attn_chans=attn_chans if i < n - attn_start else 0) for i in range(n)])
         self.conv_out = pre_conv(nfs[0], out_channels, act=nn.SiLU, norm=nn.BatchNorm2d, bias=False)
 
-    def forward(self, inp, t: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, inp: Any, t: torch.Tensor | None = None) -> torch.Tensor:
         x, t = inp if t is None else (inp, t)
         step = 2 ** (len(self.downs) - 1)
         if x.dim() != 4 or x.shape[-2] % step or x.shape[-1] % step:
@@ -180,8 +186,8 @@ class EmbUNetModel(nn.Module):
         skips = [x]
         for block in self.downs:
             x = block(x, emb)
-            skips += block.saved
-            block.saved = []  # the skips are ours now: the blocks need not hold on to them after this call
+            skips += block.saved  # pyright: ignore[reportOperatorIssue]  (a down block keeps a list)
+            block.saved = []  # the skips are ours now: the blocks need not hold on to them after this call  # pyright: ignore[reportArgumentType]
         x = self.mid_block(x, emb)
         for block in self.ups: x = block(x, emb, skips)
         return self.conv_out(x)

@@ -2,7 +2,10 @@
 `fine_tune`."""
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -12,18 +15,21 @@ from ..callbacks.metrics import MetricsCB
 from ..core.learner import DeviceCB, TrainLearner
 from .backbones import adapt_first_conv, channel_stats_for, create_head, load_backbone
 
+if TYPE_CHECKING:
+    from ..core.events import Callback
+
 __all__ = ['vision_model', 'vision_learner', 'data_channels']
 
 
-def data_channels(dls) -> int:
+def data_channels(dls: Any) -> int:
     "The number of channels of the images `dls` gives (its tensors' second dimension, or a first batch's)."
     x = getattr(dls.train, 'x', None)
     if x is None: x = next(iter(dls.train))[0]
     return int(x.shape[1])
 
 
-def vision_model(arch, n_out: int, n_in: int = 3, pretrained: bool = True, weights_file=None, hidden: int = 512,
-                 p: float = 0.5) -> tuple[nn.Sequential, tuple | None]:
+def vision_model(arch: str | Callable[..., nn.Module], n_out: int, n_in: int = 3, pretrained: bool = True,
+                 weights_file: str | os.PathLike | None = None, hidden: int = 512, p: float = 0.5) -> tuple[nn.Sequential, tuple | None]:
     """`Sequential(body, head)`: `arch`'s body cut where it pools (with its pretrained weights), its first convolution
     taking `n_in` channels (adapted from the pretrained ones), and a new head for `n_out` outputs; and the
     normalisation statistics for `n_in` channels that the weights expect (None when not pretrained)."""
@@ -37,9 +43,11 @@ def vision_model(arch, n_out: int, n_in: int = 3, pretrained: bool = True, weigh
     return model, (channel_stats_for(stats, n_in) if stats is not None else None)
 
 
-def vision_learner(dls, arch, pretrained: bool = True, n_out: int | None = None, n_in: int | None = None,
-                   loss_func=F.cross_entropy, lr: float = 2e-3, opt_func=optim.AdamW, metrics=None, cbs=None,
-                   splitter=None, weights_file=None, normalize: bool = True, **head_kw) -> TrainLearner:
+def vision_learner(dls: Any, arch: str | Callable[..., nn.Module], pretrained: bool = True, n_out: int | None = None,
+                   n_in: int | None = None, loss_func: Callable = F.cross_entropy, lr: float = 2e-3,
+                   opt_func: Callable = optim.AdamW, metrics: Any = None, cbs: Iterable[Callback] | None = None,
+                   splitter: Callable[[nn.Module], Iterable] | None = None, weights_file: str | os.PathLike | None = None,
+                   normalize: bool = True, **head_kw: Any) -> TrainLearner:
     """A `TrainLearner` for `arch` (a torchvision builder or name, or a timm name) with a new head for
     `len(dls.classes)` classes (or `n_out`) and the data's channels (or `n_in`); with `pretrained`, the loaders are
     told to normalise with the weights' statistics (`normalize=False`: leave them). `metrics`: a dict of torcheval

@@ -10,7 +10,9 @@ restarted Kubernetes pod, started again with the same command, finish the run wi
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch.distributed as dist
@@ -32,7 +34,7 @@ def run_checkpoints(learn: Learner) -> tuple[list[Path], list[Path]]:
     paths, fallbacks = [], []
     for cb in learn.cbs:
         if callable(f := getattr(cb, 'checkpoint_paths', None)):
-            p, fb = f()
+            p, fb = f()  # pyright: ignore[reportGeneralTypeIssues]  (checkpoint_paths() gives a pair)
             paths += p
             fallbacks += fb
     return list(dict.fromkeys(paths)), list(dict.fromkeys(fallbacks))
@@ -50,7 +52,7 @@ def _saved_at(path: Path) -> float:
     return float(t) if isinstance(t, (int, float)) else path.stat().st_mtime
 
 
-def newest_checkpoint(paths, fallbacks=()) -> Path | None:
+def newest_checkpoint(paths: Iterable[str | os.PathLike], fallbacks: Iterable[str | os.PathLike] = ()) -> Path | None:
     """The newest complete checkpoint among `paths` (those that exist), by the time each was saved, else among
     `fallbacks`; a damaged one is skipped with a warning naming it and the problem, and the next newest tried. None
     when there is none."""
@@ -80,14 +82,14 @@ def _join_group(learn: Learner) -> bool:
     return init_distributed(ddp.timeout, ddp.backend or default_backend(dev))
 
 
-def choose_together(learn: Learner, paths, fallbacks=()) -> Path | None:
+def choose_together(learn: Learner, paths: Iterable[str | os.PathLike], fallbacks: Iterable[str | os.PathLike] = ()) -> Path | None:
     "`newest_checkpoint(paths, fallbacks)` as the main process sees it, on every rank (a collective)."
     if not _join_group(learn): return newest_checkpoint(paths, fallbacks)
     choice = [None]
     if is_main_process():
         found = newest_checkpoint(paths, fallbacks)
         choice = [None if found is None else str(found)]
-    dist.broadcast_object_list(choice, src=0, group=cpu_group())
+    dist.broadcast_object_list(choice, src=0, group=cpu_group())  # pyright: ignore[reportArgumentType]
     path = None if choice[0] is None else Path(choice[0])
     seen = path is None or path.is_file()
     if not all_agree(seen):
@@ -100,9 +102,9 @@ def choose_together(learn: Learner, paths, fallbacks=()) -> Path | None:
 class AutoResumeCB(ResumeCB):
     """Added by `fit(n, resume='auto')`: go on from the newest complete checkpoint of the run (see this module's
     docstring), or start fresh when there is none. Says which on the main process."""
-    def __init__(self): super().__init__(None)
+    def __init__(self) -> None: super().__init__(None)
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         paths, fallbacks = run_checkpoints(learn)
         if not paths:
             raise ValueError("fit(resume='auto') looks for the run's checkpoints where its InterruptCB and SaveModelCB "
@@ -116,6 +118,6 @@ class AutoResumeCB(ResumeCB):
 
 
 @learner_method
-def resume_cb(self: Learner, resume) -> ResumeCB:
+def resume_cb(self: Learner, resume: str | os.PathLike) -> ResumeCB:
     "The callback that `fit(resume=...)` adds: `AutoResumeCB` for 'auto', else a `ResumeCB` of that path."
     return AutoResumeCB() if isinstance(resume, str) and resume == 'auto' else ResumeCB(resume)

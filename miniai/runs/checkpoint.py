@@ -10,9 +10,11 @@ Files are written to a temporary name and renamed, so a crash while saving leave
 """
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 from ..callbacks.metrics import improved, monitor_mode, monitor_value
 from ..callbacks.schedule import BaseSchedCB
@@ -36,7 +38,7 @@ def rng_snapshot() -> dict:
     return rng_state()  # tuples, an ndarray and byte tensors: all kept by the file format as JSON and safetensors
 
 
-def save_checkpoint(learn: Learner, path, **extra) -> Path:
+def save_checkpoint(learn: Learner, path: str | os.PathLike, **extra: Any) -> Path:
     "Write everything needed to resume `learn` exactly to `path` (atomically); returns the path."
     path, (cb_states, cbs_needed, cbs_required) = Path(path), callback_states(learn.cbs)
     state = {'model': plain_state_dict(learn.model), 'epoch': getattr(learn, 'epoch', None),
@@ -55,7 +57,7 @@ def mid_epoch_position(learn: Learner) -> dict:
             'batch': learn.iter + 1 if learn.training else n}
 
 
-def save_mid_epoch(learn: Learner, path, rng: dict | None = None) -> Path:
+def save_mid_epoch(learn: Learner, path: str | os.PathLike, rng: dict | None = None) -> Path:
     """Save `learn` part-way through epoch `learn.epoch`, at the end of batch `learn.iter`, so that `fit(n,
     resume=path)` goes on with the next batch (during validation: with the whole validation, after the epoch's
     training); `rng`: generator states taken earlier (`rng_snapshot`) to store instead of the current ones. Called on
@@ -104,7 +106,7 @@ def _check_model(model, sd: dict, path) -> None:
         raise CheckpointError(f'{path} was made for another model: ' + ', '.join(p for p in parts if p))
 
 
-def load_into(learn: Learner, path, with_opt: bool = True) -> dict:
+def load_into(learn: Learner, path: str | os.PathLike, with_opt: bool = True) -> dict:
     "Check the checkpoint at `path` against `learn`, then load weights (and optimizer state); returns its contents."
     ck = read_checkpoint(path)
     keys = {plain: k for k, plain in plain_keys(learn.model).items()}  # unwrapped name -> this model's name
@@ -124,13 +126,13 @@ def _load_opt(learn: Learner, sd: dict | None, path) -> None:
 
 
 @learner_method
-def save(self: Learner, path, **extra) -> Path:
+def save(self: Learner, path: str | os.PathLike, **extra: Any) -> Path:
     "Save this Learner's full training state to `path` (see `save_checkpoint`); only the main process writes."
     return save_checkpoint(self, path, **extra) if is_main_process() else Path(path)
 
 
 @learner_method
-def load(self: Learner, path, with_opt: bool = True) -> Learner:
+def load(self: Learner, path: str | os.PathLike, with_opt: bool = True) -> Learner:
     "Load weights (and, with `with_opt`, the optimizer's state) from a checkpoint, after checking it fits."
     load_into(self, path, with_opt)
     return self
@@ -162,15 +164,15 @@ class ResumeCB(Callback):
     only the batches run after resuming (none of its training batches if it stopped during validation)."""
     order = -10  # before ProgressCB wraps the epochs in a bar
 
-    def __init__(self, path): self.path, self._pending, self._mid, self._data = path, False, None, None
+    def __init__(self, path: str | os.PathLike | None) -> None: self.path, self._pending, self._mid, self._data = path, False, None, None
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         # The optimizer's state is loaded at the first before_epoch, once every before_fit has run: `load_state_dict`
         # puts it on the parameters' device and dtype as they are then, so a model that DeviceCB (or any callback)
         # moves after this one finds its state beside it; and it comes after the schedulers were built (building one
         # resets the learning rate). The training data is checked and given its order then too, once DDPCB has
         # sharded it.
-        ck = _upgrade(this_rank(load_into(learn, self.path, with_opt=False), self.path), learn.cbs)
+        ck = _upgrade(this_rank(load_into(learn, self.path, with_opt=False), self.path), learn.cbs)  # pyright: ignore[reportArgumentType]  (AutoResumeCB sets the path first)
         self._opt = ck.get('opt')
         self._data = {k: ck.get(k) for k in ('position', 'data')}  # placed at the first training before_epoch
         if ck.get('position') is not None:
@@ -185,11 +187,11 @@ class ResumeCB(Callback):
         if ck.get('frozen_to'): freeze_to(learn, ck['frozen_to'])  # the run trained these groups, and only these
         elif 'frozen_to' in ck and frozen_groups(learn): unfreeze(learn)
         set_rng_state(ck['rng'])
-        load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'),
+        load_callback_states(learn.cbs, ck.get('callbacks'), self.path, ck.get('callbacks_needed'),  # pyright: ignore[reportArgumentType]
                              ck.get('callbacks_required'))
         self._pending = True
 
-    def before_epoch(self, learn):
+    def before_epoch(self, learn: Learner) -> None:
         if self._pending:
             self._pending = False
             _load_opt(learn, self._opt, self.path)
@@ -201,7 +203,7 @@ class ResumeCB(Callback):
             self._mid = None
             raise CancelEpochException()  # its training was over when it stopped: only its validation is left
 
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         mid = self._mid
         if mid is None or not learn.training or learn.epoch != mid[0]: return
         if learn.iter < mid[1]: raise CancelBatchException()  # done before the stop
@@ -215,12 +217,12 @@ class SaveModelCB(Callback):
     skip_in_probes = True
     order = 20  # after MetricsCB has logged the epoch
 
-    def __init__(self, dir='checkpoints', monitor: str = 'valid loss', mode: str | None = None,
-                 every_epoch: bool = False, save_best: bool = True):
+    def __init__(self, dir: str | os.PathLike = 'checkpoints', monitor: str = 'valid loss', mode: str | None = None,
+                 every_epoch: bool = False, save_best: bool = True) -> None:
         self.dir, self.monitor, self.every_epoch, self.save_best = Path(dir), monitor, every_epoch, save_best
         self.mode, self.best = monitor_mode(monitor, mode), None
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         if learn.training and learn.phases[1]: return  # decide once the epoch's validation is in
         v = monitor_value(learn, self.monitor) if self.save_best else None
         better = v is not None and improved(v, self.best, self.mode)

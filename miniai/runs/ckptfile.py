@@ -9,6 +9,7 @@ so a crash while saving leaves the previous file intact.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def _decode(obj, tensors: dict):
         key = obj['__tensor__']
         if key not in tensors: raise CheckpointError(f'the header names tensor {key!r}, which the file lacks')
         return tensors[key]
-    if '__ndarray__' in obj: return _decode(obj['__ndarray__'], tensors).numpy()
+    if '__ndarray__' in obj: return _decode(obj['__ndarray__'], tensors).numpy()  # pyright: ignore[reportAttributeAccessIssue]  (an __ndarray__ holds a tensor)
     if '__tuple__' in obj: return tuple(_decode(v, tensors) for v in obj['__tuple__'])
     if '__dict__' in obj: return {k: _decode(v, tensors) for k, v in obj['__dict__']}
     raise CheckpointError(f'unexpected entry in the checkpoint header: {str(obj)[:80]}')
@@ -60,7 +61,7 @@ def write_checkpoint(state: dict, path: Path) -> None:
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata={'format': FORMAT, 'miniai': json.dumps(meta)})
 
 
-def read_checkpoint(path) -> dict:
+def read_checkpoint(path: str | os.PathLike) -> dict:
     "The contents of a checkpoint file, checked; raises `CheckpointError` naming the file and the problem."
     path = Path(path)
     if not path.is_file(): raise CheckpointError(f'no checkpoint at {path}')
@@ -76,5 +77,5 @@ def read_checkpoint(path) -> dict:
     try: meta = json.loads(header['miniai'])
     except (KeyError, json.JSONDecodeError) as e:
         raise CheckpointError(f'{path}: the JSON part of the header is missing or damaged ({e})') from e
-    try: return _decode(meta, tensors)
+    try: return _decode(meta, tensors)  # pyright: ignore[reportReturnType]  (the top level is a dict)
     except CheckpointError as e: raise CheckpointError(f'{path}: {e} (tampered with?)') from None

@@ -7,9 +7,14 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ..callbacks.metrics import monitor_mode
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ['SETTINGS_FILE', 'find_runs', 'read_run', 'compare', 'plot_runs', 'runs_text']
 
@@ -20,7 +25,7 @@ NOT_SETTINGS = ('run_name', 'started', 'callbacks', 'git_commit', 'torch', 'mini
                 'trainable_params', 'optimizer', 'loss_func', 'schedule')  # said elsewhere, or the same for a model
 
 
-def find_runs(*folders) -> list[Path]:
+def find_runs(*folders: str | os.PathLike) -> list[Path]:
     "The run folders (with a metrics.csv) at or under each of `folders` (default: ./runs), sorted by path."
     found = set()
     for top in folders or ('runs',):
@@ -42,7 +47,7 @@ def _num(v):
     except (TypeError, ValueError): return v
 
 
-def read_run(folder) -> dict:
+def read_run(folder: str | os.PathLike) -> dict:
     """One run folder: its settings, its metrics rows (numbers), its result and its status: 'finished' (it wrote
     result.json), 'interrupted' (stopped and saved, so it can go on) or 'failed' (neither; or still running)."""
     folder = Path(folder)
@@ -71,7 +76,7 @@ def _summary(run: dict) -> dict:
     return out
 
 
-def compare(*folders, plot: bool | str | Path = False):
+def compare(*folders: str | os.PathLike, plot: bool | str | Path = False) -> Any:
     """The runs at or under `folders` (default: ./runs) as a table, one row per run: name, date, data, model, the
     settings that differ between them, final and best validation metrics, time to target and status. With `plot`
     (True, or a file to save it in), also the figure of their curves (`plot_runs`): returns (table, figure)."""
@@ -85,7 +90,7 @@ def compare(*folders, plot: bool | str | Path = False):
     return table, plot_runs(runs, None if plot is True else plot)
 
 
-def plot_runs(runs, path=None):
+def plot_runs(runs: Iterable[dict | str | os.PathLike], path: str | os.PathLike | None = None) -> Figure:
     "Every run's training and validation loss, and its validation metrics, against the epoch, on one figure."
     import matplotlib.pyplot as plt
     runs = [r if isinstance(r, dict) else read_run(r) for r in runs]
@@ -110,7 +115,7 @@ def plot_runs(runs, path=None):
     return fig
 
 
-def runs_text(*folders, plot=None) -> str:
+def runs_text(*folders: str | os.PathLike, plot: str | Path | None = None) -> str:
     "`compare`'s table as text for a terminal (`miniai runs`); with `plot`, the figure is saved there."
     import pandas as pd
     table = compare(*folders, plot=plot or False)

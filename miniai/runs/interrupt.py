@@ -18,14 +18,19 @@ import signal
 import sys
 import threading
 import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core.events import Callback
 from ..core.ranks import rank, world_size
 from ..core.state import note_epoch_start
 from ..engines.cluster import StopAgreement
 from .checkpoint import mid_epoch_position, rng_snapshot, save_mid_epoch
+
+if TYPE_CHECKING:
+    from ..core.learner import Learner
 
 __all__ = ['Interrupted', 'SignalGuard', 'InterruptCB', 'DrillCB', 'drills_from_env', 'active_guard', 'signal_name']
 
@@ -42,7 +47,7 @@ class Interrupted(KeyboardInterrupt):
     """A run stopped by signal `signum`. `where`: 'training' (stopped at a batch boundary and saved to `checkpoint`;
     `position` says where), 'at once' (a second signal: nothing saved), 'before training' or 'after training'.
     A `KeyboardInterrupt`, so `except Exception` does not swallow it; `exit_code` is 128 + the signal's number."""
-    def __init__(self, signum: int, where: str, checkpoint: Path | None = None, position: dict | None = None):
+    def __init__(self, signum: int, where: str, checkpoint: Path | None = None, position: dict | None = None) -> None:
         self.signum, self.where, self.checkpoint, self.position = signum, where, checkpoint, position
         super().__init__(self.describe())
 
@@ -82,7 +87,7 @@ class SignalGuard:
     boundary and save; outside such a fit (or at a second signal) they raise `Interrupted` at once. The previous
     handlers are put back on exit. Signals can only be caught in the main thread: elsewhere it does nothing. Once a
     stop with a checkpoint is on its way (`stopping`), later signals are only noted."""
-    def __init__(self, signals=SIGNALS):
+    def __init__(self, signals: Iterable[int] = SIGNALS) -> None:
         self.signals, self._old = tuple(signals), {}
         self.requested, self.saving, self.training, self.trained, self.stopping = None, False, False, False, False
 
@@ -118,7 +123,7 @@ class SignalGuard:
                           else 'before training')
 
     @contextmanager
-    def writing(self):
+    def writing(self) -> Iterator[None]:
         "Inside, signals wait: what is being written is finished first."
         self.saving = True
         try: yield
@@ -133,11 +138,11 @@ class InterruptCB(Callback):
     order = 90  # after every other after_batch: the batch is complete (metrics, schedulers, records) when it stops
     skip_in_probes = True  # a probe (lr_find, TTA) is not training: there a signal stops at once, changing nothing
 
-    def __init__(self, path='interrupted.ckpt'):
+    def __init__(self, path: str | os.PathLike = 'interrupted.ckpt') -> None:
         self.path, self._guard, self._own, self._rng, self._agree = Path(path), None, None, None, None
         self._took, self._outer = False, None
 
-    def before_fit(self, learn):
+    def before_fit(self, learn: Learner) -> None:
         self._guard = active_guard()
         if self._guard is None: self._guard = self._own = SignalGuard().__enter__()
         self._guard.training, self._rng = True, None
@@ -148,19 +153,19 @@ class InterruptCB(Callback):
         "What a run can go on from (`fit(resume='auto')`): the file a stop writes."
         return [self.path], []
 
-    def before_epoch(self, learn):
+    def before_epoch(self, learn: Learner) -> None:
         if not learn.training: return
         self._rng = None
         note_epoch_start(learn.dls.train)  # a torch DataLoader's own generator: to repeat this epoch's order
 
-    def after_epoch(self, learn):
+    def after_epoch(self, learn: Learner) -> None:
         # a stop during this epoch's validation saves the generators as they were when its training ended, so the
         # resumed run repeats the validation from the same state
         if learn.training: self._rng = rng_snapshot()
 
-    def after_batch(self, learn): self._take_turn(learn)
+    def after_batch(self, learn: Learner) -> None: self._take_turn(learn)
 
-    def cleanup_batch(self, learn):
+    def cleanup_batch(self, learn: Learner) -> None:
         # a batch cancelled here (CancelBatchException) skipped after_batch, perhaps on this rank only: it still takes
         # its turn, since the ranks' rounds are counted per batch. A batch that failed takes none: its error goes on
         took, self._took = self._took, False
@@ -179,13 +184,13 @@ class InterruptCB(Callback):
             g.stopping = True
         raise Interrupted(signum, 'training', path, mid_epoch_position(learn))
 
-    def after_fit(self, learn):
+    def after_fit(self, learn: Learner) -> None:
         g, agree = self._guard, self._agree
         if g is None or agree is None: return
         signum = agree.settle(g.requested)
         if signum is not None: raise Interrupted(signum, 'after training')  # after the last batch: the fit is complete
 
-    def cleanup_fit(self, learn):
+    def cleanup_fit(self, learn: Learner) -> None:
         g, own, self._guard, self._own, self._agree = self._guard, self._own, None, None, None
         if g is None: return
         g.training, g.trained, g.requested, g.stopping = False, True, None, False
@@ -199,10 +204,10 @@ class DrillCB(Callback):
     order = InterruptCB.order - 1  # the signal is in before InterruptCB looks at this batch
     skip_in_probes = True
 
-    def __init__(self, signum: int, rank: int, epoch: int, batch: int):
+    def __init__(self, signum: int, rank: int, epoch: int, batch: int) -> None:
         self.signum, self.at = signum, (rank, epoch, batch)
 
-    def after_batch(self, learn):
+    def after_batch(self, learn: Learner) -> None:
         if not learn.training or (rank(), learn.epoch, learn.iter) != self.at: return
         if os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0': os.kill(os.getpid(), self.signum)
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import logging
 import re
 import warnings
 import zipfile
+from collections.abc import Callable
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -95,7 +98,7 @@ def _exported(m: nn.Module, example: torch.Tensor):
 
 
 @learner_method
-def export(self: Learner, path, n_example: int = 2) -> Path:
+def export(self: Learner, path: str | os.PathLike, n_example: int = 2) -> Path:
     """Write the Learner's model for inference to the folder `path` (see this module's docstring): a `torch.export`
     program for batches of any size (and images of any size where the model allows it), traced on `n_example` items
     of the validation data's shape in eval mode, or its weights where torch.export cannot take it (with a warning
@@ -118,7 +121,7 @@ def export(self: Learner, path, n_example: int = 2) -> Path:
             'dynamic_size': False}
     for old in ('model.pt2', 'weights.safetensors'): (path / old).unlink(missing_ok=True)
     try:
-        with torch.no_grad(), _torch_quiet(): ep, smallest = _exported(m, example)
+        with torch.no_grad(), _torch_quiet(): ep, smallest = _exported(m, example)  # pyright: ignore[reportGeneralTypeIssues]
         meta.update(dynamic_size=smallest is not None, min_size=smallest and list(smallest))
         ep.example_inputs = None  # kept out: loading them is a pickle
         with atomic_path(path / 'model.pt2') as tmp:
@@ -167,7 +170,7 @@ def _walk(o, key=None):
         for v in o: yield from _walk(v, key)
 
 
-def check_program(data: bytes, where) -> None:
+def check_program(data: bytes, where: object) -> None:
     "Raise `ExportError` unless the .pt2 archive `data` passes the checks of this module's docstring."
     def bad(why): raise ExportError(f'{where}: refused to load: {why} (load_exported takes only programs as '
                                     f'learn.export writes them; torch.export.load would run what such a file asks)')
@@ -203,7 +206,7 @@ def check_program(data: bytes, where) -> None:
 class ExportedModel:
     """A model loaded by `load_exported`: call it on a batch as the Learner's model was called; `normalize` turns
     [0, 1] pixels into its input, `predict` gives classes and probabilities. `meta` holds what `miniai.json` says."""
-    fn: object
+    fn: Callable[..., Any]
     meta: dict = field(default_factory=dict)
 
     input_shape = property(lambda self: tuple(self.meta['input_shape']))
@@ -214,7 +217,7 @@ class ExportedModel:
         if why := self.refuses(x): raise ValueError(why)
         with torch.no_grad(): return self.fn(x)
 
-    def refuses(self, x) -> str | None:
+    def refuses(self, x: torch.Tensor) -> str | None:
         "Why the program cannot take the batch `x` (its dtype or shape), in words a user can act on; else None."
         shape, dtype = self.input_shape, self.meta['input_dtype']
         fix = ('use .predict(item), which takes files, PIL images and uint8 pixels and resizes and normalises them as '
@@ -229,7 +232,7 @@ class ExportedModel:
                                               f'got shape {tuple(x.shape)}: {fix}')
         low = self.meta.get('min_size')
         fits = x.shape[1] == shape[0] and (tuple(x.shape[2:]) == shape[1:] if not self.meta.get('dynamic_size') else
-                                           all(a >= b for a, b in zip(x.shape[2:], low)))
+                                           all(a >= b for a, b in zip(x.shape[2:], low)))  # pyright: ignore[reportArgumentType]  (min_size is there when dynamic_size is)
         if fits: return None
         takes = f'images of {shape[0]} channel(s) from {low[0]}x{low[1]} (HxW) up' if self.meta.get('dynamic_size') \
             else f'{"x".join(map(str, shape))} (CxHxW) inputs'
@@ -245,11 +248,11 @@ class ExportedModel:
         if shape[0] == 1 and tuple(x.shape[-2:]) == shape[1:] and tuple(x.shape[-3:]) != shape: x = x.unsqueeze(-3)
         if x.dim() == len(shape): x = x[None]
         mean, std = self.meta.get('mean'), self.meta.get('std')
-        if mean is not None: x = Normalise(mean, std, channels=shape[0], spatial_dims=len(shape) - 1).encode(x)
+        if mean is not None: x = Normalise(mean, std, channels=shape[0], spatial_dims=len(shape) - 1).encode(x)  # pyright: ignore[reportArgumentType]  (mean and std come together)
         elif x.dtype == torch.uint8: x = x.float() / 255
         return x.to(getattr(torch, self.meta['input_dtype']))
 
-    def predict(self, x) -> Prediction | list[Prediction]:
+    def predict(self, x: Any) -> Prediction | list[Prediction]:
         """The class of `x` (named if known), its probability and all probabilities: `x` as `learn.predict` takes it
         (a path, a PIL image, uint8 pixels or normalised floats; one item, a list or a batch), the same result."""
         xb, how = batch_of(self.preprocess, x)
@@ -259,7 +262,7 @@ class ExportedModel:
         return predictions(out.softmax(1), self.classes, how)
 
 
-def load_exported(path, model: nn.Module | None = None) -> ExportedModel:
+def load_exported(path: str | os.PathLike, model: nn.Module | None = None) -> ExportedModel:
     """Load what `learn.export(path)` wrote: the program (checked first, see this module's docstring; no model class
     needed) or, where the export fell back to weights, those weights into `model`, an instance of the model's class.
     The result runs on the CPU, in eval mode."""

@@ -13,6 +13,8 @@ blocks of the two sets (at least 4), as the course defines it; unlike FID it is 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -121,7 +123,7 @@ def calc_kid(x: torch.Tensor, y: torch.Tensor, maxs: int = 50) -> float:
         raise ValueError(f'KID: averages over {n} blocks of at least 2 images from each set, so each set needs at '
                          f'least {2 * n} images; got {xs} and {ys}')
     cut = lambda s, i: s[round(i * len(s) / n):round((i + 1) * len(s) / n)]  # the course's blocks, so its values
-    return (sum(squared_mmd(cut(x, i), cut(y, i)) for i in range(n)) / n).item()
+    return (sum(squared_mmd(cut(x, i), cut(y, i)) for i in range(n)) / n).item()  # pyright: ignore[reportAttributeAccessIssue]  (a sum of tensors)
 
 
 def _no_loss(preds, *targets): return preds.new_zeros(())  # ImageEval only looks: no loss is needed
@@ -140,7 +142,7 @@ class ImageEval:
     """Scores images by the features `model` gives them (e.g. a classifier without its head): the features of
     `dls.valid` are computed once, through a Learner with `cbs` (e.g. `DeviceCB()`), and kept as `.feats` with their
     mean and covariance as `.stats`; `fid(samp)` and `kid(samp)` compare a batch of images with them."""
-    def __init__(self, model: torch.nn.Module, dls, cbs=None):
+    def __init__(self, model: torch.nn.Module, dls: Any, cbs: Iterable[Callback] | None = None) -> None:
         self.learn = TrainLearner(model, dls, loss_func=_no_loss, cbs=cbs, opt_func=None)
         probe = _InputShape()
         self.feats = self._flat(capture_preds(self.learn, cbs=[probe])[0])

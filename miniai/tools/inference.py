@@ -25,14 +25,19 @@ from ..core.state import looking, rng_state, set_rng_state
 from ..data.items import Preprocess, data_preprocess, item_shape
 from ..data.targets import Targets
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Callable, Iterable, Sequence
+    from typing import Any
+
 __all__ = ['Prediction', 'predictions', 'kind_predictions', 'targets_of', 'batch_of', 'get_preds', 'predict', 'per_item_loss', 'input_shape',
            'learner_preprocess', 'tta', 'show_image_batch']
 
 
-def per_item_loss(loss_func, preds: torch.Tensor, targs: torch.Tensor) -> torch.Tensor:
+def per_item_loss(loss_func: Callable, preds: torch.Tensor, targs: torch.Tensor) -> torch.Tensor:
     "`loss_func` for each item of `preds` against `targs` (reduction='none', averaged over any other dimension)."
     if isinstance(loss_func, nn.Module) and hasattr(loss_func, 'reduction'):
-        old, loss_func.reduction = loss_func.reduction, 'none'
+        old, loss_func.reduction = loss_func.reduction, 'none'  # pyright: ignore[reportArgumentType]  (a loss module's reduction is a str)
         try: res = loss_func(preds, targs)
         finally: loss_func.reduction = old
     else:
@@ -43,7 +48,8 @@ def per_item_loss(loss_func, preds: torch.Tensor, targs: torch.Tensor) -> torch.
 
 
 @learner_method
-def get_preds(self: Learner, dl=None, with_input: bool = False, with_loss: bool = False, act=None, cbs=None) -> tuple:
+def get_preds(self: Learner, dl: Any = None, with_input: bool = False, with_loss: bool = False,
+              act: Callable[[torch.Tensor], torch.Tensor] | None = None, cbs: Iterable[Callback] | None = None) -> tuple:
     """Predictions over `dl` (default: the validation loader), on the CPU: `(preds, targets)`, then the inputs if
     `with_input` and each item's loss if `with_loss`. `act` (e.g. `lambda p: p.softmax(-1)`) is applied to the
     predictions; the loss is taken on them before; `act=learn.dls.targets.activate` gives what the outputs mean for
@@ -87,7 +93,7 @@ class Prediction(NamedTuple):
     probs: torch.Tensor
 
 
-def predictions(probs: torch.Tensor, classes, how: str) -> Prediction | list[Prediction]:
+def predictions(probs: torch.Tensor, classes: Sequence[str] | None, how: str) -> Prediction | list[Prediction]:
     """`probs` [N, classes] as `predict` gives them, `how` the items came: 'one' (one `Prediction`), 'list' (a list
     of them) or 'batch' (one `Prediction` of lists: classes, a tensor of probabilities, a row of probabilities each)."""
     if probs.dim() != 2:
@@ -114,7 +120,7 @@ def targets_of(learn: Learner) -> Targets:
     return t if isinstance(t, Targets) else Targets('class', getattr(learn.dls, 'classes', None))
 
 
-def batch_of(prep: Preprocess, x) -> tuple[torch.Tensor, str]:
+def batch_of(prep: Preprocess, x: Any) -> tuple[torch.Tensor, str]:
     "New items `x` as one model batch, and how they came ('one', 'list' or 'batch'; see `predictions`)."
     if prep.is_one(x): return prep.batch([x]), 'one'
     if isinstance(x, (torch.Tensor, np.ndarray)): return prep.batch(x), 'batch'
@@ -122,7 +128,7 @@ def batch_of(prep: Preprocess, x) -> tuple[torch.Tensor, str]:
 
 
 @learner_method(name='predict_item')
-def predict(self: Learner, x, act=None) -> Prediction | list[Prediction]:
+def predict(self: Learner, x: Any, act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Prediction | list[Prediction]:
     """The class of `x`, its probability and all probabilities (for other targets, see `Prediction`). `x` is what a user has: a file's path, a PIL image,
     uint8 pixels as decoded, or an already-normalised float tensor (see `miniai.data.items.Preprocess`: decoded,
     resized as the training images were, normalised with their statistics); one item gives one `Prediction`, a list
@@ -146,7 +152,7 @@ class _GrabBatch(Callback):
 
 
 @learner_method
-def show_image_batch(self: Learner, max_n: int = 9, cbs=None, **kwargs) -> None:
+def show_image_batch(self: Learner, max_n: int = 9, cbs: Iterable[Callback] | None = None, **kwargs: Any) -> None:
     """Show up to `max_n` images of a training batch as the model would get it (after `cbs`, e.g. augmentation);
     like `show_images`, returns nothing (`plt.gcf()` is the figure)."""
     from ..data.show import show_images  # imported when shown: matplotlib costs 0.4 s
@@ -155,7 +161,8 @@ def show_image_batch(self: Learner, max_n: int = 9, cbs=None, **kwargs) -> None:
     show_images(grab.batch[0][:max_n].float().cpu(), **kwargs)
 
 
-def tta(learn: Learner, tfm=lambda x: x.flip(-1), n: int = 1, beta: float = 0.5) -> dict:
+def tta(learn: Learner, tfm: Callable[[torch.Tensor], torch.Tensor] = lambda x: x.flip(-1), n: int = 1,
+        beta: float = 0.5) -> dict:
     """Test-time augmentation: the predicted probabilities over the validation set as it is, and averaged over `n`
     passes with `tfm` applied to the inputs (default: a left-right flip); the result is `beta` of the plain pass plus
     `1 - beta` of the augmented ones (fastai uses 4 passes of its training augmentation and beta 0.25, e.g.

@@ -18,6 +18,11 @@ from ..data.normalise import Normalise
 from ..data.show import get_grid, show_image
 from .inference import get_preds, targets_of
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Sequence
+    from typing import Any
+
 __all__ = ['ClassificationInterpretation']
 
 
@@ -26,7 +31,8 @@ class ClassificationInterpretation:
     names the classes (else they are numbered); `mean` and `std` (those of `fashion_dls`, for instance) undo the
     inputs' normalisation for showing them."""
     def __init__(self, probs: torch.Tensor, targs: torch.Tensor, inputs: torch.Tensor | None, losses: torch.Tensor,
-                 classes=None, mean=None, std=None):
+                 classes: Sequence[str] | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None) -> None:
         if probs.dim() != 2 or targs.shape != probs.shape[:1]:
             raise ValueError(f'ClassificationInterpretation takes (items, classes) probabilities and one class index '
                              f'per item; got shapes {tuple(probs.shape)} and {tuple(targs.shape)}')
@@ -36,7 +42,7 @@ class ClassificationInterpretation:
         self.mean, self.std = mean, std
 
     @classmethod
-    def from_learner(cls, learn: Learner, dl=None) -> ClassificationInterpretation:
+    def from_learner(cls, learn: Learner, dl: Any = None) -> ClassificationInterpretation:
         """One pass of `learn.get_preds` over `dl` (default: the validation loader; or new items, `dls.test_dl(...)`
         with labels), a look that changes nothing."""
         if getattr(dl, 'labelled', True) is False:
@@ -59,7 +65,7 @@ class ClassificationInterpretation:
         with quiet_torcheval(): from torcheval.metrics.functional import multiclass_confusion_matrix
         return multiclass_confusion_matrix(self.preds, self.targs, len(self.classes)).long()
 
-    def plot_confusion_matrix(self, normalize: bool = False, figsize=(7, 7), cmap: str = 'Blues') -> None:
+    def plot_confusion_matrix(self, normalize: bool = False, figsize: tuple[float, float] = (7, 7), cmap: str = 'Blues') -> None:
         "The confusion matrix with the class names, as counts (or, with `normalize`, fractions of each actual class)."
         cm = self.confusion_matrix().float()
         if normalize: cm = cm / cm.sum(1, keepdim=True).clamp(min=1)
@@ -77,7 +83,7 @@ class ClassificationInterpretation:
                 ax.text(j, i, f'{v:.2f}' if normalize else f'{int(v)}', ha='center', va='center', fontsize=8,
                         color='white' if v > top / 2 else 'black')
         ax.set_title('Confusion matrix' + (' (fraction of each actual class)' if normalize else ''))
-        ax.figure.tight_layout()
+        ax.figure.tight_layout()  # pyright: ignore[reportAttributeAccessIssue]
 
     def most_confused(self, min_val: int = 1) -> list[tuple[str, str, int]]:
         "(actual, predicted, count) for every pair of different classes confused at least `min_val` times, most first."
@@ -105,7 +111,7 @@ class ClassificationInterpretation:
         for ax, i, loss in zip(axs.flat, idxs.tolist(), losses.tolist()):
             p = self.preds[i].item()
             show_image(self._shown(self.inputs[i]), ax=ax, cmap='gray',
-                       title=f'{self._name(p)} ({self.probs[i, p]:.2f})\n{self._name(self.targs[i].item())} / '
+                       title=f'{self._name(p)} ({self.probs[i, p]:.2f})\n{self._name(self.targs[i].item())} / '  # pyright: ignore[reportArgumentType]
                              f'{loss:.2f}')
             ax.title.set_fontsize(9)
         fig.tight_layout()

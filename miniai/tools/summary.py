@@ -8,6 +8,7 @@ RNGs and the data loader's order are restored afterwards, and every hook is remo
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -83,7 +84,7 @@ def _count_params(m: nn.Module):
     return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
 
 
-def summary(model: nn.Module, x, depth: int = 1, train_step: bool = True) -> Summary:
+def summary(model: nn.Module, x: torch.Tensor | Sequence[int], depth: int = 1, train_step: bool = True) -> Summary:
     """Run `model` once on `x` (a tensor, or a shape to fill with random numbers) and report, for each module
     `depth` levels down, its input and output shapes, parameters and forward FLOPs, with totals and the FLOPs of
     a training step. Nothing about the model changes."""
@@ -101,7 +102,7 @@ def summary(model: nn.Module, x, depth: int = 1, train_step: bool = True) -> Sum
         row_mods = {m for _, m in rows}
         for m in model.modules():
             hooks += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-        counter = FlopCounterMode(display=False, depth=None)
+        counter = FlopCounterMode(display=False, depth=None)  # pyright: ignore[reportArgumentType]  (None: every depth)
         try:
             with torch.no_grad(), counter: model(x)
         except Exception as e:
