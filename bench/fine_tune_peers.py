@@ -40,8 +40,9 @@ def write_folder(root: Path, n_train: int, n_valid: int) -> Path:
     return root
 
 
-def run_miniai(folder: Path, bs: int) -> dict:
-    "miniai's fine-tune of a fresh resnet18 on `folder`: seconds of each epoch, validation accuracy."
+def run_miniai(folder: Path, bs: int, opt_func=None) -> dict:
+    """miniai's fine-tune of a fresh resnet18 on `folder`: seconds of each epoch, validation accuracy; `opt_func`
+    replaces vision_learner's default optimizer (fused AdamW)."""
     from torcheval.metrics import MulticlassAccuracy
     from miniai.core.events import Callback
     from miniai.data.dataloaders import DataLoaders
@@ -57,7 +58,8 @@ def run_miniai(folder: Path, bs: int) -> dict:
     t0 = time.perf_counter()
     dls = DataLoaders.from_folder(folder, bs=bs, seed=0)
     timer = EpochTimer()
-    learn = vision_learner(dls, 'resnet18', pretrained=False, metrics=MulticlassAccuracy(), cbs=[timer])
+    kw = {} if opt_func is None else {'opt_func': opt_func}
+    learn = vision_learner(dls, 'resnet18', pretrained=False, metrics=MulticlassAccuracy(), cbs=[timer], **kw)
     learn.fine_tune(1)
     acc = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]['accuracy']
     return {'epochs': timer.secs, 'accuracy': float(acc), 'total': time.perf_counter() - t0}
@@ -86,7 +88,13 @@ def run_fastai(folder: Path, bs: int) -> dict:
             'total': time.perf_counter() - t0}
 
 
-WORKERS = {'miniai': run_miniai, 'fastai': run_fastai}
+def run_miniai_plain_adamw(folder: Path, bs: int) -> dict:
+    "miniai as before `fused_adamw`: torch's AdamW with its default (per-parameter loop) implementation on a CPU."
+    import torch
+    return run_miniai(folder, bs, opt_func=torch.optim.AdamW)
+
+
+WORKERS = {'miniai': run_miniai, 'fastai': run_fastai, 'miniai-plain-adamw': run_miniai_plain_adamw}
 
 
 def fastai_available() -> bool:
@@ -137,6 +145,8 @@ def main(argv=None):
     p.add_argument('--n-valid', type=int, default=1000)
     p.add_argument('--bs', type=int, default=64)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--plain-adamw', action='store_true', help="also miniai with torch's plain AdamW (the default "
+                   "before fused_adamw), to see what the fused optimizer gives")
     p.add_argument('--workdir', default=None, help='where the PNG folder is written (default: a temporary folder)')
     p.add_argument('--out', default=str(RESULTS / 'fine_tune_peers.md'))
     p.add_argument('--worker', choices=list(WORKERS), help=argparse.SUPPRESS)
@@ -148,7 +158,8 @@ def main(argv=None):
         print(json.dumps(WORKERS[a.worker](Path(a.folder), a.bs)))
         return
     who = ['miniai', 'fastai'] if fastai_available() else ['miniai']
-    if len(who) == 1:
+    if a.plain_adamw: who.append('miniai-plain-adamw')
+    if 'fastai' not in who:
         msg = (f'fastai is not importable from {sys.executable}: skipping it (install it in the bench\'s own '
                f'environment, see the docstring)')
         if not a.tiny: raise SystemExit(msg)
@@ -162,7 +173,8 @@ def main(argv=None):
             for w in who:
                 runs[w].append(one_run(w, folder, a.bs, a.threads))
                 print(f'round {i}: {w} {runs[w][-1]}', flush=True)
-    cmd = f'python -m bench.fine_tune_peers{" --tiny" if a.tiny else f" --rounds {rounds}"}'
+    cmd = (f'python -m bench.fine_tune_peers{" --tiny" if a.tiny else f" --rounds {rounds}"} --n-train {n_train} '
+           f'--n-valid {n_valid}{" --plain-adamw" if a.plain_adamw else ""}')
     md = table(runs, cmd, (load0[0], os.getloadavg()[0]), (n_train, n_valid))
     Path(a.out).write_text(md)
     print(md)
