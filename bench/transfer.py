@@ -226,8 +226,10 @@ def _cfg(how, c):
 
 def _row(net, per, r):
     ft, sc = r['fine-tune'], r['scratch']
-    gain = 100 * (statistics.mean(ft['test']) - statistics.mean(sc['test']))
-    return (f"| {net} | {per} | {_ms(ft['test'])} | {_ms(sc['test'])} | {gain:+.1f} | "
+    gains = [a - b for a, b in zip(ft['test'], sc['test'])]  # each seed's: the same training images for both
+    per_seed = ' / '.join(f'{100 * g:+.1f}' for g in gains)
+    return (f"| {net} | {per} | {_ms(ft['test'])} | {_ms(sc['test'])} | {100 * statistics.mean(gains):+.1f} ± {100 * (statistics.stdev(gains) if len(gains) > 1 else 0):.1f} "
+            f"({per_seed}) | "
             f"{_cfg('fine-tune', ft['cfg'])} ({100 * ft['valid']:.1f}%) | {_cfg('scratch', sc['cfg'])} "
             f"({100 * sc['valid']:.1f}%) |")
 
@@ -269,7 +271,7 @@ def main(argv=None):
              f'on a validation split ({N_VALID} other training images a class of classes 5-9), by mean validation '
              f'accuracy over the seeds, from the grids (per images a class) {grids}; resnet18 {r18_grid}. '
              f'Validation accuracy of the chosen settings in brackets.', '',
-             '| network | images per class | fine-tuned | from scratch | gain (points) | fine-tune chosen | '
+             '| network | images per class | fine-tuned | from scratch | gain (points; per seed) | fine-tune chosen | '
              'scratch chosen |', '|---|---|---|---|---|---|---|']
     for per in pers:
         r = transfer(small_learner(body), x, y, xt, yt, per, seeds, grids[per], test_n)

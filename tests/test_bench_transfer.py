@@ -40,3 +40,12 @@ def test_the_grid_gives_fine_tune_its_frozen_epochs_and_both_methods_the_same_ep
     assert c['scratch'] == [{'epochs': e, 'lr': lr} for e in (2, 5) for lr in (1e-3, 1e-2)]
     assert {(d['epochs'], d['lr']) for d in c['fine-tune']} == {(d['epochs'], d['lr']) for d in c['scratch']}
     assert {'epochs': 2, 'freeze': 3, 'lr': 1e-3} not in c['fine-tune'] and len(c['fine-tune']) == 6  # 3 of 2: none
+
+
+def test_a_row_gives_each_seeds_gain_on_the_same_images():
+    from bench.transfer import _row
+    r = {'fine-tune': {'test': [0.90, 0.88, 0.91], 'cfg': {'epochs': 5, 'freeze': 1, 'lr': 0.01}, 'valid': 0.9},
+         'scratch': {'test': [0.85, 0.86, 0.87], 'cfg': {'epochs': 5, 'lr': 0.01}, 'valid': 0.85}}
+    row = _row('net', 20, r)
+    assert '| 89.7% ± 1.5 | 86.0% ± 1.0 | +3.7 ± 1.5 (+5.0 / +2.0 / +4.0) |' in row
+    assert '`fine_tune(4, base_lr=0.01, freeze_epochs=1)` (90.0%)' in row and '`fit_one_cycle(5, 0.01)` (85.0%)' in row
