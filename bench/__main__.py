@@ -1,7 +1,8 @@
 """`python -m bench` (or `make bench`): every benchmark in one go, then a summary table and chart in bench/results/.
 
 Runs, in this order: data loading, framework overhead (with fastai and Lightning when installed), precision and
-memory format, FLOP counting, FID's numerics (against scipy's `sqrtm` when installed). Each writes its own Markdown table; this collects them into `bench/results/README.md`
+memory format, FLOP counting, FID's numerics (against scipy's `sqrtm` when installed), transfer (fine-tuning a
+pretrained backbone against training from scratch; its pretrained bodies are cached, so reruns skip pretraining). Each writes its own Markdown table; this collects them into `bench/results/README.md`
 and draws `bench/results/overview.png` (the speed-up of each contender in each benchmark).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
-from bench import data, fid, flops, overhead, precision
+from bench import data, fid, flops, overhead, precision, transfer
 
 RESULTS = Path(__file__).parent / 'results'
 
@@ -29,7 +30,8 @@ def _ratios(md: str, col: int) -> dict:
 
 
 STEPS = [('data', data.main, ['--rounds', '3']), ('overhead', overhead.main, ['--rounds', '5', '--peers']),
-         ('precision', precision.main, []), ('flops', flops.main, None), ('fid', fid.main, [])]
+         ('precision', precision.main, []), ('flops', flops.main, None), ('fid', fid.main, []),
+         ('transfer', transfer.main, [])]
 
 
 def main(argv=None):

@@ -74,3 +74,26 @@ def test_timm_weights_load_through_pretrained_cfg_overlay(tmp_path):
     assert torch.allclose(body.conv1[0].weight, src.conv1[0].weight.sum(1, keepdim=True), atol=1e-6)
     assert dls.mean == pytest.approx((src.pretrained_cfg['mean'][0],))
     learn.fine_tune(0, freeze_epochs=1)  # trains: the body's groups come from the timm model's children
+
+
+def test_fused_adamw_steps_as_plain_adamw_does_and_is_vision_learners_default():
+    "The fused kernel is an optimisation only: the same steps (groups and rates kept), and what vision_learner uses."
+    from miniai.models.vision import fused_adamw
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    fused = fused_adamw([{'params': [a.weight], 'lr': 1e-2}, {'params': [a.bias]}],
+                        lr=1e-3, weight_decay=0.1)
+    plain = torch.optim.AdamW([{'params': [b.weight], 'lr': 1e-2}, {'params': [b.bias]}], lr=1e-3, weight_decay=0.1)
+    assert fused.defaults['fused'] and not plain.defaults['fused']
+    for _ in range(3):
+        for m, o in ((a, fused), (b, plain)):
+            m(torch.ones(2, 4)).pow(2).sum().backward()
+            o.step()
+            o.zero_grad()
+    torch.testing.assert_close(a.weight, b.weight)
+    torch.testing.assert_close(a.bias, b.bias)
+    assert not fused_adamw(nn.Linear(2, 2, device='meta').parameters()).defaults['fused']  # no kernel there: plain
+    learn = vision_learner(grey_dls(), 'resnet18', pretrained=False)
+    learn.fit(1, valid=False)
+    assert learn.opt.defaults['fused']

@@ -40,14 +40,17 @@ from ..engines.ddp import DDPCB
 from ..engines.plan import fastest_plan, fastest_settings
 from ..engines.precision import precision_cbs
 from ..models.resnet import fashion_resnet, resnet9, seed002_resnet
+from ..models.backbones import weights_stats
 from ..models.vision import vision_model
+from ..runs.autoresume import choose_together, run_checkpoints
 from ..runs.checkpoint import SaveModelCB
+from ..runs.ckptfile import read_checkpoint
 from ..runs.compare import SETTINGS_FILE
 from ..runs.interrupt import InterruptCB, drills_from_env
 from ..tools.inference import tta
 
 __all__ = ['MODELS', 'AUGMENTS', 'RUN_FILE', 'RUN_FORMAT', 'augment_for', 'build_model', 'augment_tfms',
-           'recipe_dls', 'make_learner', 'record_run', 'run_recipe', 'plot_run', 'LOGGERS', 'logger_cbs',
+           'recipe_dls', 'make_learner', 'record_run', 'fine_tune_run', 'run_recipe', 'plot_run', 'LOGGERS', 'logger_cbs',
            'SETTINGS_FILE']
 RUN_FILE, RUN_FORMAT = 'model.json', 'miniai-run-1'  # what rebuilds a run's model, next to its checkpoints
 LOGGERS = ('csv', 'tensorboard', 'wandb', 'mlflow')
@@ -198,6 +201,25 @@ def plot_run(learn: Learner, out: Path) -> list[Path]:
     return paths
 
 
+def fine_tune_run(learn: Learner, epochs: int, lr: float, resume, pretrained_model) -> None:
+    """The recipe's fine-tune: one frozen epoch, then `epochs - 1` of everything at discriminative rates (their
+    schedules are `fine_tune`'s). Fresh (`resume` None, or 'auto' finding no checkpoint), the weights are those of
+    `pretrained_model()` (the download); resumed, the checkpoint's: one saved in the frozen epoch goes on there, one
+    saved at its end starts the unfrozen fit from its weights, one of the unfrozen fit goes on in it."""
+    learn.cbs = [cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB)]
+    path = choose_together(learn, *run_checkpoints(learn)) if resume == 'auto' else resume
+    if resume == 'auto' and is_main_process():
+        print(f'miniai: resuming from {path}' if path else 'miniai: no checkpoint to resume from: starting fresh')
+    if path is None:
+        learn.model.load_state_dict(pretrained_model().state_dict())
+        return learn.fine_tune(epochs - 1, base_lr=lr, freeze_epochs=1)
+    ck = read_checkpoint(path)
+    frozen, ended = bool(ck.get('frozen_to')), ck.get('position') is None and ck.get('epoch') == 0
+    if frozen and ended: learn.load(path, with_opt=False)  # the frozen fit is done: the next starts from here
+    learn.fine_tune(epochs - 1, base_lr=lr, freeze_epochs=int(frozen and not ended),
+                    resume=None if frozen and ended else path)
+
+
 def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'resnet9_small',
                precision: str = 'auto', out: Path = Path('runs/latest'), resume: str | Path | None = None, seed: int = 42,
                augment: str | bool = 'auto', use_tta: bool = True, n_train: int | None = None,
@@ -208,7 +230,7 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
                cbs: Iterable[Callback] = (), run_name: str | None = None) -> dict:
     """Train on `data` (see `recipe_dls`), evaluate (with TTA) and save under `out`; returns the final metrics.
     `model` may be a torchvision or timm architecture (`resnet18`); with `pretrained` its weights are loaded, the data
-    normalised with their statistics, and the run is `learn.fine_tune(epochs - 1, base_lr=lr)` (no resume).
+    normalised with their statistics, and the run is `learn.fine_tune(epochs - 1, base_lr=lr)` (`fine_tune_run`).
     `resume`: a checkpoint, or 'auto' (the newest in `out`, else a fresh start). Under `torchrun`, `bs` is the global
     batch size (each of the N processes takes bs/N a step, so nothing else changes with N), and only global rank 0
     prints and writes. `cbs` are added to the Learner (`logger_cbs`: trackers get the run's settings); `run_name` is
@@ -222,13 +244,11 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
     if augment == 'auto': augment = augment_for(epochs)
     (n, c, *hw), n_classes = dls.train.x.shape, len(dls.classes)
     model_args: dict[str, Any] = dict(name=model, drop=drop, in_channels=c, n_classes=n_classes, size=max(hw))
-    if pretrained:
+    head: dict[str, Any] = {} if drop is None else {'p': drop}
+    if pretrained:  # its weights: downloaded on a fresh start, the checkpoint's on a resume (`fine_tune_run`)
         if model in MODELS: raise ValueError(f'--pretrained needs an architecture (--arch resnet18...), not {model!r}')
-        if resume is not None: raise ValueError('a pretrained fine-tune (two fits) cannot be resumed; start it again')
-        head: dict[str, Any] = {} if drop is None else {'p': drop}
-        net, stats = vision_model(model, n_classes, c, pretrained=True, **head)
-        assert stats is not None  # pretrained weights come with their statistics
-        dls.normalize_with(*stats)
+        net, _ = vision_model(model, n_classes, c, pretrained=False, **head)
+        dls.normalize_with(*weights_stats(model, c))
     else: net = build_model(**model_args)
     learn, chosen = make_learner(net, dls, epochs, lr, precision, augment, out, wd=wd,
                                  label_smoothing=label_smoothing, average=average, ema_decay=ema_decay, target=target)
@@ -258,9 +278,7 @@ def run_recipe(epochs: int = 8, bs: int = 256, lr: float = 1e-2, model: str = 'r
         record_run(out, model_args, dls, dict(data=str(Path(data).resolve()) if data != 'fashion' else data,
                                               size=size, valid_pct=valid_pct, seed=seed, n_train=n_train,
                                               n_valid=n_valid))
-    if pretrained:  # its schedules come from fine_tune: one frozen epoch, then all at discriminative rates
-        learn.cbs = fc.L(cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB))
-        learn.fine_tune(epochs - 1, base_lr=lr, freeze_epochs=1)
+    if pretrained: fine_tune_run(learn, epochs, lr, resume, lambda: vision_model(model, n_classes, c, **head)[0])
     else: learn.fit(epochs, resume=resume)
     last = [r for r in learn.metrics.history if r['train'] == 'eval'][-1]
     res = {'data': str(data), 'model': model, 'epochs': epochs, 'bs': bs, 'lr': lr, 'seed': seed, 'precision': chosen,

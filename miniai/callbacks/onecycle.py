@@ -15,6 +15,8 @@ from ..core.ranks import world_size
 from .schedule import BatchSchedCB
 
 if TYPE_CHECKING:
+    import os
+
     from torch import optim
     from torch.optim.lr_scheduler import LRScheduler
 
@@ -104,12 +106,16 @@ def fit_flat_cos(self: Learner, n_epochs: int, lr: LR | None = None,
 
 @learner_method
 def fine_tune(self: Learner, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
-              pct_start: float = 0.3, div: float = 5., cbs: Callback | Iterable[Callback] | None = None) -> None:
+              pct_start: float = 0.3, div: float = 5., cbs: Callback | Iterable[Callback] | None = None,
+              resume: str | os.PathLike | None = None) -> None:
     """Train a pretrained model on new data: `freeze_epochs` one-cycle epochs of the head alone (`freeze`), then
-    `epochs` of everything (`unfreeze`) at rates from `base_lr / 2 / lr_mult` (first group) to `base_lr / 2` (head)."""
+    `epochs` of everything (`unfreeze`) at rates from `base_lr / 2 / lr_mult` (first group) to `base_lr / 2` (head).
+    `resume` (a checkpoint) goes to the first fit that runs: a checkpoint saved in the frozen fit goes on there; one
+    of the unfrozen fit goes on with `freeze_epochs=0`, which skips the frozen fit (its weights are the checkpoint's)."""
     if freeze_epochs:
         freeze(self)
-        fit_one_cycle(self, freeze_epochs, slice(base_lr), pct_start=0.99, cbs=cbs)
+        fit_one_cycle(self, freeze_epochs, slice(base_lr), pct_start=0.99, cbs=cbs, resume=resume)
+        resume = None
     unfreeze(self)
     if epochs: fit_one_cycle(self, epochs, slice(base_lr / 2 / lr_mult, base_lr / 2), pct_start=pct_start, div=div,
-                             cbs=cbs)
+                             cbs=cbs, resume=resume)

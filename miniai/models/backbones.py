@@ -14,7 +14,7 @@ from torch import nn
 from .layers import init_weights
 
 __all__ = ['TIMM_MISSING', 'resolve_arch', 'create_body', 'create_head', 'adapt_first_conv', 'channel_stats_for',
-           'load_backbone']
+           'load_backbone', 'weights_stats']
 
 TIMM_MISSING = "timm is not installed: pip install 'miniai-learner[timm]' (or pip install timm)"
 
@@ -106,6 +106,21 @@ def channel_stats_for(stats: Sequence[Sequence[float]], n_in: int) -> tuple[tupl
     if n_in == len(mean): return tuple(mean), tuple(std)
     if n_in == 1: return (sum(mean) / len(mean),), (sum(std) / len(std),)
     return tuple(mean[i % len(mean)] for i in range(n_in)), tuple(std[i % len(std)] for i in range(n_in))
+
+
+def weights_stats(arch, n_in: int) -> tuple:
+    """The (mean, std) for `n_in` channels that `arch`'s pretrained weights expect, read from the weights' description
+    without loading (or downloading) them: what a resumed fine-tune normalises with, its weights coming from the
+    checkpoint."""
+    kind, name, builder = resolve_arch(arch)
+    if kind == 'timm':
+        if importlib.util.find_spec('timm') is None: raise ImportError(TIMM_MISSING)
+        import timm
+        cfg = timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg
+        return channel_stats_for((cfg['mean'], cfg['std']), n_in)
+    from torchvision.models import get_model_weights
+    t = get_model_weights(builder).DEFAULT.transforms()
+    return channel_stats_for((t.mean, t.std), n_in)
 
 
 class ConcatPool(nn.Module):
