@@ -90,9 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='a torchvision or timm architecture (resnet18, convnext_tiny...) instead of --model, with a '
                         'new head for the data\'s classes and channels')
     t.add_argument('--pretrained', action='store_true',
-                   help='with --arch: load its pretrained weights (downloaded once to $TORCH_HOME), normalise with '
-                        'their statistics, and fine-tune (one frozen epoch, then all at rates from lr/100 to lr); '
-                        '--resume goes on with the checkpoint\'s weights, downloading nothing')
+                   help='with --arch: load its pretrained weights (downloaded once to $TORCH_HOME), normalise with their '
+                        'stats, fine-tune (a frozen epoch, then all at lr/100..lr); --resume downloads nothing')
     t.add_argument('--precision', choices=PRECISIONS, default='auto',
                    help="'auto' picks the fastest safe setting for this machine (bf16 autocast and channels-last on "
                         "CPUs with AMX/AVX-512 bf16, mixed precision on CUDA); 'fp32' is the plain path")
