@@ -118,6 +118,14 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match='RandFlip'): augment_cb(RandFlip(), targets='mask')
 
 
+def test_augment_moves_as_a_module_does():
+    "An `Augment` in a model moves with it (`.to`, `.float`): nn.Module's own `_apply` is not shadowed by its helpers."
+    model = nn.Sequential(aug_transforms(max_lighting=0.), nn.Identity())
+    assert model.to('cpu').float() is model
+    x = torch.zeros(2, 1, 8, 8, dtype=torch.uint8)
+    assert model(x).shape == x.shape
+
+
 @needs_data
 def test_augment_cb_with_masks_moves_both_and_tta_takes_the_augmentation():
     dls = fashion_dls(bs=64, n_train=256, n_valid=128, seed=0, device='cpu')

@@ -141,7 +141,7 @@ def make_learner(model: nn.Module, dls: DataLoaders, epochs: int, lr: float, pre
     sched = partial(optim.lr_scheduler.OneCycleLR, max_lr=lr, total_steps=epochs * len(dls.train))
     prog = ProgressCB(plot=True if out is None else out / 'loss.png')  # a script: no live plot, a file
     metrics, monitor = ((targets.metrics(), targets.monitor) if targets else
-                        ({'accuracy': MulticlassAccuracy()}, 'accuracy'))
+                        (dict[str, Any](accuracy=MulticlassAccuracy()), 'accuracy'))
     cbs = [DeviceCB(), DDPCB(), MetricsCB(**metrics), prog, BatchSchedCB(sched),
            RecorderCB(lr=lambda cb: cb.pg['lr']), *precision_cbs(precision)]  # DDPCB: a no-op outside torchrun
     if tfms := augment_tfms(augment, epochs): cbs.append(augment_cb(*tfms))

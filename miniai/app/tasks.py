@@ -14,6 +14,15 @@ from pathlib import Path
 
 from ..data.decode import ImageDataError
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Callable
+    from typing import Any
+
+    from torch import nn
+
+    from ..models.segment import BodyUNet
+
 __all__ = ['TASKS', 'add_task_arguments', 'data_task', 'image_model', 'value_head', 'seg_model', 'train_task']
 
 TASKS = ('auto', 'class', 'multilabel', 'regression', 'image', 'segmentation')
@@ -65,7 +74,7 @@ def data_task(data: str, task: str = 'auto', csv: str = 'labels.csv', label_deli
     raise ImageDataError(f'--task {task} needs {need} in --data {data}')
 
 
-def image_model(in_channels: int, out_channels: int, scale: int = 1, width: int = 32):
+def image_model(in_channels: int, out_channels: int, scale: int = 1, width: int = 32) -> nn.Module:
     """A small image-to-image network: bilinear upscaling by `scale` (super-resolution; 1 keeps the size), then
     convolutions that predict the correction to the upscaled input."""
     import torch
@@ -86,36 +95,37 @@ def image_model(in_channels: int, out_channels: int, scale: int = 1, width: int 
     return ImageToImage()
 
 
-def value_head(net):
+def value_head(net: nn.Module) -> nn.Module:
     """`net` with its last linear layer free to output any value: the recipe's ResNets end with a BatchNorm of their
     outputs (good for class scores), which would hold regression outputs near mean 0 and std 1; it is dropped and
     the linear layer given a bias."""
     from torch import nn
     if isinstance(net, nn.Sequential) and isinstance(net[-1], nn.BatchNorm1d) and isinstance(net[-2], nn.Linear):
-        net[-2], net[-1] = nn.Linear(net[-2].in_features, net[-2].out_features), nn.Identity()
+        net[-2], net[-1] = nn.Linear(net[-2].in_features, net[-2].out_features), nn.Identity()  # pyright: ignore[reportArgumentType]  (net[-2] is the nn.Linear checked above: an indexed item is not narrowed)
     return net
 
 
-def seg_model(in_channels: int, n_codes: int, arch=None, pretrained: bool = False, width: int = 32):
+def seg_model(in_channels: int, n_codes: int, arch: str | Callable[..., nn.Module] | None = None,
+              pretrained: bool = False, width: int = 32) -> BodyUNet:
     """A U-Net (`miniai.models.segment.BodyUNet`) scoring `n_codes` codes a pixel: its encoder `arch`'s body (a
     torchvision name, with its pretrained weights if asked), else four small stages (full size, then halved thrice)."""
     from torch import nn
     from ..models.backbones import adapt_first_conv, load_backbone
     from ..models.segment import BodyUNet
     if arch:
-        body, _ = load_backbone(arch, pretrained, in_channels)
+        body, _ = load_backbone(arch, pretrained, in_channels)  # torchvision's: an nn.Sequential (create_body)
         adapt_first_conv(body, in_channels)
     else:
         cbr = lambda ni, nf, s: nn.Sequential(nn.Conv2d(ni, nf, 3, s, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
         ws = [width, 2 * width, 4 * width, 4 * width]
         body = nn.Sequential(*[cbr(ni, nf, 1 if i == 0 else 2) for i, (ni, nf) in enumerate(zip([in_channels, *ws], ws))])
-    return BodyUNet(body, n_codes, in_channels)
+    return BodyUNet(body, n_codes, in_channels)  # pyright: ignore[reportArgumentType]  (see load_backbone above)
 
 
 def _dls(args, task: str):
     from ..data.dataloaders import DataLoaders
-    kw = dict(bs=args.bs, seed=args.seed, size=args.size, valid_pct=args.valid_pct or 0.2, n_train=args.n_train,
-              n_valid=args.n_valid)
+    kw: dict[str, Any] = dict(bs=args.bs, seed=args.seed, size=args.size, valid_pct=args.valid_pct or 0.2,
+                              n_train=args.n_train, n_valid=args.n_valid)
     if task == 'image': return DataLoaders.from_image_pairs(args.data, **kw)
     if task == 'segmentation':
         if args.n_train or args.n_valid: raise ImageDataError('--n-train/--n-valid: not for --task segmentation')
@@ -141,7 +151,7 @@ def train_task(args: argparse.Namespace, out: Path) -> dict | None:
     if task == 'segmentation':
         from .recipe import MODELS
         arch = None if args.model in MODELS else args.model  # --arch NAME: a backbone for the encoder
-        model_args, net = None, seg_model(c, t.n_out, arch, getattr(args, 'pretrained', False))
+        model_args, net = None, seg_model(c, t.n_out, arch, getattr(args, 'pretrained', False))  # pyright: ignore[reportArgumentType]  (a mask's Targets has its codes: n_out is an int)
     elif task == 'image':
         model_args, net = None, image_model(c, dls.train.y.shape[1], dls.train.y.shape[-1] // hw[-1])
     else:
@@ -156,7 +166,7 @@ def train_task(args: argparse.Namespace, out: Path) -> dict | None:
                                  average=None if args.average == 'none' else args.average,
                                  ema_decay=args.ema_decay, targets=t)
     print(f'Data: {args.data} ({task}; {n} training and {len(dls.valid.x)} validation images, '
-          f'{c}x{"x".join(map(str, hw))}' + (f', {len(t.classes)} labels' if task == 'multilabel' else '') + ')')
+          f'{c}x{"x".join(map(str, hw))}' + (f', {len(t.classes)} labels' if task == 'multilabel' else '') + ')')  # pyright: ignore[reportArgumentType]  (multi-label Targets have classes)
     print(f'Model: {args.model if model_args else type(net).__name__}; precision: {chosen}; batch {args.bs}, '
           f'{args.epochs} epochs, one-cycle AdamW at lr {args.lr}; loss {t.loss.__name__}', flush=True)
     record_run(out, model_args or {'name': type(net).__name__}, dls, dict(data=str(Path(args.data).resolve()),

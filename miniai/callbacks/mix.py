@@ -14,11 +14,15 @@ The draws (`lam`, `perm`, CutMix's box) come from torch's global CPU generator, 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.events import Callback
 from ..core.learner import compute_loss
+
+if TYPE_CHECKING:
+    from ..core.learner import Learner
 
 __all__ = ['MixCB', 'MixUpCB', 'CutMixCB']
 
@@ -29,7 +33,7 @@ class MixCB(Callback):
     is mixed at all (the draws are made whatever happens, so the sequence of random numbers does not depend on it)."""
     order = 2  # after DeviceCB (0) and batch transforms (0); before MixedPrecision (10) leaves autocast in after_loss
 
-    def __init__(self, alpha: float = 0.4, p: float = 1.0):
+    def __init__(self, alpha: float = 0.4, p: float = 1.0) -> None:
         if not alpha > 0: raise ValueError(f'{type(self).__name__}: alpha (of the Beta distribution) must be > 0; '
                                            f'got {alpha}')
         if not 0 <= p <= 1: raise ValueError(f'{type(self).__name__}: p is a probability in [0, 1]; got {p}')
@@ -46,7 +50,7 @@ class MixCB(Callback):
     def mix(self, x: torch.Tensor, x2: torch.Tensor, lam: float) -> tuple[torch.Tensor, float]:
         raise NotImplementedError
 
-    def before_batch(self, learn):
+    def before_batch(self, learn: Learner) -> None:
         self.lam, self.perm = None, None
         if not learn.training: return
         x, y = learn.batch[0], learn.batch[1]
@@ -61,7 +65,7 @@ class MixCB(Callback):
         self.perm = perm
         learn.batch = (xm, *learn.batch[1:])
 
-    def after_loss(self, learn):
+    def after_loss(self, learn: Learner) -> None:
         if self.lam is None: return
         y = learn.batch[1]
         learn.loss = learn.loss * self.lam + compute_loss(learn.loss_func, learn.preds, y[self.perm]) * (1 - self.lam)
@@ -82,7 +86,7 @@ class MixUpCB(MixCB):
 class CutMixCB(MixCB):
     """CutMix: into each training image, a box of another image of its batch, the same box for the batch, covering
     about `1 - lam` of the area; `lam` is then the share the box really left (the box is clipped at the edges)."""
-    def __init__(self, alpha: float = 1.0, p: float = 1.0): super().__init__(alpha, p)
+    def __init__(self, alpha: float = 1.0, p: float = 1.0) -> None: super().__init__(alpha, p)
 
     def draw(self, n: int) -> tuple[float, torch.Tensor, bool]:
         lam, perm, go = super().draw(n)

@@ -85,9 +85,9 @@ class Learner:
     Methods that other modules add, next to the feature they belong to (`@learner_method`):
     `lr_find` (miniai.callbacks.schedule), `capture_preds` (miniai.callbacks.preds), `summary` (miniai.tools.summary),
     `get_preds`, `predict_item`, `show_image_batch` (miniai.tools.inference), `show_results` (miniai.tools.results),
-    `export` (miniai.tools.export), `save`, `load`, `resume_cb` (miniai.runs.checkpoint), `freeze`, `freeze_to`, `unfreeze` (miniai.core.freezing),
-    `fit_one_cycle`, `fit_flat_cos`, `fine_tune` (miniai.callbacks.onecycle). Importing miniai adds them all.
-    """
+    `export` (miniai.tools.export), `save`, `load`, `resume_cb` (miniai.runs.checkpoint), `freeze`, `freeze_to`,
+    `unfreeze` (miniai.core.freezing), `fit_one_cycle`, `fit_flat_cos`, `fine_tune` (miniai.callbacks.onecycle).
+    Importing miniai adds them all."""
     def __init__(self, model: nn.Module, dls: Any = (0,), loss_func: Callable = F.mse_loss, lr: float | None = 0.1,
                  cbs: Callback | Iterable[Callback] | None = None, opt_func: Callable | None = optim.SGD,
                  splitter: Callable[[nn.Module], Iterable] | None = None) -> None:

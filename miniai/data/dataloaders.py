@@ -67,6 +67,7 @@ class DataLoaders:
     "A training and a validation data loader, as `.train` and `.valid`."
     #: set where the data is known (`image_dls`, `fashion_dls`, a run's loaders): class names, pixel statistics, source
     classes: list[str]
+    codes: list[str]  # a segmentation's (`from_masks`)
     mean: Any  # per-channel floats (None: not normalised)
     std: Any
     source: str
@@ -98,8 +99,8 @@ class DataLoaders:
         return folder_dls(path, train, valid, valid_pct, size, bs=bs, device=device, seed=seed, **kwargs)
 
     @classmethod
-    def from_masks(cls, path, bs: int = 64, size=None, device=None, seed: int | None = None,
-                   valid_pct: float = 0.2, **kwargs) -> 'DataLoaders':
+    def from_masks(cls, path: str | os.PathLike, bs: int = 64, size: int | tuple[int, int] | None = None, device: str | torch.device | None = None,
+                   seed: int | None = None, valid_pct: float = 0.2, **kwargs: Any) -> 'DataLoaders':
         """Data loaders for segmentation: `path/images/*`, a mask for each in `path/labels/` (found by `label_fn`:
         the same name by default, or a pattern such as CamVid's '{stem}_P{suffix}') and the codes in
         `path/codes.txt`; validation = the images named in `path/valid.txt`, else `valid_pct` of them. Images and masks
@@ -107,10 +108,11 @@ class DataLoaders:
         return mask_dls(path, bs=bs, size=size, device=device, seed=seed, valid_pct=valid_pct, **kwargs)
 
     @classmethod
-    def from_csv(cls, path, csv: str = 'labels.csv', fn_col=0, label_col=1, label_delim: str | None = None,
-                 valid_col=None, valid_pct: float = 0.2, seed: int | None = None, size=None, bs: int = 64,
-                 y_block: str | None = None, vocab=None, folder: str | None = None, threshold: float = 0.5,
-                 device=None, cache_dir=None, **kwargs) -> 'DataLoaders':
+    def from_csv(cls, path: str | os.PathLike, csv: str = 'labels.csv', fn_col: int | str = 0, label_col: int | str | Sequence[int | str] = 1,
+                 label_delim: str | None = None, valid_col: int | str | None = None, valid_pct: float = 0.2,
+                 seed: int | None = None, size: int | tuple[int, int] | None = None, bs: int = 64, y_block: str | None = None,
+                 vocab: Sequence[str] | None = None, folder: str | None = None, threshold: float = 0.5, device: str | torch.device | None = None,
+                 cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> 'DataLoaders':
         """Data loaders over the images listed in `path/csv`: file names in column `fn_col` (relative to `path`, or
         `path/folder`), targets in `label_col` (a name or a position): one class, labels separated by `label_delim`
         (multi-label, multi-hot targets), or numbers (regression; `label_col` may list several columns). The kind is
@@ -124,26 +126,28 @@ class DataLoaders:
                          size, bs, y_block, vocab, folder, threshold, device, cache_dir, **kwargs)
 
     @classmethod
-    def from_df(cls, df, path='.', fn_col=0, label_col=1, label_delim: str | None = None, valid_col=None,
-                valid_pct: float = 0.2, seed: int | None = None, size=None, bs: int = 64, y_block: str | None = None,
-                vocab=None, folder: str | None = None, threshold: float = 0.5, device=None, cache_dir=None,
-                **kwargs) -> 'DataLoaders':
+    def from_df(cls, df: Any, path: str | os.PathLike = '.', fn_col: int | str = 0, label_col: int | str | Sequence[int | str] = 1,
+                label_delim: str | None = None, valid_col: int | str | None = None, valid_pct: float = 0.2,
+                seed: int | None = None, size: int | tuple[int, int] | None = None, bs: int = 64, y_block: str | None = None,
+                vocab: Sequence[str] | None = None, folder: str | None = None, threshold: float = 0.5, device: str | torch.device | None = None,
+                cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> 'DataLoaders':
         "`from_csv` for a pandas DataFrame `df` already in memory (file names relative to `path`)."
         return table_dls([str(c) for c in df.columns], df.values.tolist(), path, 'the DataFrame', fn_col, label_col,
                          label_delim, valid_col, valid_pct, seed, size, bs, y_block, vocab, folder, threshold, device,
                          cache_dir, **kwargs)
 
     @classmethod
-    def from_image_pairs(cls, path, inputs: str = 'inputs', targets: str = 'targets', valid_pct: float = 0.2,
-                         seed: int | None = None, size=None, target_size=None, bs: int = 64, device=None,
-                         cache_dir=None, **kwargs) -> 'DataLoaders':
+    def from_image_pairs(cls, path: str | os.PathLike, inputs: str = 'inputs', targets: str = 'targets',
+                         valid_pct: float = 0.2, seed: int | None = None, size: int | tuple[int, int] | None = None,
+                         target_size: int | tuple[int, int] | None = None, bs: int = 64, device: str | torch.device | None = None,
+                         cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> 'DataLoaders':
         """Image-to-image loaders (denoising, super-resolution): inputs in `path/inputs`, targets of the same names
         in `path/targets`, the targets as float32 images in [0, 1] (`dls.targets.kind` is 'image': MSE, and
         predictions are images). `size`/`target_size` resize either side. `kwargs` go to `image_dls`."""
         from .tables import pair_images
         images = pair_images(path, inputs, targets, valid_pct, seed, size, target_size, cache_dir)
         dls = image_dls(images, 'train', 'valid', bs=bs, device=device, seed=seed, **kwargs)
-        dls.targets, dls.classes = Targets('image'), None
+        dls.targets, dls.classes = Targets('image'), None  # pyright: ignore[reportAttributeAccessIssue]  (image targets: no classes)
         return dls
 
     vocab = property(lambda self: self.classes, doc="The class names (fastai's name for `classes`).")
@@ -231,16 +235,18 @@ def image_dls(images: ImageSet, train: str, valid: str, bs: int = 64, device: st
     return dls
 
 
-def table_dls(columns: list, rows: list, path, where: str, fn_col=0, label_col=1, label_delim=None, valid_col=None,
-              valid_pct: float = 0.2, seed: int | None = None, size=None, bs: int = 64, y_block=None, vocab=None,
-              folder=None, threshold: float = 0.5, device=None, cache_dir=None, **kwargs) -> DataLoaders:
+def table_dls(columns: list, rows: list, path: str | os.PathLike, where: str, fn_col: int | str = 0, label_col: int | str | Sequence[int | str] = 1,
+              label_delim: str | None = None, valid_col: int | str | None = None, valid_pct: float = 0.2,
+              seed: int | None = None, size: int | tuple[int, int] | None = None, bs: int = 64, y_block: str | None = None,
+              vocab: Sequence[str] | None = None, folder: str | None = None, threshold: float = 0.5, device: str | torch.device | None = None,
+              cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> DataLoaders:
     "`DataLoaders` over the images a table lists, with its targets (see `miniai.data.tables.table_images`)."
     from .tables import table_images
     images, targets = table_images(columns, rows, path, where, fn_col, label_col, label_delim, valid_col, valid_pct,
                                    seed, size, y_block, vocab, folder, threshold, cache_dir)
     dls = image_dls(images, 'train', 'valid', bs=bs, device=device, seed=seed, **kwargs)
     dls.targets = targets
-    if targets.kind == 'regression': dls.classes = None  # column names are not classes
+    if targets.kind == 'regression': dls.classes = None  # pyright: ignore[reportAttributeAccessIssue]  (column names are not classes)
     return dls
 
 
@@ -260,9 +266,11 @@ def dd_dls(dd: Any, bs: int = 64, size: int | tuple[int, int] | None = None, dev
     return image_dls(images, *list(images.splits)[:2], bs=bs, device=device, seed=seed, **kwargs)
 
 
-def mask_dls(path, bs: int = 64, size=None, device=None, seed: int | None = None, valid_pct: float = 0.2,
-             images: str = 'images', labels: str = 'labels', codes: str = 'codes.txt', label_fn=None,
-             valid: str = 'valid.txt', cache_dir=None, normalize=None, pin_memory: bool | None = None) -> DataLoaders:
+def mask_dls(path: str | os.PathLike, bs: int = 64, size: int | tuple[int, int] | None = None, device: str | torch.device | None = None, seed: int | None = None,
+             valid_pct: float = 0.2, images: str = 'images', labels: str = 'labels', codes: str = 'codes.txt',
+             label_fn: Callable[[Path], Path] | str | None = None, valid: str = 'valid.txt', cache_dir: str | os.PathLike | None = None,
+             normalize: tuple[float | Sequence[float], float | Sequence[float]] | None = None,
+             pin_memory: bool | None = None) -> DataLoaders:
     """`DataLoaders` of (image, mask) batches over a segmentation folder (see `miniai.data.masks.mask_images`):
     images normalised per batch from uint8 (the training images' statistics, or `normalize=(mean, std)`), masks uint8
     [N, H, W]; `.codes` (also `.classes`), `.mean`, `.std` on the result. `device` as in `fashion_dls`."""
@@ -271,7 +279,7 @@ def mask_dls(path, bs: int = 64, size=None, device=None, seed: int | None = None
     pin_memory = pins_by_default(device) if pin_memory is None else pin_memory
     (xt, _), (xv, _) = imgs.split('train'), imgs.split('valid')
     mean, std = (imgs.mean, imgs.std) if normalize is None else normalize
-    kw = dict(mean=mean, std=std, device=device, pin_memory=pin_memory)
+    kw: dict[str, Any] = dict(mean=mean, std=std, device=device, pin_memory=pin_memory)
     dls = DataLoaders(TensorDataLoader(xt, masks[:len(xt)], bs, shuffle=True, seed=seed, **kw),
                       TensorDataLoader(xv, masks[len(xt):], bs, **kw))
     dls.mean, dls.std, dls.source = dls.train.mean, dls.train.std, imgs.source

@@ -18,6 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from .decode import png_bytes
+
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    import os
 from .fashion import CLASSES, fashion_arrays
 
 __all__ = ['fashion_subset', 'write_pairs_multilabel', 'write_ink_regression', 'write_upscale_pairs',
@@ -44,7 +48,7 @@ def _write_csv(file: Path, header: list, rows: list) -> Path:
     return file
 
 
-def write_pairs_multilabel(path, n: int = 400, seed: int = 0, delim: str = ';') -> Path:
+def write_pairs_multilabel(path: str | os.PathLike, n: int = 400, seed: int = 0, delim: str = ';') -> Path:
     """`n` images of two garments side by side under `path/images/`, and `path/labels.csv` (fname, labels: both
     classes' names joined by `delim`). Returns `path`."""
     path = Path(path)
@@ -57,7 +61,7 @@ def write_pairs_multilabel(path, n: int = 400, seed: int = 0, delim: str = ';') 
     return path
 
 
-def write_ink_regression(path, n: int = 400, seed: int = 0) -> Path:
+def write_ink_regression(path: str | os.PathLike, n: int = 400, seed: int = 0) -> Path:
     """`n` garments under `path/images/` and `path/labels.csv` (fname, ink: the mean pixel in [0, 1], rounded to 4
     places). Returns `path`."""
     path = Path(path)
@@ -69,7 +73,7 @@ def write_ink_regression(path, n: int = 400, seed: int = 0) -> Path:
     return path
 
 
-def write_upscale_pairs(path, n: int = 400, seed: int = 0, small: int = 14) -> Path:
+def write_upscale_pairs(path: str | os.PathLike, n: int = 400, seed: int = 0, small: int = 14) -> Path:
     """`n` garments shrunk to `small`x`small` (antialiased) under `path/inputs/` and as they are under
     `path/targets/`, of the same names. Returns `path`."""
     path = Path(path)
@@ -81,7 +85,7 @@ def write_upscale_pairs(path, n: int = 400, seed: int = 0, small: int = 14) -> P
     return path
 
 
-def write_garment_masks(path, n: int = 400, seed: int = 0, ink: int = 40) -> Path:
+def write_garment_masks(path: str | os.PathLike, n: int = 400, seed: int = 0, ink: int = 40) -> Path:
     """`n` garments under `path/images/` and their masks under `path/labels/` ('<stem>_P.png', as CamVid names them):
     a pixel brighter than `ink` is coded with its garment's class + 1, the rest 0; `path/codes.txt` (`MASK_CODES`)
     and `path/valid.txt` naming the last fifth of the images. Returns `path`."""

@@ -13,10 +13,14 @@ import torch
 from .decode import IMAGE_SUFFIXES, ImageDataError, png_bytes
 from .imagecache import DECODE_BATCH, ImageSet, cache_key, cached_images, digest, image_size
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Callable, Iterator
+
 __all__ = ['file_batches', 'folder_images', 'write_image_folder']
 
 
-def file_batches(files: list):
+def file_batches(files: list) -> Callable[[int, int], Iterator[tuple[int, list, list]]]:
     "`batches(lo, hi)` over a list of image files: (start, paths, names)."
     return lambda lo, hi: ((s, files[s:min(s + DECODE_BATCH, hi)], files[s:min(s + DECODE_BATCH, hi)])
                            for s in range(lo, hi, DECODE_BATCH))

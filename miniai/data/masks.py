@@ -16,10 +16,14 @@ import torch.nn.functional as F
 from .decode import IMAGE_SUFFIXES, ImageDataError, quiet_decoders, read_file
 from .imagecache import DECODE_BATCH, ImageSet, cache_key, cached_images, digest, image_size
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    import os
+
 __all__ = ['read_codes', 'mask_files', 'load_mask', 'resize_mask', 'mask_images', 'mask_loss']
 
 
-def read_codes(file) -> list[str]:
+def read_codes(file: str | os.PathLike) -> list[str]:
     "The codes' names, one a line of `file` (codes.txt), blank lines skipped: code k is the k-th name."
     file = Path(file)
     if not file.is_file():
@@ -36,7 +40,7 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.'))
 
 
-def mask_files(path, images: str = 'images', labels: str = 'labels',
+def mask_files(path: str | os.PathLike, images: str = 'images', labels: str = 'labels',
                label_fn: Callable[[Path], Path] | str | None = None) -> list[tuple[Path, Path]]:
     """(image, mask) file pairs of `path`: every image of `path/images` with its mask in `path/labels`, found by
     `label_fn`: a function of the image's path, a pattern with `{stem}` and `{suffix}` (CamVid's
@@ -59,7 +63,7 @@ def mask_files(path, images: str = 'images', labels: str = 'labels',
     return pairs
 
 
-def load_mask(file, n_codes: int | None = None) -> torch.Tensor:
+def load_mask(file: str | os.PathLike, n_codes: int | None = None) -> torch.Tensor:
     """A mask file as uint8 [H, W] of codes: a grey or palette PNG holds one code per pixel (a palette's indices, not
     its colours). A colour mask, or a code beyond the `n_codes` of codes.txt, is refused naming the file."""
     from torchvision.io import ImageReadMode, decode_image
@@ -128,9 +132,10 @@ def _checked_masks(pairs: list, size, n_codes: int):
     return batches
 
 
-def mask_images(path, images: str = 'images', labels: str = 'labels', codes: str = 'codes.txt', label_fn=None,
-                valid: str = 'valid.txt', valid_pct: float = 0.2, size=None, seed: int | None = None,
-                cache_dir=None) -> tuple[ImageSet, torch.Tensor, list[str]]:
+def mask_images(path: str | os.PathLike, images: str = 'images', labels: str = 'labels', codes: str = 'codes.txt',
+                label_fn: Callable[[Path], Path] | str | None = None, valid: str = 'valid.txt', valid_pct: float = 0.2,
+                size: int | tuple[int, int] | None = None, seed: int | None = None,
+                cache_dir: str | os.PathLike | None = None) -> tuple[ImageSet, torch.Tensor, list[str]]:
     """The images of a segmentation folder as a cached `ImageSet` (splits 'train' and 'valid': the images named in
     `path/valid.txt`, else `valid_pct` held out by a split seeded with `seed`), their masks as uint8 [N, H, W] in
     the same order (cached too), and the codes. `size` resizes both (see `resize_cover`, `resize_mask`)."""

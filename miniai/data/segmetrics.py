@@ -37,7 +37,9 @@ def mask_confusion(preds: torch.Tensor, target: torch.Tensor, n: int, ignore: in
 
 class MaskConfusion(Metric):
     "The confusion matrix of `n` codes over every pixel seen (see `mask_confusion`); subclasses compute from it."
-    def __init__(self, n: int, ignore: int | None = None, device: torch.device | None = None):
+    counts: torch.Tensor  # [n, n] int64, a torcheval state (`_add_state`)
+
+    def __init__(self, n: int, ignore: int | None = None, device: torch.device | None = None) -> None:
         super().__init__(device=device)
         if n < 2: raise ValueError(f'{type(self).__name__}: n is the number of codes, at least 2; got {n}')
         self.n, self.ignore = n, ignore
@@ -49,7 +51,7 @@ class MaskConfusion(Metric):
         return self
 
     @torch.inference_mode()
-    def merge_state(self, metrics: Iterable[MaskConfusion]) -> MaskConfusion:
+    def merge_state(self, metrics: Iterable[MaskConfusion]) -> MaskConfusion:  # pyright: ignore[reportIncompatibleMethodOverride]  (torcheval merges metrics of self's class)
         for m in metrics: self.counts += m.counts.to(self.device)
         return self
 

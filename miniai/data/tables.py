@@ -22,6 +22,11 @@ from .folders import file_batches
 from .imagecache import ImageSet, cache_key, cached_images, digest, image_size
 from .targets import Targets
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Sequence
+    from typing import Any
+
 __all__ = ['read_csv_table', 'is_number', 'numbers_only', 'table_images', 'pair_images']
 
 
@@ -48,7 +53,7 @@ def _number(v) -> float | None:
     except ValueError: return None
 
 
-def is_number(v) -> bool:
+def is_number(v: Any) -> bool:
     "Whether a table's cell `v` is a number (as a regression target must be)."
     return _number(v) is not None
 
@@ -134,10 +139,11 @@ def _cache(files: list[str], base: Path, size, counts: dict, source: str, cache_
                          size, source, cache_dir)
 
 
-def table_images(columns: list, rows: list, path, where: str, fn_col=0, label_col=1, label_delim: str | None = None,
-                 valid_col=None, valid_pct: float = 0.2, seed: int | None = None, size=None, y_block: str | None = None,
-                 vocab=None, folder: str | None = None, threshold: float = 0.5,
-                 cache_dir=None) -> tuple[ImageSet, Targets]:
+def table_images(columns: list, rows: list, path: str | os.PathLike, where: str, fn_col: int | str = 0, label_col: int | str | Sequence[int | str] = 1,
+                 label_delim: str | None = None, valid_col: int | str | None = None, valid_pct: float = 0.2,
+                 seed: int | None = None, size: int | tuple[int, int] | None = None, y_block: str | None = None, vocab: Sequence[str] | None = None,
+                 folder: str | None = None, threshold: float = 0.5,
+                 cache_dir: str | os.PathLike | None = None) -> tuple[ImageSet, Targets]:
     """The images a table lists (`rows` under `columns`; file names in `fn_col`, relative to `path`/`folder`) with
     their targets from `label_col` (a column, or a list of columns for several regression values) as an `ImageSet`
     (training rows first; `y` the targets) and the `Targets` they are. See this module's docstring for the kinds."""
@@ -169,8 +175,9 @@ def _by_stem(folder: Path) -> dict[str, str]:
             if e.is_file() and not e.name.startswith('.') and e.name.lower().endswith(IMAGE_SUFFIXES)}
 
 
-def pair_images(path, inputs: str = 'inputs', targets: str = 'targets', valid_pct: float = 0.2,
-                seed: int | None = None, size=None, target_size=None, cache_dir=None) -> ImageSet:
+def pair_images(path: str | os.PathLike, inputs: str = 'inputs', targets: str = 'targets', valid_pct: float = 0.2,
+                seed: int | None = None, size: int | tuple[int, int] | None = None, target_size: int | tuple[int, int] | None = None,
+                cache_dir: str | os.PathLike | None = None) -> ImageSet:
     """Input images in `path/inputs` and target images of the same names (the suffix may differ) in `path/targets`,
     as an `ImageSet` whose `y` holds the target images as float32 in [0, 1] (training pairs first, a seeded
     `valid_pct` held out). `size` resizes the inputs, `target_size` the targets (for super-resolution, the targets are

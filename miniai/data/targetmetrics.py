@@ -5,6 +5,7 @@ Imported when `Targets.metrics()` is first asked: torcheval's import costs about
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ with warnings.catch_warnings():
     warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
     from torcheval.metrics import MeanSquaredError, MulticlassAccuracy
     from torcheval.metrics.metric import Metric
+
+if TYPE_CHECKING:  # names for the annotations only
+    from typing import Any
 
 __all__ = ['MultilabelThresholdAccuracy', 'MultilabelF1', 'MeanAbsoluteError', 'FlatMSE']
 
@@ -29,7 +33,7 @@ class _Sums(Metric):
         super().__init__(device=device)
         for s in self.states: self._add_state(s, torch.tensor(0., device=self.device))
 
-    def count(self, input: torch.Tensor, target: torch.Tensor) -> tuple: raise NotImplementedError
+    def count(self, input: torch.Tensor, target: torch.Tensor, /) -> tuple: raise NotImplementedError
     def result(self, *sums: torch.Tensor) -> torch.Tensor: raise NotImplementedError
 
     @torch.inference_mode()
@@ -67,24 +71,26 @@ class _Thresholded(_Sums):
 
 class MultilabelThresholdAccuracy(_Thresholded):
     "The fraction of label decisions that are right, over every label of every item (from logits, thresholded)."
-    def result(self, tp, fp, fn, right, n): return right / n.clamp(min=1)
+    def result(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, right: torch.Tensor,  # pyright: ignore[reportIncompatibleMethodOverride]  (a sum a state: `compute` passes `states`)
+               n: torch.Tensor) -> torch.Tensor: return right / n.clamp(min=1)
 
 
 class MultilabelF1(_Thresholded):
     """Micro-averaged F1 over every label of every item (from logits, thresholded): 2TP / (2TP + FP + FN); 0 where
     nothing is predicted and nothing is true."""
-    def result(self, tp, fp, fn, right, n): return 2 * tp / (2 * tp + fp + fn).clamp(min=1)
+    def result(self, tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, right: torch.Tensor,  # pyright: ignore[reportIncompatibleMethodOverride]  (as above)
+               n: torch.Tensor) -> torch.Tensor: return 2 * tp / (2 * tp + fp + fn).clamp(min=1)
 
 
 class MeanAbsoluteError(_Sums):
     "The mean absolute difference of outputs and targets, over every value."
     states = ('sum_abs', 'n')
-    def count(self, input, target): return (input - target).abs().sum(), _count(target)
-    def result(self, sum_abs, n): return sum_abs / n.clamp(min=1)
+    def count(self, input: torch.Tensor, target: torch.Tensor) -> tuple: return (input - target).abs().sum(), _count(target)
+    def result(self, sum_abs: torch.Tensor, n: torch.Tensor) -> torch.Tensor: return sum_abs / n.clamp(min=1)  # pyright: ignore[reportIncompatibleMethodOverride]  (as above)
 
 
 class FlatMSE(MeanSquaredError):
     "torcheval's MSE over outputs of any shape (an image per item, a value per item): each item flattened."
-    def update(self, input: torch.Tensor, target: torch.Tensor, **kwargs) -> 'FlatMSE':
+    def update(self, input: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> 'FlatMSE':
         return super().update(input.detach().float().reshape(len(target), -1),
                               target.float().reshape(len(target), -1), **kwargs)

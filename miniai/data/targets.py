@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Callable
+    from typing import Any
+
 __all__ = ['KINDS', 'Targets']
 
 KINDS = ('class', 'multilabel', 'regression', 'image', 'mask')
@@ -49,7 +54,7 @@ class Targets:
         return None if self.kind == 'image' or self.classes is None else len(self.classes)
 
     @property
-    def loss(self):
+    def loss(self) -> Callable[..., torch.Tensor]:
         "The default loss: cross-entropy, BCE with logits (multi-label), MSE (regression, images)."
         if self.kind == 'mask':
             from .masks import mask_loss
@@ -84,7 +89,7 @@ class Targets:
         if self.kind == 'image': return out.clamp(0, 1)
         return out
 
-    def decode(self, act: torch.Tensor) -> tuple:
+    def decode(self, act: torch.Tensor) -> tuple[Any, Any]:
         """One item's activated output as (label, prob): the class and its probability; the labels above the
         threshold and their probabilities (most likely first); the value (a float, or a list for several columns)
         and None; the image and None."""
@@ -111,7 +116,7 @@ class Targets:
         if self.kind == 'regression': return ', '.join(f'{v:.3g}' for v in torch.as_tensor(y).flatten().tolist())
         return ''
 
-    def label_title(self, label) -> str:
+    def label_title(self, label: Any) -> str:
         "A `decode`d label as a title."
         if self.kind == 'multilabel': return ';'.join(map(str, label)) or '(none)'
         if self.kind == 'regression':

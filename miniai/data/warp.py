@@ -23,6 +23,10 @@ from torch import nn
 
 from .normalise import Normalise
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from typing import Any
+
 __all__ = ['Augment', 'aug_transforms']
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights of red, green and blue in grey
@@ -91,10 +95,10 @@ class Augment(nn.Module):
     `.std`), which lighting needs for floats; uint8 batches need none."""
     pairs_targets = True  # `augment_cb(..., targets=...)` may hand it (images, targets)
 
-    def __init__(self, size=None, min_scale: float | None = None, ratio: tuple = (3 / 4, 4 / 3), do_flip: bool = True,
+    def __init__(self, size: int | tuple[int, int] | None = None, min_scale: float | None = None, ratio: tuple = (3 / 4, 4 / 3), do_flip: bool = True,
                  flip_vert: bool = False, max_rotate: float = 0., min_zoom: float = 1., max_zoom: float = 1.,
                  max_warp: float = 0., p_affine: float = 0.75, max_lighting: float = 0., max_saturation: float = 0.,
-                 p_lighting: float = 0.75, pad_mode: str = 'reflection', stats=None):
+                 p_lighting: float = 0.75, pad_mode: str = 'reflection', stats: Any = None) -> None:
         super().__init__()
         if min_scale is not None and not 0 < min_scale <= 1:
             raise ValueError(f'Augment: min_scale is a fraction of the image area in (0, 1]; got {min_scale}')
@@ -162,7 +166,7 @@ class Augment(nn.Module):
         src = torch.stack([cx * (1 + mx * cy), cy * (1 + my * cx)], -1)
         return _homographies(corners, src)
 
-    def matrices(self, n: int, dev, hw_in: tuple, hw_out: tuple) -> torch.Tensor:
+    def matrices(self, n: int, dev: torch.device, hw_in: tuple, hw_out: tuple) -> torch.Tensor:
         "The [N, 3, 3] matrices taking output points to input points (-1..1 coordinates), one per image, composed."
         m = self._crop(n, dev, hw_in, hw_out) @ self._affine(n, dev, hw_out)
         return m @ self._warp(n, dev) if self.max_warp else m
@@ -182,7 +186,7 @@ class Augment(nn.Module):
         return F.grid_sample(x, grid, mode=mode, padding_mode=self.pad_mode, align_corners=False)
 
     # -- lighting ---------------------------------------------------------------------------------------------------
-    def lighting_draws(self, n: int, dev) -> dict | None:
+    def lighting_draws(self, n: int, dev: torch.device) -> dict | None:
         """Per image: the brightness shift (in [0, 1] pixels), the contrast and the saturation factors (1: unchanged);
         None if there is no lighting. Drawn whether applied or not, so the number of draws never depends on them."""
         if not (self.max_lighting or self.max_saturation): return None
@@ -210,7 +214,7 @@ class Augment(nn.Module):
         # p' = c p + 1/2 - c/2 + b on pixels p is, in the batch's units x = encode(p), x' = c x + encode(c mean + ...)
         mean = torch.tensor(norm.mean, device=x.device).view(1, n_c, 1, 1)
         bias = norm.encode(c[:, None] * mean + (0.5 - c / 2 + b)[:, None])
-        return x.mul_(c[:, None]).add_(bias).clamp_(lo, hi)  # in place: no new batch-sized tensor
+        return x.mul_(c[:, None]).add_(bias).clamp_(lo, hi)  # pyright: ignore[reportCallIssue, reportArgumentType]  (lo and hi: both numbers or both tensors)  in place: no new batch-sized tensor
 
     def _normalise(self, channels: int, was_uint8: bool, what: str) -> Normalise:
         "How pixels in [0, 1] became the batch's values: 0..255 for uint8, else `stats`' normalisation."
@@ -242,7 +246,8 @@ class Augment(nn.Module):
         else: _images(y, 'Augment (a target image)')
         return target
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, target: str | None = None):
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
+                target: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Augmented images `x` [N, C, H, W]; with `y`, `(x, y)` with the target given the same geometry. `target`:
         'mask' or 'image' (default: float targets are images, integer [N, H, W] masks)."""
         _images(x, 'Augment')
@@ -253,7 +258,7 @@ class Augment(nn.Module):
         hw_out = self.size or hw_in
         m = self.matrices(n, dev, hw_in, hw_out)
         light = self.lighting_draws(n, dev)
-        out = self._apply(x, m, hw_out, light, 'images')
+        out = self._resample(x, m, hw_out, light, 'images')
         if y is None: return out
         if kind == 'mask':
             ym = y if y.dim() == 4 else y[:, None]
@@ -261,9 +266,9 @@ class Augment(nn.Module):
             return out, (ym if y.dim() == 4 else ym[:, 0])
         scale = (y.shape[-2] / hw_in[0], y.shape[-1] / hw_in[1])  # a larger target stays larger, by as much
         hw_y = (max(1, round(hw_out[0] * scale[0])), max(1, round(hw_out[1] * scale[1])))
-        return out, self._apply(y, m, hw_y, light, 'target images')
+        return out, self._resample(y, m, hw_y, light, 'target images')
 
-    def _apply(self, x: torch.Tensor, m: torch.Tensor, hw: tuple, light: dict | None, what: str) -> torch.Tensor:
+    def _resample(self, x: torch.Tensor, m: torch.Tensor, hw: tuple, light: dict | None, what: str) -> torch.Tensor:
         u8 = x.dtype == torch.uint8
         res = self._lit(self._sample(x.float(), m, hw, 'bilinear'), light, u8, what)
         # sampled (and lit) uint8 pixels lie in [0, 255]: adding 1/2 and truncating rounds them
@@ -275,11 +280,11 @@ class Augment(nn.Module):
                 f'max_lighting={self.max_lighting}, max_saturation={self.max_saturation}')
 
 
-def aug_transforms(size=None, min_scale: float | None = None, do_flip: bool = True, flip_vert: bool = False,
+def aug_transforms(size: int | tuple[int, int] | None = None, min_scale: float | None = None, do_flip: bool = True, flip_vert: bool = False,
                    max_rotate: float = 10., min_zoom: float = 1., max_zoom: float = 1.1, max_lighting: float = 0.2,
                    max_warp: float = 0.2, p_affine: float = 0.75, p_lighting: float = 0.75,
                    max_saturation: float = 0., ratio: tuple = (3 / 4, 4 / 3), pad_mode: str = 'reflection',
-                   stats=None) -> Augment:
+                   stats: Any = None) -> Augment:
     """An `Augment` with fastai's `aug_transforms` defaults (flips, rotation up to 10 degrees, zoom up to 1.1, warp
     0.2, lighting 0.2, each with probability 0.75); `size` and `min_scale` add a random resized crop. For float
     (normalised) batches give `stats` (e.g. `stats=dls`) so lighting works on pixels; uint8 batches need none."""

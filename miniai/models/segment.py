@@ -17,6 +17,13 @@ from .backbones import adapt_first_conv, channel_stats_for, load_backbone
 from .layers import init_weights
 from .vision import data_channels
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from collections.abc import Callable, Iterable
+    from typing import Any
+
+    from ..core.events import Callback
+
 __all__ = ['UpBlock', 'BodyUNet', 'unet_splitter', 'unet_learner']
 
 
@@ -26,7 +33,7 @@ def _cbr(ni: int, nf: int) -> nn.Sequential:
 
 class UpBlock(nn.Module):
     "Upsample `x` to the skip's size, join the skip's channels and convolve twice: `ni + n_skip` -> `nf`."
-    def __init__(self, ni: int, n_skip: int, nf: int):
+    def __init__(self, ni: int, n_skip: int, nf: int) -> None:
         super().__init__()
         self.convs = nn.Sequential(_cbr(ni + n_skip, nf), _cbr(nf, nf))
 
@@ -56,7 +63,7 @@ def _stages(body: nn.Sequential, n_in: int, size: int = 64) -> tuple[list[int], 
 class BodyUNet(nn.Module):
     """A U-Net on the encoder `body` (an `nn.Sequential` of stages) for `n_in`-channel images: `n_out` scores a pixel,
     at the input's size. `nf` caps the decoder's widths (each stage's own width, at most `nf`)."""
-    def __init__(self, body: nn.Sequential, n_out: int, n_in: int = 3, nf: int = 256):
+    def __init__(self, body: nn.Sequential, n_out: int, n_in: int = 3, nf: int = 256) -> None:
         super().__init__()
         self.body = body
         self.skips, widths, ni = _stages(body, n_in)
@@ -87,9 +94,10 @@ def unet_splitter(model: BodyUNet) -> list:
     return [body[:cut], body[cut:], [model.ups, model.final]]
 
 
-def unet_learner(dls, arch, pretrained: bool = True, n_out: int | None = None, n_in: int | None = None,
-                 loss_func=mask_loss, lr: float = 2e-3, opt_func=optim.AdamW, metrics=None, cbs=None,
-                 normalize: bool = True, nf: int = 256) -> TrainLearner:
+def unet_learner(dls: Any, arch: str | Callable[..., nn.Module] | nn.Module, pretrained: bool = True,
+                 n_out: int | None = None, n_in: int | None = None, loss_func: Callable = mask_loss, lr: float = 2e-3,
+                 opt_func: Callable = optim.AdamW, metrics: dict[str, Any] | None = None,
+                 cbs: Iterable[Callback] | None = None, normalize: bool = True, nf: int = 256) -> TrainLearner:
     """A `TrainLearner` for segmentation: a `BodyUNet` on `arch`'s body (a torchvision builder or name, with its
     pretrained weights unless `pretrained=False`; or your own `nn.Sequential` of stages), one score a pixel for each of
     `len(dls.codes)` codes (or `n_out`), the first convolution taking the data's channels. With pretrained weights the
@@ -106,12 +114,12 @@ def unet_learner(dls, arch, pretrained: bool = True, n_out: int | None = None, n
     else:
         body, stats = load_backbone(arch, pretrained, n_in)
         adapt_first_conv(body, n_in)
-    model = BodyUNet(body, n_out, n_in, nf)
+    model = BodyUNet(body, n_out, n_in, nf)  # pyright: ignore[reportArgumentType]  (torchvision's body: an nn.Sequential)
     if stats is not None and normalize and hasattr(dls, 'normalize_with'):
         dls.normalize_with(*channel_stats_for(stats, n_in))
     ms = metrics if metrics is not None else {'pixel_accuracy': PixelAccuracy(n_out), 'mean_iou': MeanIoU(n_out)}
     learn = TrainLearner(model, dls, loss_func, lr=lr, opt_func=opt_func, cbs=[DeviceCB(), MetricsCB(**ms),
                                                                               *(cbs or [])],
-                         splitter=unet_splitter)
+                         splitter=unet_splitter)  # pyright: ignore[reportArgumentType]  (called with this model only)
     learn.pretrained_stats = stats
     return learn

@@ -15,6 +15,10 @@ from ..data.normalise import Normalise
 from ..data.targets import Targets
 from .inference import get_preds, targets_of
 
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:  # names for the annotations only
+    from typing import Any
+
 __all__ = ['show_results', 'TargetInterpretation']
 
 
@@ -22,7 +26,7 @@ def _shown(dls, xb: torch.Tensor) -> torch.Tensor:
     "Inputs as they looked before the loaders normalised them (as they are, where that is not known)."
     mean, std = getattr(dls, 'mean', None), getattr(dls, 'std', None)
     xb = xb.detach().float().cpu()
-    if mean is None or xb.dim() != 4: return xb
+    if mean is None or std is None or xb.dim() != 4: return xb
     return Normalise(mean, std, channels=xb.shape[1]).decode(xb)
 
 
@@ -48,7 +52,7 @@ def _panels(targets: Targets, xs, ys, acts, notes=None) -> tuple[list, list, int
 
 
 @learner_method
-def show_results(self: Learner, max_n: int = 6, dl=None, **kwargs) -> None:
+def show_results(self: Learner, max_n: int = 6, dl: Any = None, **kwargs: Any) -> None:
     """Show up to `max_n` items of `dl` (default: the validation loader) with their target and the model's
     prediction: one panel an item, titled target (first line) and prediction (second); for image targets three
     panels an item, input | target | prediction. Like `show_images`, returns nothing (`plt.gcf()` is the figure)."""
@@ -64,7 +68,7 @@ class TargetInterpretation:
     """The outputs, targets, inputs and per-item losses of a model over one loader, for targets of any kind: which
     items it gets most wrong (`top_losses`, `plot_top_losses`)."""
     def __init__(self, out: torch.Tensor, targs: torch.Tensor, inputs: torch.Tensor, losses: torch.Tensor,
-                 targets: Targets, dls=None):
+                 targets: Targets, dls: Any = None) -> None:
         if not len(out) == len(targs) == len(losses):
             raise ValueError(f'TargetInterpretation: {len(out)} outputs, {len(targs)} targets, {len(losses)} losses')
         self.out, self.targs, self.inputs, self.losses = out, targs, inputs, losses
@@ -72,7 +76,7 @@ class TargetInterpretation:
         self.acts = targets.activate(out)
 
     @classmethod
-    def from_learner(cls, learn: Learner, dl=None) -> 'TargetInterpretation':
+    def from_learner(cls, learn: Learner, dl: Any = None) -> 'TargetInterpretation':
         "One pass of `learn.get_preds` over `dl` (default: the validation loader), with inputs and losses."
         if getattr(dl, 'labelled', True) is False:
             raise ValueError('TargetInterpretation needs each item\'s target, and this test_dl has none')
@@ -83,7 +87,7 @@ class TargetInterpretation:
         "The `k` highest losses (all, if None) and the indices of their items, highest first."
         return self.losses.topk(len(self.losses) if k is None else min(k, len(self.losses)))
 
-    def plot_top_losses(self, k: int = 9, **kwargs) -> None:
+    def plot_top_losses(self, k: int = 9, **kwargs: Any) -> None:
         """The `k` items with the highest loss, titled target / prediction / loss (for image targets: input | target
         | prediction, the loss with the prediction)."""
         from ..data.show import show_images
