@@ -62,9 +62,9 @@ def test_rotations_zooms_and_flips_are_drawn_per_image_within_their_bounds():
 
 
 
-def test_on_the_cpu_the_chunks_and_padding_shortcut_are_the_whole_batch_sampling():
-    """The CPU samples a chunk of images per thread, with padding 'zeros' where every sample lies inside the image:
-    the same pixels as one reflection-padded grid_sample of the whole batch through the same matrices, to rounding."""
+def test_on_the_cpu_one_image_at_a_time_and_the_padding_shortcut_are_the_whole_batch_sampling():
+    """The CPU samples one image at a time, with padding 'zeros' where every sample lies inside the image: the same
+    pixels as one reflection-padded grid_sample of the whole batch through the same matrices, to rounding."""
     x = torch.randint(0, 256, (12, 3, 40, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     aug = aug_transforms(size=(24, 20), min_scale=0.35, max_lighting=0.)
     torch.manual_seed(0)
@@ -83,6 +83,7 @@ def test_on_the_cpu_the_chunks_and_padding_shortcut_are_the_whole_batch_sampling
             out = aug(x)
             torch.manual_seed(0)
             outf = aug(x.float())
+            assert torch.get_num_threads() == threads, 'the CPU path works on one thread, then gives them back'
         finally: torch.set_num_threads(1)
         assert out.dtype == torch.uint8 and (out.float() - ref).abs().max() <= 0.5 + 1e-3, f'{threads} threads'
         assert torch.allclose(outf, ref, atol=1e-2), f'floats, {threads} threads'
