@@ -2,10 +2,10 @@
 warps composed into ONE sampling of the batch, then brightness, contrast and saturation.
 
 Each geometric transform is a 3x3 matrix per image (in `grid_sample`'s coordinates, -1..1 across the image) mapping a
-point of the output to the point of the input it is read from; the matrices are multiplied together, and one grid made
-from the product is sampled with one `grid_sample` for the whole batch, on whatever device the batch is. Every choice
-is drawn per image from torch's global generator (on the batch's device): `set_seed` makes it repeatable and
-checkpoints keep it, so a resumed fit draws what the uninterrupted one drew.
+point of the output to the point of the input it is read from; the matrices are multiplied together, and the grid made
+from the product is sampled by `grid_sample` on the batch's device (whole on a GPU; an image at a time on the CPU, in
+the cache). Each choice is drawn per image from torch's global generator (on the batch's device): `set_seed` makes
+it repeatable and checkpoints keep it, so a resumed fit draws what the uninterrupted one drew.
 
 `Augment(...)(x)` takes images [N, C, H, W], uint8 (returned uint8) or float (normalised images: returned normalised;
 lighting needs the `stats` they were normalised with). `Augment(...)(x, y)` also transforms a paired target with the
