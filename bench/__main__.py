@@ -1,9 +1,10 @@
 """`python -m bench` (or `make bench`): every benchmark in one go, then a summary table and chart in bench/results/.
 
 Runs, in this order: data loading, framework overhead (with fastai and Lightning when installed), precision and
-memory format, FLOP counting, FID's numerics (against scipy's `sqrtm` when installed), transfer (fine-tuning a
-pretrained backbone against training from scratch; its pretrained bodies are cached, so reruns skip pretraining). Each writes its own Markdown table; this collects them into `bench/results/README.md`
-and draws `bench/results/overview.png` (the speed-up of each contender in each benchmark).
+memory format, FLOP counting, FID's numerics (against scipy's `sqrtm` when installed), photo augmentation (against
+torchvision.transforms.v2 per item), transfer (fine-tuning a pretrained backbone against training from scratch; its
+pretrained bodies are cached, so reruns skip pretraining). Each writes its own Markdown table; this collects them into
+`bench/results/README.md` and draws `bench/results/overview.png` (the speed-up of each contender in each benchmark).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
-from bench import data, fid, flops, overhead, precision, transfer
+from bench import augment, data, fid, flops, overhead, precision, transfer
 
 RESULTS = Path(__file__).parent / 'results'
 
@@ -31,7 +32,7 @@ def _ratios(md: str, col: int) -> dict:
 
 STEPS = [('data', data.main, ['--rounds', '3']), ('overhead', overhead.main, ['--rounds', '5', '--peers']),
          ('precision', precision.main, []), ('flops', flops.main, None), ('fid', fid.main, []),
-         ('transfer', transfer.main, [])]
+         ('augment', augment.main, ['--rounds', '5']), ('transfer', transfer.main, [])]
 
 
 def main(argv=None):
@@ -55,8 +56,9 @@ def collect():
     charts = [('data: speed-up over the per-item loader', _ratios(parts[0], 3)),
               ('overhead, MLP batch 64: time / hand loop (lower is better)', _ratios(mlp, 2)),
               ('overhead, ResNet batch 1024: time / hand loop (lower is better)', _ratios(resnet, 2)),
-              ('precision: speed-up over fp32', _ratios(parts[2], 3))]
-    fig, axs = plt.subplots(1, 4, figsize=(20, 3.5))
+              ('precision: speed-up over fp32', _ratios(parts[2], 3)),
+              ('augment: speed-up over torchvision', _ratios(parts[5], 4))]
+    fig, axs = plt.subplots(1, 5, figsize=(25, 3.5))
     for ax, (title, vals) in zip(axs, charts):
         ax.barh(list(vals), list(vals.values()))
         ax.set_title(title, fontsize=9)

@@ -8,16 +8,20 @@ The same pipeline on both sides, on 224x224 colour uint8 images (random pixels: 
 a random resized crop (scale 0.35..1, ratio 3/4..4/3) back to 224x224, a left-right flip (p 1/2), rotation up to 10
 degrees and zoom up to 1.1 (p 0.75), a perspective warp of 0.2 (p 0.75), brightness and contrast up to 0.2 (p 0.75).
 miniai: batches of 64 taken by indexing a shuffled order, augmented whole by `aug_transforms(size, min_scale=0.35)`
-(one `grid_sample`), uint8 in and out, in this process with torch's threads, and again with one thread (as each
-worker has; steadier on a busy machine, where two threads wait for each other in every parallel region). torchvision: a `Dataset` whose items
-go through `v2.Compose([...])` (RandomResizedCrop, RandomHorizontalFlip, RandomAffine, RandomPerspective,
-ColorJitter), batched by `DataLoader(num_workers=2, persistent_workers=True)`: its workers started and warmed by one
-epoch first. Epochs of `--n` images alternated for `--rounds` rounds; the median images per second is reported.
+(one sampling; on the CPU one image at a time, on one thread, in the cache), uint8 in and out, in this process with
+torch's threads as they are, and again with torch set to one thread (as each worker has): on the CPU the augmentation
+works on one thread either way, so the two rows differ by noise and both count one core. torchvision: a `Dataset`
+whose items go through `v2.Compose([...])` (RandomResizedCrop, RandomHorizontalFlip, RandomAffine, RandomPerspective,
+ColorJitter), batched by `DataLoader(num_workers=2, persistent_workers=True)`: its workers started and warmed by
+one epoch first. Epochs of `--n` images alternated for `--rounds` rounds; the median images per second is reported,
+and per core (miniai's one thread against torchvision's worker processes), with the load average around the run (on
+a shared machine each process gets its share of the cores, so the per-core figure is the steadier comparison).
 Target: miniai >= 5x torchvision. Writes bench/results/augment.md (or `--results DIR`).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -80,27 +84,34 @@ def measure(n: int, bs: int, size: int, workers: int, rounds: int) -> dict[str, 
     res = {'miniai': [], 'miniai, 1 thread': [], 'torchvision': []}
     for _ in range(rounds):
         res['miniai'].append(miniai_epoch(x, bs, aug))
-        torch.set_num_threads(1)  # as each torchvision worker has: steadier on a busy machine
+        torch.set_num_threads(1)  # as each torchvision worker has
         try: res['miniai, 1 thread'].append(miniai_epoch(x, bs, aug))
         finally: torch.set_num_threads(threads)
         res['torchvision'].append(torchvision_epoch(dl))
     return res
 
 
-def table(res: dict[str, list[float]], n: int, bs: int, size: int, workers: int) -> str:
-    "The Markdown table of `measure`'s results: median images per second, spread, and the ratio to torchvision."
-    base = statistics.median(res['torchvision'])
+def table(res: dict[str, list[float]], n: int, bs: int, size: int, workers: int, load: tuple) -> str:
+    """The Markdown table of `measure`'s results: median images per second, spread, the ratio to torchvision, and the
+    ratio per core (images/s over the threads or worker processes that made them); `load`: the 1-minute load
+    averages before and after."""
+    threads, base = torch.get_num_threads(), statistics.median(res['torchvision'])
+    cores = {'miniai': 1, 'miniai, 1 thread': 1, 'torchvision': max(1, workers)}  # miniai works on one thread
     rows = [f'### Photo augmentation on the CPU: {size}x{size} colour uint8, batch {bs}, epochs of {n} images, '
             f'{len(res["miniai"])} alternated rounds, median',
-            '', f'{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads in the main '
-            f'process; torchvision in {workers} DataLoader workers', '',
-            '| pipeline | images/s | range | vs torchvision |', '|---|---|---|---|']
-    names = {'miniai': f'miniai `aug_transforms` (whole batch, one grid_sample), {torch.get_num_threads()} threads',
-             'miniai, 1 thread': 'miniai `aug_transforms`, 1 thread',
+            '', f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average '
+            f'{load[0]:.1f} before and {load[1]:.1f} after; {threads} torch threads in the main process; torchvision '
+            f'in {workers} DataLoader workers (one thread each)', '',
+            '| pipeline | cores | images/s | range | vs torchvision | per core vs torchvision |',
+            '|---|---|---|---|---|---|']
+    names = {'miniai': f'miniai `aug_transforms` (whole batch), torch at {threads} threads',
+             'miniai, 1 thread': 'miniai `aug_transforms`, torch at 1 thread',
              'torchvision': f'torchvision.transforms.v2 per item, {workers} workers'}
     for k, v in res.items():
         med = statistics.median(v)
-        rows.append(f'| {names[k]} | {med:.0f} | {min(v):.0f}-{max(v):.0f} | {med / base:.1f}x |')
+        per_core = med / cores[k] / (base / cores['torchvision'])
+        rows.append(f'| {names[k]} | {cores[k]} | {med:.0f} | {min(v):.0f}-{max(v):.0f} | {med / base:.1f}x | '
+                    f'{per_core:.1f}x |')
     return '\n'.join(rows)
 
 
@@ -118,8 +129,9 @@ def main(argv=None) -> str:
     a = p.parse_args(argv)
     if a.tiny: a.n, a.bs, a.size, a.rounds, a.workers = 32, 16, 32, 1, 0
     if a.threads is not None: torch.set_num_threads(a.threads)
+    before = os.getloadavg()[0]
     res = measure(a.n, a.bs, a.size, a.workers, a.rounds)
-    md = table(res, a.n, a.bs, a.size, a.workers)
+    md = table(res, a.n, a.bs, a.size, a.workers, (before, os.getloadavg()[0]))
     print(md)
     a.results.mkdir(parents=True, exist_ok=True)
     (a.results / 'augment.md').write_text(md + '\n')

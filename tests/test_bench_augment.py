@@ -10,7 +10,8 @@ def test_tiny_run_times_both_pipelines_and_writes_the_table(tmp_path):
     assert (tmp_path / 'augment.md').read_text() == md + '\n'
     rows = [l for l in md.splitlines() if l.startswith('| ') and 'images/s' not in l]
     assert [r.split('|')[1].strip().split(' ')[0] for r in rows] == ['miniai', 'miniai', 'torchvision.transforms.v2']
-    assert rows[2].rstrip().endswith('| 1.0x |'), 'torchvision is the baseline'
+    assert rows[2].rstrip().endswith('| 1.0x | 1.0x |'), 'torchvision is the baseline, in all and per core'
+    assert 'load average' in md
 
 
 def test_both_sides_give_uint8_images_of_the_size_asked():

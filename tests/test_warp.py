@@ -61,6 +61,33 @@ def test_rotations_zooms_and_flips_are_drawn_per_image_within_their_bounds():
     assert (shift <= (1 - 1 / zoom)[:, None] + 1e-6).all(), 'a zoom looks inside the image, never past its edge'
 
 
+
+def test_on_the_cpu_one_image_at_a_time_and_the_padding_shortcut_are_the_whole_batch_sampling():
+    """The CPU samples one image at a time, with padding 'zeros' where every sample lies inside the image: the same
+    pixels as one reflection-padded grid_sample of the whole batch through the same matrices, to rounding."""
+    x = torch.randint(0, 256, (12, 3, 40, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = aug_transforms(size=(24, 20), min_scale=0.35, max_lighting=0.)
+    torch.manual_seed(0)
+    m = aug.matrices(12, 'cpu', (40, 30), (24, 20))
+    ys, xs = ((torch.arange(k) * 2 + 1) / k - 1 for k in (24, 20))
+    pts = torch.stack([xs.expand(24, 20), ys[:, None].expand(24, 20), torch.ones(24, 20)], -1).view(-1, 3)
+    p = pts @ m.transpose(1, 2)                                                      # every pixel's (x, y, z) read
+    grid = (p[..., :2] / p[..., 2:]).view(12, 24, 20, 2)
+    inside = ((grid[..., 0].abs() <= 1 - 1 / 30) & (grid[..., 1].abs() <= 1 - 1 / 40)).flatten(1).all(1)
+    assert 0 < inside.sum() < 12, 'both paths taken'
+    ref = F.grid_sample(x.float(), grid, padding_mode='reflection', align_corners=False)
+    for threads in (1, 3):
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(0)
+            out = aug(x)
+            torch.manual_seed(0)
+            outf = aug(x.float())
+            assert torch.get_num_threads() == threads, 'the CPU path works on one thread, then gives them back'
+        finally: torch.set_num_threads(1)
+        assert out.dtype == torch.uint8 and (out.float() - ref).abs().max() <= 0.5 + 1e-3, f'{threads} threads'
+        assert torch.allclose(outf, ref, atol=1e-2), f'floats, {threads} threads'
+
 @needs_data
 def test_masks_and_target_images_move_with_their_images():
     x, _ = garments()
