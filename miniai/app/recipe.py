@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -201,12 +202,13 @@ def plot_run(learn: Learner, out: Path) -> list[Path]:
     return paths
 
 
-def fine_tune_run(learn: Learner, epochs: int, lr: float, resume, pretrained_model) -> None:
+def fine_tune_run(learn: Learner, epochs: int, lr: float, resume: str | os.PathLike | None,
+                  pretrained_model: Callable[[], nn.Module]) -> None:
     """The recipe's fine-tune: one frozen epoch, then `epochs - 1` of everything at discriminative rates (their
     schedules are `fine_tune`'s). Fresh (`resume` None, or 'auto' finding no checkpoint), the weights are those of
     `pretrained_model()` (the download); resumed, the checkpoint's: one saved in the frozen epoch goes on there, one
     saved at its end starts the unfrozen fit from its weights, one of the unfrozen fit goes on in it."""
-    learn.cbs = [cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB)]
+    learn.cbs = fc.L(cb for cb in learn.cbs if not isinstance(cb, BatchSchedCB))
     path = choose_together(learn, *run_checkpoints(learn)) if resume == 'auto' else resume
     if resume == 'auto' and is_main_process():
         print(f'miniai: resuming from {path}' if path else 'miniai: no checkpoint to resume from: starting fresh')

@@ -108,7 +108,7 @@ def channel_stats_for(stats: Sequence[Sequence[float]], n_in: int) -> tuple[tupl
     return tuple(mean[i % len(mean)] for i in range(n_in)), tuple(std[i % len(std)] for i in range(n_in))
 
 
-def weights_stats(arch, n_in: int) -> tuple:
+def weights_stats(arch: str | Callable[..., nn.Module], n_in: int) -> tuple:
     """The (mean, std) for `n_in` channels that `arch`'s pretrained weights expect, read from the weights' description
     without loading (or downloading) them: what a resumed fine-tune normalises with, its weights coming from the
     checkpoint."""
@@ -117,9 +117,9 @@ def weights_stats(arch, n_in: int) -> tuple:
         if importlib.util.find_spec('timm') is None: raise ImportError(TIMM_MISSING)
         import timm
         cfg = timm.create_model(name, pretrained=False, num_classes=0).pretrained_cfg
-        return channel_stats_for((cfg['mean'], cfg['std']), n_in)
+        return channel_stats_for((cfg['mean'], cfg['std']), n_in)  # pyright: ignore[reportArgumentType, reportIndexIssue]  (timm's pretrained_cfg is a dict)
     from torchvision.models import get_model_weights
-    t = get_model_weights(builder).DEFAULT.transforms()
+    t = get_model_weights(builder).DEFAULT.transforms()  # pyright: ignore[reportAttributeAccessIssue]  (an enum of weights)
     return channel_stats_for((t.mean, t.std), n_in)
 
 
