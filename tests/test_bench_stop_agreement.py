@@ -18,5 +18,6 @@ def test_tiny_run_times_every_mode_and_the_save(tmp_path):
     cells = [[c.strip() for c in l.split('|')[1:-1]] for l in rows]
     assert all(c[1] == '5 (train + valid)' for c in cells), '4 training batches and 1 validation batch a rank'
     # a round after each of the 5 batches and the last one after the fit; at the default pace fewer
-    assert all(c[9] == '6' and 1 <= int(c[6]) < 6 for c in cells), cells
+    # (how many fewer depends on how long the batches take: under load every batch may get one, so at most 6)
+    assert all(c[9] == '6' and 1 <= int(c[6]) <= 6 for c in cells), cells
     assert '### The save a stop waits for' in md and 'MiB |' in md
