@@ -21,8 +21,10 @@ setup: $(STAMP) data
 data:
 	@bash scripts/get_data.sh
 
+# the suite in 2 processes (pytest-xdist; more on a bigger machine, at most 4): much of it is single-threaded Python
+# (imports, notebook kernels, subprocesses) that a second process overlaps. `-n 0` runs it in one process
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto --maxprocesses 4 tests
 
 # the package's type check: pyright as pyproject.toml's [tool.pyright] sets it (docs/dependencies.md: its time, result)
 typecheck: setup

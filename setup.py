@@ -22,7 +22,7 @@ EXTRAS = {
 }
 EXTRAS['dev'] = [
     'torch>=2.4',  # the tests also call torch.is_autocast_enabled(device), new in torch 2.4
-    'pytest>=7', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6', 'fvcore>=0.1.5',
+    'pytest>=7', 'pytest-xdist>=3.5', 'nbclient>=0.9', 'nbformat>=5.9', 'ipykernel>=6', 'fvcore>=0.1.5',
     'ipywidgets>=8',  # progress bars in the notebooks (datasets' tqdm warns without it)
     'build>=1.2',     # scripts/wheel_smoke.sh builds the wheel and the sdist
     'pyright==1.1.414',  # `make typecheck` (its wheel brings its own JS, Node.js runs it); pinned: a release may add checks
