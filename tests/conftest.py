@@ -1,6 +1,12 @@
-"""Shared test set-up: tests marked `cuda` are skipped, with the reason, where torch sees no GPU."""
+"""Shared test set-up: tests marked `cuda` are skipped, with the reason, where torch sees no GPU; under pytest-xdist
+(`make test`) each worker's torch gets its share of the cores, so the workers' threads do not outnumber them."""
+import os
+
 import pytest
 import torch
+
+if (_workers := int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))) > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
 def pytest_collection_modifyitems(config, items):
