@@ -9,7 +9,9 @@ subset written once as PNG class folders (train/ and valid/, 28x28), read by eac
 (`DataLoaders.from_folder` / `ImageDataLoaders.from_folder`), batch 64, no resizing, no augmentation, CPU, one torch
 thread. Each fit runs in a process of its own, in interleaved rounds (miniai, fastai, miniai, fastai...), and
 reports the seconds of each of its two epochs (the frozen one, then the unfrozen one; training and validation) and the
-final validation accuracy.
+final validation accuracy. fastai runs twice a round: as its users would write it (the PNGs read as RGB; with
+`pretrained=False` it adds no Normalize), and on the inputs miniai's model gets ('fastai-same-inputs': one grey
+channel, normalised with the training images' statistics), so that the accuracies compare.
 """
 from __future__ import annotations
 
@@ -65,8 +67,19 @@ def run_miniai(folder: Path, bs: int, opt_func=None) -> dict:
     return {'epochs': timer.secs, 'accuracy': float(acc), 'total': time.perf_counter() - t0}
 
 
-def run_fastai(folder: Path, bs: int) -> dict:
-    "fastai's fine-tune of a fresh resnet18 on `folder`, written as its users would: the same measures."
+def train_stats(folder: Path) -> tuple[float, float]:
+    "The mean and std of the training images' pixels in [0, 1] (grey PNGs), as miniai's loaders work them out."
+    import numpy as np
+    from PIL import Image
+    px = np.concatenate([np.asarray(Image.open(f), dtype=np.float64).ravel() / 255
+                         for f in sorted((folder / 'train').rglob('*.png'))])
+    return float(px.mean()), float(px.std())
+
+
+def run_fastai(folder: Path, bs: int, same_inputs: bool = False) -> dict:
+    """fastai's fine-tune of a fresh resnet18 on `folder`, written as its users would (RGB, and with
+    `pretrained=False` no Normalize): the same measures. `same_inputs`: one grey channel normalised with the training
+    images' statistics, as miniai's model gets them, so that accuracies compare."""
     import contextlib
     import io
     from fastai.callback.core import Callback
@@ -78,10 +91,17 @@ def run_fastai(folder: Path, bs: int) -> dict:
         def after_epoch(self): self.secs.append(time.perf_counter() - self.t)
 
     t0 = time.perf_counter()
-    dls = ImageDataLoaders.from_folder(folder, train='train', valid='valid', bs=bs, num_workers=0, device='cpu',
-                                       seed=0)
+    if same_inputs:  # what miniai's loaders give its model: one grey channel, normalised with the training images' stats
+        from fastai.vision.all import Normalize, PILImageBW
+        mean, std = train_stats(folder)
+        dls = ImageDataLoaders.from_folder(folder, train='train', valid='valid', bs=bs, num_workers=0, device='cpu',
+                                           seed=0, img_cls=PILImageBW, batch_tfms=Normalize.from_stats([mean], [std]))
+    else:
+        dls = ImageDataLoaders.from_folder(folder, train='train', valid='valid', bs=bs, num_workers=0, device='cpu',
+                                           seed=0)
     timer = EpochTimer()
-    learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy, cbs=[timer])
+    learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy, cbs=[timer],
+                           **({'n_in': 1} if same_inputs else {}))
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), learn.no_bar():
         learn.fine_tune(1)
     return {'epochs': timer.secs, 'accuracy': float(learn.recorder.values[-1][-1]),
@@ -94,7 +114,13 @@ def run_miniai_plain_adamw(folder: Path, bs: int) -> dict:
     return run_miniai(folder, bs, opt_func=torch.optim.AdamW)
 
 
-WORKERS = {'miniai': run_miniai, 'fastai': run_fastai, 'miniai-plain-adamw': run_miniai_plain_adamw}
+def run_fastai_same_inputs(folder: Path, bs: int) -> dict:
+    "fastai on the inputs miniai's model gets (see `run_fastai`)."
+    return run_fastai(folder, bs, same_inputs=True)
+
+
+WORKERS = {'miniai': run_miniai, 'fastai': run_fastai, 'miniai-plain-adamw': run_miniai_plain_adamw,
+           'fastai-same-inputs': run_fastai_same_inputs}
 
 
 def fastai_available() -> bool:
@@ -157,7 +183,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
         print(json.dumps(WORKERS[a.worker](Path(a.folder), a.bs)))
         return
-    who = ['miniai', 'fastai'] if fastai_available() else ['miniai']
+    who = ['miniai', 'fastai', 'fastai-same-inputs'] if fastai_available() else ['miniai']
     if a.plain_adamw: who.append('miniai-plain-adamw')
     if 'fastai' not in who:
         msg = (f'fastai is not importable from {sys.executable}: skipping it (install it in the bench\'s own '
