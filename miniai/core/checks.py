@@ -12,19 +12,17 @@ loss itself (on CUDA, a device-side assert that leaves the GPU unusable) before 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .devices import model_device, model_dtype
-from .events import Callback
+from .events import AnyLearner, Callback
 from .messages import warn_user
 from .nested import first_shape, tensors_in
 
-if TYPE_CHECKING:
-    from .learner import Learner
 
 _Fn = TypeVar('_Fn', bound=Callable[..., Any])
 
@@ -106,7 +104,7 @@ def dtype_mismatch(model: nn.Module, x: Any) -> str | None:
     return f"the model's input is {x.dtype} but its weights are {w}: convert it ({fix})"
 
 
-def explain_forward_failure(learn: Learner, e: RuntimeError) -> Exception | None:
+def explain_forward_failure(learn: AnyLearner, e: RuntimeError) -> Exception | None:
     "A clearer error for `e`, raised by the model's forward pass during a fit, or None when there is nothing to add."
     if isinstance(e, torch.OutOfMemoryError): return None
     batch, said = getattr(learn, 'batch', None), str(e).lower()
@@ -164,7 +162,7 @@ class NamedBatchCB(Callback):
         as_list = lambda k: [k] if isinstance(k, str) else list(k)
         self.keys = as_list(inputs) + as_list(targets)
 
-    def before_batch(self, learn: Learner) -> None:
+    def before_batch(self, learn: AnyLearner) -> None:
         b = learn.batch
         if not isinstance(b, Mapping): return
         if missing := [k for k in self.keys if k not in b]:
@@ -209,7 +207,7 @@ def _check_target_shape(kind: str, out: tuple, want: tuple) -> None:
 class FirstBatchChecks:
     """The Learner's look at the first batch of each fit: each per-batch handler runs once and then leaves the dispatch;
     a value on an accelerator is read at the end of the first epoch (see this module's docstring)."""
-    def __init__(self, learn: Learner) -> None:
+    def __init__(self, learn: AnyLearner) -> None:
         self.learn, self._later = learn, []
         self.handlers = {'before_batch': self.before_batch, 'after_predict': self.after_predict,
                          'after_loss': self.after_loss, 'after_epoch': self.after_epoch}
@@ -226,7 +224,7 @@ class FirstBatchChecks:
         if _reads_now(dev): then(*[t.item() for t in tensors])
         else: self._later.append((tensors, then))
 
-    def before_batch(self, learn: Learner) -> None:
+    def before_batch(self, learn: AnyLearner) -> None:
         self._done('before_batch')
         b = learn.batch
         if not isinstance(b, (Mapping, torch.Tensor)): return
@@ -243,7 +241,7 @@ class FirstBatchChecks:
                 f'does, with as_tuple=True, through collate_dict; or collate_fn=collate_dict(ds)), or add '
                 f"NamedBatchCB(inputs=..., targets=...) naming the keys (e.g. NamedBatchCB('image', 'label')).")
 
-    def after_predict(self, learn: Learner) -> None:
+    def after_predict(self, learn: AnyLearner) -> None:
         self._done('after_predict')
         preds, b = learn.preds, learn.batch
         y = b[-1] if isinstance(b, (tuple, list)) and len(b) >= 2 else None
@@ -275,7 +273,7 @@ class FirstBatchChecks:
                       f'is {top}: if there are {top + 1} classes, make its last layer output {top + 1} (the other '
                       f'{n_out - top - 1} are never a target)')
 
-    def after_loss(self, learn: Learner) -> None:
+    def after_loss(self, learn: AnyLearner) -> None:
         self._done('after_loss')
         loss, preds = learn.loss, learn.preds
         if not (isinstance(loss, torch.Tensor) and loss.numel() == 1 and isinstance(preds, torch.Tensor)
@@ -291,6 +289,6 @@ class FirstBatchChecks:
                   f'{", below 0, which no classification loss can be" if loss < 0 else ""}): use F.cross_entropy on '
                   f'raw outputs, or end the model with nn.LogSoftmax(dim=1)')
 
-    def after_epoch(self, learn: Learner) -> None:  # stays for the fit (once an epoch, with nothing left to read after the first)
+    def after_epoch(self, learn: AnyLearner) -> None:  # stays for the fit (once an epoch, with nothing left to read after the first)
         later, self._later = self._later, []
         for tensors, then in later: then(*[t.item() for t in tensors])

@@ -8,10 +8,11 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable
 from functools import wraps
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .learner import Learner
+#: what callbacks and their helpers are handed: a `miniai.core.learner.Learner`, which imports this module, so it is
+#: named here without being imported (an import, even for annotations only, would make the two modules a cycle)
+AnyLearner = Any
 
 
 __all__ = ['CancelFitException', 'CancelBatchException', 'CancelEpochException', 'Callback', 'EVENTS', 'STEPS',
@@ -66,7 +67,7 @@ def sort_cbs(cbs: Iterable) -> list:
     return sorted(cbs, key=lambda cb: getattr(cb, 'order', 0))
 
 
-def run_cbs(cbs: Iterable, method_nm: str, learn: Learner | None = None) -> None:
+def run_cbs(cbs: Iterable, method_nm: str, learn: AnyLearner | None = None) -> None:
     "Call `method_nm(learn)` on each callback in `cbs` that has it, in `order`."
     for cb in sort_cbs(cbs):
         method = getattr(cb, method_nm, None)
