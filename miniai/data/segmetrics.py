@@ -29,10 +29,11 @@ def mask_confusion(preds: torch.Tensor, target: torch.Tensor, n: int, ignore: in
         raise ValueError(f'mask metrics: the model gives {preds.shape[1]} scores a pixel, but the metric counts {n} '
                          f'codes')
     t, p = target.long().flatten(), preds.argmax(1).flatten()
-    if ignore is not None:
-        keep = t != ignore
-        t, p = t[keep], p[keep]
-    return multiclass_confusion_matrix(p, t, num_classes=n)  # the library's one confusion matrix (torcheval's)
+    if ignore is None: return multiclass_confusion_matrix(p, t, num_classes=n)  # the library's one confusion matrix
+    # ignored pixels counted as an extra code n and that row dropped: no boolean indexing, whose size a GPU would
+    # have to report to the host at every update
+    t = torch.where(t == ignore, n, t)
+    return multiclass_confusion_matrix(p, t, num_classes=n + 1)[:n, :n]
 
 
 class MaskConfusion(Metric):
