@@ -111,14 +111,15 @@ def seg_model(in_channels: int, n_codes: int, arch: str | Callable[..., nn.Modul
     torchvision name, with its pretrained weights if asked), else four small stages (full size, then halved thrice)."""
     from torch import nn
     from ..models.backbones import adapt_first_conv, load_backbone
+    from ..models.layers import conv
     from ..models.segment import BodyUNet
     if arch:
         body, _ = load_backbone(arch, pretrained, in_channels)  # torchvision's: an nn.Sequential (create_body)
         adapt_first_conv(body, in_channels)
     else:
-        cbr = lambda ni, nf, s: nn.Sequential(nn.Conv2d(ni, nf, 3, s, 1, bias=False), nn.BatchNorm2d(nf), nn.ReLU())
         ws = [width, 2 * width, 4 * width, 4 * width]
-        body = nn.Sequential(*[cbr(ni, nf, 1 if i == 0 else 2) for i, (ni, nf) in enumerate(zip([in_channels, *ws], ws))])
+        body = nn.Sequential(*[conv(ni, nf, stride=1 if i == 0 else 2, norm=nn.BatchNorm2d, bias=False)
+                               for i, (ni, nf) in enumerate(zip([in_channels, *ws], ws))])
     return BodyUNet(body, n_codes, in_channels)  # pyright: ignore[reportArgumentType]  (see load_backbone above)
 
 

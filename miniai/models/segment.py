@@ -14,7 +14,7 @@ from ..callbacks.metrics import MetricsCB
 from ..core.learner import DeviceCB, TrainLearner
 from ..data.masks import mask_loss
 from .backbones import adapt_first_conv, channel_stats_for, load_backbone
-from .layers import init_weights
+from .layers import conv, init_weights
 from .vision import data_channels
 
 from typing import TYPE_CHECKING
@@ -28,7 +28,8 @@ __all__ = ['UpBlock', 'BodyUNet', 'unet_splitter', 'unet_learner']
 
 
 def _cbr(ni: int, nf: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(ni, nf, 3, padding=1, bias=False), nn.BatchNorm2d(nf), nn.ReLU(inplace=True))
+    "A 3x3 convolution keeping the size, BatchNorm, ReLU."
+    return conv(ni, nf, stride=1, norm=nn.BatchNorm2d, bias=False)
 
 
 class UpBlock(nn.Module):
