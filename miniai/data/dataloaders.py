@@ -16,7 +16,7 @@ from .imagecache import ImageSet
 from .items import ItemsDataLoader, data_preprocess, items_dl
 from .loader import TensorDataLoader, subset
 from .masks import mask_images
-from .normalise import Normalise
+from .normalise import Normalise, denormalised
 from .show import overlay_masks, show_images
 from .targets import Targets
 
@@ -200,10 +200,7 @@ class DataLoaders:
 
     def shown(self, xb: torch.Tensor) -> torch.Tensor:
         "Inputs `xb` as they look: on the CPU, float, the loader's normalisation undone where it is known."
-        xb = xb.detach().float().cpu()
-        if xb.dim() == 4 and getattr(self, 'mean', None) is not None:
-            xb = Normalise(self.mean, self.std, channels=xb.shape[1]).decode(xb)
-        return xb
+        return denormalised(xb, getattr(self, 'mean', None), getattr(self, 'std', None))
 
     def __repr__(self): return f'DataLoaders(train={len(self.train)} batches, valid={len(self.valid)} batches)'
 

@@ -3,13 +3,14 @@ exported models all use, and `channel_stats`, the exact per-channel statistics i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from .decode import ImageDataError
 
-__all__ = ['Normalise', 'per_channel', 'channel_stats']
+__all__ = ['Normalise', 'per_channel', 'channel_stats', 'denormalised']
 
 
 def _floats(v) -> tuple[float, ...]:
@@ -81,3 +82,12 @@ def channel_stats(x: torch.Tensor, what: str = 'images', chunk: int = 4096) -> t
         means.append(float(np.float32(s1 / (255 * n))))
         stds.append(float(np.float32(((s2 * n - s1 * s1) / (n * n)) ** 0.5 / 255)))
     return tuple(means), tuple(stds)
+
+
+def denormalised(xb: torch.Tensor, mean: Any = None, std: Any = None) -> torch.Tensor:
+    """A batch of images `xb` [N, C, H, W] as they looked before they were normalised with `mean` and `std`: on the
+    CPU, float, [0, 1] pixels (as it is, where the normalisation is not known or `xb` is not a batch of images);
+    for showing a batch (`DataLoaders.show_batch`, `learn.show_results`, top losses)."""
+    xb = xb.detach().float().cpu()
+    if mean is None or std is None or xb.dim() != 4: return xb
+    return Normalise(mean, std, channels=xb.shape[1]).decode(xb)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..core.learner import Learner, learner_method
-from ..data.normalise import Normalise
+from ..data.normalise import denormalised
 from ..data.targets import Targets
 from .inference import get_preds, targets_of
 
@@ -22,12 +22,9 @@ if TYPE_CHECKING:  # names for the annotations only
 __all__ = ['show_results', 'TargetInterpretation']
 
 
-def _shown(dls, xb: torch.Tensor) -> torch.Tensor:
-    "Inputs as they looked before the loaders normalised them (as they are, where that is not known)."
-    mean, std = getattr(dls, 'mean', None), getattr(dls, 'std', None)
-    xb = xb.detach().float().cpu()
-    if mean is None or std is None or xb.dim() != 4: return xb
-    return Normalise(mean, std, channels=xb.shape[1]).decode(xb)
+def _as_shown(dls: Any, xb: torch.Tensor) -> torch.Tensor:
+    "Inputs as they looked before `dls` normalised them."
+    return denormalised(xb, getattr(dls, 'mean', None), getattr(dls, 'std', None))
 
 
 def _panels(targets: Targets, xs, ys, acts, notes=None) -> tuple[list, list, int]:
@@ -60,7 +57,7 @@ def show_results(self: Learner, max_n: int = 6, dl: Any = None, **kwargs: Any) -
     out, targs, inps = get_preds(self, dl, with_input=True)
     if targs is None: raise ValueError('show_results needs targets: this loader\'s batches have none')
     t, n = targets_of(self), min(max_n, len(out))
-    ims, titles, ncols = _panels(t, _shown(self.dls, inps[:n]), targs[:n], t.activate(out[:n]))
+    ims, titles, ncols = _panels(t, _as_shown(self.dls, inps[:n]), targs[:n], t.activate(out[:n]))
     show_images(ims, ncols=ncols, titles=titles, **kwargs)
 
 
@@ -92,6 +89,6 @@ class TargetInterpretation:
         | prediction, the loss with the prediction)."""
         from ..data.show import show_images
         losses, idx = self.top_losses(k)
-        ims, titles, ncols = _panels(self.targets, _shown(self.dls, self.inputs[idx]), self.targs[idx],
+        ims, titles, ncols = _panels(self.targets, _as_shown(self.dls, self.inputs[idx]), self.targs[idx],
                                      self.acts[idx], [f'\nloss {v:.3g}' for v in losses.tolist()])
         show_images(ims, ncols=ncols, titles=titles, **kwargs)
