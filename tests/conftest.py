@@ -1,6 +1,8 @@
 """Shared test set-up: tests marked `cuda` are skipped, with the reason, where torch sees no GPU; under pytest-xdist
-(`make test`) each worker's torch gets its share of the cores, so the workers' threads do not outnumber them."""
+(`make test`) each worker's torch gets its share of the cores, so the workers' threads do not outnumber them; and every temporary file the tests make, in this process or in the
+notebook kernels and torchrun jobs they start, goes under pytest's own temporary folder, which it removes."""
 import os
+import tempfile
 
 import pytest
 import torch
@@ -23,3 +25,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+
+@pytest.fixture(scope='session', autouse=True)
+def temp_files_under_pytest(tmp_path_factory):
+    """TMPDIR points into pytest's temporary folder for the whole run: notebooks' `tempfile.mkdtemp()` folders, the
+    benches' and torchrun's scratch files are then removed with it (pytest.ini keeps only failed tests' files) instead
+    of piling up in /tmp run after run (CI's disk once filled up)."""
+    tmp = tmp_path_factory.mktemp('tmp')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('TMPDIR', str(tmp))
+        mp.setattr(tempfile, 'tempdir', str(tmp))
+        yield tmp
