@@ -1,6 +1,6 @@
 """Does transfer work? Measured here, without downloads.
 
-    python -m bench.transfer            # ~30 min on 2 shared CPU cores (less once the bodies are cached)
+    python -m bench.transfer            # ~40 min on 2 CPU cores (less once the bodies are cached)
     python -m bench.transfer --tiny     # seconds: a smoke run on a few hundred images (the test uses it)
 
 Pretraining: a small ResNet (four stride-2 `ResBlock`s, widths 16-128) is trained on all 30,000 training images of
@@ -13,7 +13,9 @@ is fine-tuned (`learn.fine_tune`) and the same network from scratch trained (`fi
 Each method's settings (fine-tune: total epochs, frozen epochs, base_lr; scratch: epochs, lr; from the same grid of
 epochs) are chosen on a validation split, 100 other training images per class of classes 5-9 never used for training,
 by mean validation accuracy over the seeds; the test set (5,000 images of classes 5-9) is used only to report the
-chosen settings' accuracy, mean ± std over 3 seeds. resnet18 fine-tunes through torchvision's own `weights=` path
+chosen settings' accuracy, mean ± std over the seeds (`--seeds`, 6 by default). Both methods train on the same
+images for a seed, so each seed's difference is a paired gain; the table gives their mean, standard deviation and a
+95% interval for the mean (Student's t), and on how many seeds fine-tuning won. resnet18 fine-tunes through torchvision's own `weights=` path
 (its state_dict placed in a temporary `$TORCH_HOME/hub/checkpoints` under the file name of the weights' URL).
 Last, the cost of a training step of resnet18 frozen and unfrozen: time and gradient memory.
 """
@@ -48,6 +50,9 @@ RESULTS = Path(__file__).parent / 'results'
 NFS = (16, 32, 64, 128)
 MEAN, STD = 0.286, 0.353  # Fashion-MNIST's own, for every run alike
 N_VALID = 100  # validation images per class of classes 5-9, carved from the training images
+# Student's t, two-sided 95%, by degrees of freedom (n seeds - 1)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093}
 
 
 def _pick(x, y, classes, per_class=None, seed=0, exclude=None):
@@ -224,12 +229,22 @@ def _cfg(how, c):
     return f"`fine_tune({c['epochs'] - c['freeze']}, base_lr={c['lr']:g}, freeze_epochs={c['freeze']})`"
 
 
+def gain_interval(gains: list[float]) -> tuple[float, float]:
+    "The 95% interval (Student's t) for the mean of paired `gains`; the mean twice for a single seed."
+    m = statistics.mean(gains)
+    if len(gains) < 2: return m, m
+    if len(gains) - 1 not in T95: raise ValueError(f'gain_interval: at most {max(T95) + 1} seeds, got {len(gains)}')
+    half = T95[len(gains) - 1] * statistics.stdev(gains) / len(gains) ** 0.5
+    return m - half, m + half
+
+
 def _row(net, per, r):
     ft, sc = r['fine-tune'], r['scratch']
     gains = [a - b for a, b in zip(ft['test'], sc['test'])]  # each seed's: the same training images for both
     per_seed = ' / '.join(f'{100 * g:+.1f}' for g in gains)
+    lo, hi = gain_interval(gains)
     return (f"| {net} | {per} | {_ms(ft['test'])} | {_ms(sc['test'])} | {100 * statistics.mean(gains):+.1f} ± {100 * (statistics.stdev(gains) if len(gains) > 1 else 0):.1f} "
-            f"({per_seed}) | "
+            f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {sum(g > 0 for g in gains)} of {len(gains)} | {per_seed} | "
             f"{_cfg('fine-tune', ft['cfg'])} ({100 * ft['valid']:.1f}%) | {_cfg('scratch', sc['cfg'])} "
             f"({100 * sc['valid']:.1f}%) |")
 
@@ -240,6 +255,7 @@ def main(argv=None):
     p.add_argument('--out', default=str(RESULTS / 'transfer.md'))
     p.add_argument('--cache', default=str(cache_root() / 'bench' / 'transfer'),
                    help="folder of the pretrained bodies ('' for none: pretrain every time)")
+    p.add_argument('--seeds', type=int, default=6, help='how many draws of training images (paired seeds) a row')
     p.add_argument('--threads', type=int, default=1,
                    help='torch threads (1: on a shared machine, 2 threads spin-wait on each other and run slower)')
     a = p.parse_args(argv)
@@ -254,25 +270,26 @@ def main(argv=None):
         grids = {20: dict(epochs=[2], freeze=[1], lr=[1e-2])}
         r18_grid = grids[20]
     else:
-        seeds, pers, test_n = (0, 1, 2), (20, 100), None
+        seeds, pers, test_n = tuple(range(a.seeds)), (20, 100), None
         small_set = dict(per_class=None, epochs=5, lr=1e-2, bs=128)
         r18_set = dict(per_class=600, epochs=3, lr=2e-3, bs=128)
-        # 100 a class: five times the steps an epoch, so the shorter fits only (the CPU time of a shared machine)
-        grids = {20: dict(epochs=[5, 10], freeze=[1, 3], lr=[3e-3, 1e-2, 3e-2, 1e-1]),
+        # 100 a class: five times the steps an epoch, so the shorter fits only (the CPU time of a shared machine);
+        # 20 a class: fits of up to 20 epochs and 6 frozen (the 3-seed run chose its grid's longest, 10 and 3)
+        grids = {20: dict(epochs=[5, 10, 15, 20], freeze=[1, 3, 6], lr=[1e-2, 3e-2, 1e-1]),
                  100: dict(epochs=[5], freeze=[1, 2], lr=[3e-3, 1e-2, 3e-2, 1e-1])}
         r18_grid = dict(epochs=[6], freeze=[1, 3], lr=[2e-3, 1e-2])
     t = time.time()
     body = pretrained_state('small', small_set, x, y, cache)
     pre = time.time() - t
     lines = ['# Transfer: fine-tuning a pretrained backbone against training from scratch', '',
-             f'`python -m bench.transfer{" --tiny" if a.tiny else ""} --threads {a.threads}`. Test accuracy on Fashion-MNIST classes 5-9 '
+             f'`python -m bench.transfer{" --tiny" if a.tiny else f" --seeds {a.seeds}"} --threads {a.threads}`. Test accuracy on Fashion-MNIST classes 5-9 '
              f'(mean ± std over seeds {list(seeds)}, each seed its own draw of training images). Pretraining on '
              f'classes 0-4 (flips and pad-and-crop): small ResNet {small_set}; resnet18 {r18_set}. Settings chosen '
              f'on a validation split ({N_VALID} other training images a class of classes 5-9), by mean validation '
              f'accuracy over the seeds, from the grids (per images a class) {grids}; resnet18 {r18_grid}. '
              f'Validation accuracy of the chosen settings in brackets.', '',
-             '| network | images per class | fine-tuned | from scratch | gain (points; per seed) | fine-tune chosen | '
-             'scratch chosen |', '|---|---|---|---|---|---|---|']
+             '| network | images per class | fine-tuned | from scratch | gain (points, ± std [95% interval]) | '
+             'fine-tune won | gain per seed | fine-tune chosen | scratch chosen |', '|---|---|---|---|---|---|---|---|---|']
     for per in pers:
         r = transfer(small_learner(body), x, y, xt, yt, per, seeds, grids[per], test_n)
         lines.append(_row('small ResNet (16-128), body pretrained on all of classes 0-4', per, r))

@@ -47,5 +47,30 @@ def test_a_row_gives_each_seeds_gain_on_the_same_images():
     r = {'fine-tune': {'test': [0.90, 0.88, 0.91], 'cfg': {'epochs': 5, 'freeze': 1, 'lr': 0.01}, 'valid': 0.9},
          'scratch': {'test': [0.85, 0.86, 0.87], 'cfg': {'epochs': 5, 'lr': 0.01}, 'valid': 0.85}}
     row = _row('net', 20, r)
-    assert '| 89.7% ± 1.5 | 86.0% ± 1.0 | +3.7 ± 1.5 (+5.0 / +2.0 / +4.0) |' in row
+    # mean gain 3.667, std 1.528: the 95% interval is 3.667 -+ 4.303 * 1.528 / sqrt(3)
+    assert '| 89.7% ± 1.5 | 86.0% ± 1.0 | +3.7 ± 1.5 [-0.1, +7.5] | 3 of 3 | +5.0 / +2.0 / +4.0 |' in row
     assert '`fine_tune(4, base_lr=0.01, freeze_epochs=1)` (90.0%)' in row and '`fit_one_cycle(5, 0.01)` (85.0%)' in row
+
+
+def test_the_gain_interval_is_students_t_for_the_seeds_and_counts_losing_seeds():
+    from bench.transfer import _row, gain_interval
+    lo, hi = gain_interval([0.02, 0.04, 0.03, 0.05, 0.01, 0.03])  # mean 0.03, std 0.01414, t(5) = 2.571
+    assert lo == pytest.approx(0.03 - 2.571 * 0.014142 / 6 ** 0.5, abs=1e-5) and hi == pytest.approx(0.06 - lo)
+    assert gain_interval([0.02]) == (0.02, 0.02)
+    with pytest.raises(ValueError, match='at most 20 seeds, got 21'):
+        gain_interval([0.01] * 21)
+    r = {'fine-tune': {'test': [0.90, 0.85], 'cfg': {'epochs': 5, 'freeze': 1, 'lr': 0.01}, 'valid': 0.9},
+         'scratch': {'test': [0.88, 0.87], 'cfg': {'epochs': 5, 'lr': 0.01}, 'valid': 0.85}}
+    assert '| 1 of 2 | +2.0 / -2.0 |' in _row('net', 20, r)
+
+
+def test_the_tiny_run_writes_both_rows_and_the_step_costs(tmp_path):
+    "The whole command on a few hundred real images: pretraining, both networks' rows, the frozen/unfrozen table."
+    from bench.transfer import main
+    out = tmp_path / 'transfer.md'
+    main(['--tiny', '--out', str(out), '--cache', str(tmp_path / 'cache')])
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith(('| small ResNet', '| torchvision resnet18'))]
+    assert len(rows) == 2 and all('| 20 |' in r and 'of 1 |' in r and '`fine_tune(' in r for r in rows), rows
+    assert '| frozen |' in text and '| unfrozen |' in text and '--tiny' in text
+    assert len(list((tmp_path / 'cache').glob('*.pt'))) == 2  # both pretrained networks were saved for reruns
