@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'new head for the data\'s classes and channels')
     t.add_argument('--pretrained', action='store_true',
                    help='with --arch: load its pretrained weights (downloaded once to $TORCH_HOME), normalise with their '
-                        'stats, fine-tune (a frozen epoch, then all at lr/100..lr); --resume downloads nothing')
+                        'stats, fine-tune (a frozen epoch at lr, then all at lr/200..lr/2); --resume downloads nothing')
     t.add_argument('--precision', choices=PRECISIONS, default='auto',
                    help="'auto' picks the fastest safe setting for this machine (bf16 autocast and channels-last on "
                         "CPUs with AMX/AVX-512 bf16, mixed precision on CUDA); 'fp32' is the plain path")
