@@ -23,15 +23,20 @@ def readme_sections() -> dict:
     return {'intro': parts[0], **{parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}}
 
 
+def from_readme(text: str) -> str:
+    "README text for a site page: its links into docs/ (right on the repository's page) made relative to the site."
+    return re.sub(r'\]\(docs/', '](', text)
+
+
 def write_readme_pages(out: Path) -> None:
     secs = readme_sections()
     for page, (title, names) in PAGES.items():
         missing = [n for n in names if n not in secs]
         if missing: raise SystemExit(f'docs_pages: README.md has no section {missing}: update PAGES')
         body = ''.join(f'## {n}\n{secs[n]}' for n in names)
-        (out / page).write_text(f'# {title}\n\n{body}')
+        (out / page).write_text(f'# {title}\n\n{from_readme(body)}')
     intro = secs['intro'].split('\n', 1)[1]  # without the '# miniai' title
-    (out / 'index.md').write_text('# miniai\n' + intro + (ROOT / 'docs' / '_home.md').read_text())
+    (out / 'index.md').write_text('# miniai\n' + from_readme(intro) + (ROOT / 'docs' / '_home.md').read_text())
 
 
 def write_tutorials(out: Path) -> list:
