@@ -1,6 +1,6 @@
 """Does transfer work? Measured here, without downloads.
 
-    python -m bench.transfer            # ~40 min on 2 CPU cores (less once the bodies are cached)
+    python -m bench.transfer            # ~15 min on 2 CPU cores with the bodies cached, ~27 min without
     python -m bench.transfer --tiny     # seconds: a smoke run on a few hundred images (the test uses it)
 
 Pretraining: a small ResNet (four stride-2 `ResBlock`s, widths 16-128) is trained on all 30,000 training images of
@@ -15,8 +15,9 @@ epochs) are chosen on a validation split, 100 other training images per class of
 by mean validation accuracy over the seeds; the test set (5,000 images of classes 5-9) is used only to report the
 chosen settings' accuracy, mean ± std over the seeds (`--seeds`, 6 by default). Both methods train on the same
 images for a seed, so each seed's difference is a paired gain; the table gives their mean, standard deviation and a
-95% interval for the mean (Student's t), and on how many seeds fine-tuning won. resnet18 fine-tunes through torchvision's own `weights=` path
-(its state_dict placed in a temporary `$TORCH_HOME/hub/checkpoints` under the file name of the weights' URL).
+95% interval for the mean (Student's t), and on how many seeds fine-tuning won. resnet18 fine-tunes through
+torchvision's own `weights=` path (its state_dict placed in a temporary `$TORCH_HOME/hub/checkpoints` under the file
+name of the weights' URL).
 Last, the cost of a training step of resnet18 frozen and unfrozen: time and gradient memory.
 """
 from __future__ import annotations
@@ -221,7 +222,10 @@ def step_cost(bs=64, size=64, steps=5):
     return rows
 
 
-def _ms(v): return f'{100 * statistics.mean(v):.1f}% ± {100 * (statistics.stdev(v) if len(v) > 1 else 0):.1f}'
+def _sd(v): return statistics.stdev(v) if len(v) > 1 else 0.0
+
+
+def _ms(v, pct='%', sign=''): return f'{100 * statistics.mean(v):{sign}.1f}{pct} ± {100 * _sd(v):.1f}'
 
 
 def _cfg(how, c):
@@ -234,7 +238,7 @@ def gain_interval(gains: list[float]) -> tuple[float, float]:
     m = statistics.mean(gains)
     if len(gains) < 2: return m, m
     if len(gains) - 1 not in T95: raise ValueError(f'gain_interval: at most {max(T95) + 1} seeds, got {len(gains)}')
-    half = T95[len(gains) - 1] * statistics.stdev(gains) / len(gains) ** 0.5
+    half = T95[len(gains) - 1] * _sd(gains) / len(gains) ** 0.5
     return m - half, m + half
 
 
@@ -243,7 +247,7 @@ def _row(net, per, r):
     gains = [a - b for a, b in zip(ft['test'], sc['test'])]  # each seed's: the same training images for both
     per_seed = ' / '.join(f'{100 * g:+.1f}' for g in gains)
     lo, hi = gain_interval(gains)
-    return (f"| {net} | {per} | {_ms(ft['test'])} | {_ms(sc['test'])} | {100 * statistics.mean(gains):+.1f} ± {100 * (statistics.stdev(gains) if len(gains) > 1 else 0):.1f} "
+    return (f"| {net} | {per} | {_ms(ft['test'])} | {_ms(sc['test'])} | {_ms(gains, pct='', sign='+')} "
             f"[{100 * lo:+.1f}, {100 * hi:+.1f}] | {sum(g > 0 for g in gains)} of {len(gains)} | {per_seed} | "
             f"{_cfg('fine-tune', ft['cfg'])} ({100 * ft['valid']:.1f}%) | {_cfg('scratch', sc['cfg'])} "
             f"({100 * sc['valid']:.1f}%) |")

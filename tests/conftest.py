@@ -1,6 +1,7 @@
 """Shared test set-up: tests marked `cuda` are skipped, with the reason, where torch sees no GPU; under pytest-xdist
-(`make test`) each worker's torch gets its share of the cores, so the workers' threads do not outnumber them; and every temporary file the tests make, in this process or in the
-notebook kernels and torchrun jobs they start, goes under pytest's own temporary folder, which it removes."""
+(`make test`) each worker's torch gets its share of the cores, so the workers' threads do not outnumber them; and
+every temporary file the tests make, in this process or in the notebook kernels and torchrun jobs they start, goes
+under pytest's own temporary folder, which it removes."""
 import os
 import tempfile
 
@@ -25,7 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
 
 
 @pytest.fixture(scope='session', autouse=True)
